@@ -1,0 +1,46 @@
+"""``idm3d`` command line: one sub-command module per verb, each with ``register(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from idm3d.errors import IDM3DError
+
+# Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
+# parser sets ``func(args) -> int | None``.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idm3d",
+        description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"idm3d.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (IDM3DError, FileNotFoundError) as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"idm3d: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("idm3d: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
