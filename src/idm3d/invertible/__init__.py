@@ -1,0 +1,34 @@
+"""Invertible building blocks and the memory-saving autograd; nothing here knows about diffusion."""
+
+from __future__ import annotations
+
+from idm3d.invertible.base import InvertibleModule, grad_parameters
+from idm3d.invertible.checks import gradient_check
+from idm3d.invertible.coupling import AdditiveCoupling, ConditionedConvNet
+from idm3d.invertible.resampling import (
+    InvertibleChannelMix3d,
+    OrthogonalDownsample3d,
+    OrthogonalUpsample3d,
+    haar_matrix_3d,
+    orthogonal_from_skew,
+)
+from idm3d.invertible.segment import InvertibleSequence
+from idm3d.invertible.stack import Apply, ChannelMerge, ChannelSplit, StackOp
+
+__all__ = [
+    "AdditiveCoupling",
+    "Apply",
+    "ChannelMerge",
+    "ChannelSplit",
+    "ConditionedConvNet",
+    "InvertibleChannelMix3d",
+    "InvertibleModule",
+    "InvertibleSequence",
+    "OrthogonalDownsample3d",
+    "OrthogonalUpsample3d",
+    "StackOp",
+    "grad_parameters",
+    "gradient_check",
+    "haar_matrix_3d",
+    "orthogonal_from_skew",
+]

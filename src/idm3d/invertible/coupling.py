@@ -1,0 +1,147 @@
+"""Additive coupling for 3D feature maps: ``y1 = x1``, ``y2 = x2 + F(x1, *cond)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+
+__all__ = ["AdditiveCoupling", "ConditionedConvNet"]
+
+
+def _groups(channels: int, preferred: int = 8) -> int:
+    """The largest group count <= ``preferred`` that divides ``channels`` (GroupNorm needs it)."""
+    for g in range(min(preferred, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+class ConditionedConvNet(nn.Module):
+    """``F`` of a coupling: GroupNorm-SiLU-Conv, FiLM by a conditioning vector, GroupNorm-SiLU-Conv.
+
+    GroupNorm rather than BatchNorm: a batch statistic would make the inverse depend on the batch.
+    The last convolution starts at zero so a fresh coupling is the identity.
+
+    Args:
+        in_channels: channels of ``x1``.
+        out_channels: channels of ``x2``.
+        hidden_channels: width of the hidden layer.
+        cond_dim: size of the conditioning vector (``(B, cond_dim)``), or ``None`` for none.
+        kernel_size: spatial kernel size (odd).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        hidden_channels: int,
+        cond_dim: int | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"ConditionedConvNet: kernel_size must be odd, got {kernel_size}")
+        pad = kernel_size // 2
+        self.cond_dim = cond_dim
+        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.conv1 = nn.Conv3d(in_channels, hidden_channels, kernel_size, padding=pad)
+        self.norm2 = nn.GroupNorm(_groups(hidden_channels), hidden_channels)
+        self.film = nn.Linear(cond_dim, 2 * hidden_channels) if cond_dim else None
+        self.conv2 = nn.Conv3d(hidden_channels, out_channels, kernel_size, padding=pad)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = self.norm2(h)
+        if self.film is not None:
+            if not cond:
+                raise ValueError(f"ConditionedConvNet: expected a conditioning vector of size {self.cond_dim}")
+            emb = cond[0]
+            if emb.dim() != 2 or emb.shape[1] != self.cond_dim:
+                raise ValueError(
+                    f"ConditionedConvNet: expected conditioning of shape (B, {self.cond_dim}), "
+                    f"got {tuple(emb.shape)}"
+                )
+            scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        return self.conv2(self.act(h))
+
+
+class AdditiveCoupling(InvertibleModule):
+    """Volume-preserving additive coupling over the channel axis.
+
+    The channels split into ``x1`` (the first ``split`` channels, or the last ones when
+    ``flip=True``) and ``x2``; ``y2 = x2 + F(x1, *cond)`` and ``y1 = x1``. Alternate ``flip`` in a
+    stack so that every channel gets transformed (two one-sided couplings = a two-sided one).
+
+    Args:
+        channels: number of input (= output) channels, at least 2.
+        hidden_channels: width of ``F``; defaults to ``channels``.
+        cond_dim: size of a conditioning vector passed as ``cond[0]``, or ``None``.
+        flip: transform the first part with ``F`` of the second instead.
+        split: size of the conditioning part ``x1``; defaults to ``channels // 2``.
+        kernel_size: spatial kernel size of ``F``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden_channels: int | None = None,
+        cond_dim: int | None = None,
+        flip: bool = False,
+        split: int | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"AdditiveCoupling: needs at least 2 channels, got {channels}")
+        split = channels // 2 if split is None else split
+        if not 0 < split < channels:
+            raise ValueError(f"AdditiveCoupling: split must be in [1, {channels - 1}], got {split}")
+        self.channels = channels
+        self.flip = flip
+        # sizes of (x1, x2) in channel order of the tensor
+        self.sizes = (channels - split, split) if flip else (split, channels - split)
+        n_in, n_out = (self.sizes[1], self.sizes[0]) if flip else self.sizes
+        self.net = ConditionedConvNet(n_in, n_out, hidden_channels or channels, cond_dim, kernel_size)
+
+    def _halves(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Return (conditioning half, transformed half)."""
+        a, b = torch.split(t, self.sizes, dim=1)
+        return (b, a) if self.flip else (a, b)
+
+    def _join(self, kept: Tensor, changed: Tensor) -> Tensor:
+        return torch.cat((changed, kept) if self.flip else (kept, changed), dim=1)
+
+    def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
+        self.check_input(x, self.channels)
+        x1, x2 = self._halves(x)
+        return self._join(x1, x2 + self.net(x1, *cond))
+
+    def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
+        self.check_input(y, self.channels)
+        y1, y2 = self._halves(y)
+        return self._join(y1, y2 - self.net(y1, *cond))
+
+    def backward_pass(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
+        # x1 == y1, so the F(y1) the inverse needs is the very F(x1) the backward needs:
+        # one evaluation of F with a graph serves both, making this cost what plain autograd costs.
+        y1, y2 = self._halves(y)
+        g1, g2 = self._halves(grad_y)
+        x1 = y1.detach().requires_grad_(True)
+        params = grad_parameters(self)
+        wanted_cond = [c for c in cond if c.requires_grad]
+        with torch.enable_grad():
+            f = self.net(x1, *cond)
+        x2 = y2 - f.detach()
+        grads = torch.autograd.grad(f, [x1, *wanted_cond, *params], g2, allow_unused=True)
+        grad_x1 = g1 if grads[0] is None else g1 + grads[0]
+        cond_iter = iter(grads[1 : 1 + len(wanted_cond)])
+        grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
+        return self._join(x1.detach(), x2), self._join(grad_x1, g2), grad_cond, list(grads[1 + len(wanted_cond) :])
