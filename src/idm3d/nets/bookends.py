@@ -1,0 +1,69 @@
+"""The non-invertible ends of the denoiser: the only layers that store activations.
+
+The stem lifts the 1-4 input channels to the core width through a growing, nonlinear channel
+schedule (``in -> width/2 -> width``); the head projects the core output back. With
+``bookends=False`` (the ablation of the IDM paper) both become a single linear 1x1x1 convolution,
+so the core sees a linear lift of the input and its output is linearly projected.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from idm3d.invertible.coupling import ConditionedConvNet
+
+__all__ = ["Head", "Stem"]
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+class Stem(nn.Module):
+    """``(B, in, ...) -> (B, width, ...)``.
+
+    Args:
+        in_channels: input channels (noisy target plus any source modalities).
+        width: channels of the invertible core at full resolution.
+        nonlinear: ``Conv3-GN-SiLU-Conv3`` with a ``width/2`` middle (``True``), or one linear
+            1x1x1 convolution (``False``).
+    """
+
+    def __init__(self, in_channels: int, width: int, nonlinear: bool = True) -> None:
+        super().__init__()
+        if nonlinear:
+            mid = max(width // 2, 1)
+            self.body = nn.Sequential(
+                nn.Conv3d(in_channels, mid, 3, padding=1, bias=False),  # GroupNorm follows
+                nn.GroupNorm(_groups(mid), mid),
+                nn.SiLU(),
+                nn.Conv3d(mid, width, 3, padding=1),
+            )
+        else:
+            self.body = nn.Conv3d(in_channels, width, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class Head(nn.Module):
+    """``(B, width, ...) -> (B, out, ...)``, conditioned on the timestep embedding when nonlinear.
+
+    Args:
+        width: channels of the core output.
+        out_channels: channels of the prediction.
+        embed_dim: size of the timestep embedding (FiLM inside the head).
+        nonlinear: a ``GN-SiLU-Conv3-GN-FiLM-SiLU-Conv3`` block (``True``) or a 1x1x1 convolution.
+    """
+
+    def __init__(self, width: int, out_channels: int, embed_dim: int, nonlinear: bool = True) -> None:
+        super().__init__()
+        self.nonlinear = nonlinear
+        if nonlinear:
+            # zero-initialised last layer, as MONAI's output block: the first prediction is 0
+            self.body = ConditionedConvNet(width, out_channels, max(width // 2, 1), cond_dim=embed_dim)
+        else:
+            self.body = nn.Conv3d(width, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        return self.body(x, emb) if self.nonlinear else self.body(x)
