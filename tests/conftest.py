@@ -1,0 +1,25 @@
+"""Shared fixtures. Plain helpers (no fixtures needed) live in tests/helpers.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import write_brats_folder
+
+
+@pytest.fixture
+def brats_dir(tmp_path: Path) -> Path:
+    """A BraTS2020-layout folder with 3 phantom cases of shape 20x24x16 and all five BraTS files."""
+    return write_brats_folder(tmp_path / "brats", n_cases=3)
+
+
+@pytest.fixture
+def make_brats_dir(tmp_path: Path):
+    """Factory: ``make_brats_dir(n_cases=..., shape=..., modalities=..., name=...)`` -> folder in tmp_path."""
+
+    def make(name: str = "data", **kwargs) -> Path:
+        return write_brats_folder(tmp_path / name, **kwargs)
+
+    return make

@@ -1,0 +1,79 @@
+"""Synthetic phantom data sets written with nibabel, shared by test files.
+
+``from helpers import write_brats_folder`` works in any test module (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair", "seg")
+# BraTS files store x and y flipped relative to RAS; reading them exercises reorientation.
+BRATS_AFFINE = np.array([[-1.0, 0, 0, 0], [0, -1.0, 0, 239.0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+# Tissue intensities (background, "white matter", "grey matter", "CSF") per modality.
+_CONTRAST = {
+    "t1": (0.0, 110.0, 70.0, 25.0),
+    "t1ce": (0.0, 115.0, 75.0, 30.0),
+    "t2": (0.0, 45.0, 80.0, 160.0),
+    "flair": (0.0, 60.0, 90.0, 20.0),
+}
+
+
+def phantom(shape: Sequence[int], modality: str, seed: int = 0) -> np.ndarray:
+    """A skull-stripped 'brain': ellipsoid with a core, a shell and two 'ventricles'; float32 or labels."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    radii = np.array([0.8, 0.85, 0.75]) * (1 + 0.05 * rng.standard_normal(3))
+    r = np.sqrt(sum((g / a) ** 2 for g, a in zip(grids, radii)))
+    ventricles = np.sqrt(((np.abs(grids[0]) - 0.25) / 0.15) ** 2 + (grids[1] / 0.35) ** 2 + (grids[2] / 0.25) ** 2) < 1
+    tissue = np.zeros(shape, dtype=np.int16)
+    tissue[r < 1] = 2
+    tissue[r < 0.7] = 1
+    tissue[ventricles & (r < 0.7)] = 3
+    if modality == "seg":
+        labels = np.zeros(shape, dtype=np.int16)
+        labels[(r < 0.25) & (grids[0] > 0)] = 4
+        labels[(r < 0.15) & (grids[0] > 0)] = 1
+        return labels
+    contrast = np.asarray(_CONTRAST.get(modality, _CONTRAST["t1"]), dtype=np.float32)
+    image = contrast[tissue] + np.where(tissue > 0, rng.normal(0, 2.0, shape), 0.0)
+    return np.clip(image, 0, None).astype(np.float32)
+
+
+def write_volume(path: Path, data: np.ndarray, affine: np.ndarray = BRATS_AFFINE, *, as_int16: bool = False) -> Path:
+    """Save ``data`` with nibabel; ``as_int16`` stores int16 with a scale factor, like scanner exports."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if as_int16:
+        image = nib.Nifti1Image(np.round(np.asarray(data) * 4).astype(np.int16), affine)
+        image.header.set_slope_inter(0.25, 0.0)
+    else:
+        image = nib.Nifti1Image(np.asarray(data), affine)
+    nib.save(image, str(path))
+    return path
+
+
+def write_brats_folder(
+    root: Path,
+    n_cases: int = 3,
+    shape: Sequence[int] = (20, 24, 16),
+    modalities: Sequence[str] = BRATS_MODALITIES,
+    *,
+    prefix: str = "BraTS20_Training_",
+    suffix: str = ".nii.gz",
+    seed: int = 0,
+) -> Path:
+    """Write ``root/<prefix>001/<prefix>001_<modality><suffix>`` ... for ``n_cases`` phantom cases.
+
+    t1ce is stored as int16 with a scale factor; seg as int16 labels {0, 1, 4}.
+    """
+    root = Path(root)
+    for i in range(1, n_cases + 1):
+        case = f"{prefix}{i:03d}"
+        for m in modalities:
+            data = phantom(shape, m, seed=seed * 1000 + i)
+            write_volume(root / case / f"{case}_{m}{suffix}", data, as_int16=(m == "t1ce"))
+    return root
