@@ -111,9 +111,18 @@ class ChannelMerge(StackOp):
         self.split = ChannelSplit(sizes)
 
     def forward(self, state: State, cond: Sequence[Tensor]) -> State:
-        if len(state) < 2 or tuple(t.shape[1] for t in state[-2:]) != self.split.sizes:
-            got = tuple(tuple(t.shape) for t in state[-2:])
-            raise ValueError(f"ChannelMerge: expected two tensors of {self.split.sizes} channels on top, got {got}")
+        top = state[-2:]
+        if (
+            len(top) < 2
+            or min(t.dim() for t in top) < 2
+            or tuple(t.shape[1] for t in top) != self.split.sizes
+            or top[0].shape[:1] + top[0].shape[2:] != top[1].shape[:1] + top[1].shape[2:]
+        ):
+            got = tuple(tuple(t.shape) for t in top)
+            raise ValueError(
+                f"ChannelMerge: expected two tensors of {self.split.sizes} channels (other sizes equal) on top, "
+                f"got {got}"
+            )
         return self.split.inverse(state, cond)
 
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
