@@ -71,7 +71,8 @@ class _OrthogonalKernel(nn.Module):
         # Built in float64 each call (8x8, negligible): a cast buffer would carry fp32 rounding
         # into an fp64 model and break exact orthogonality there.
         haar = haar_matrix_3d(torch.float64).to(device=self.raw.device, dtype=self.raw.dtype)
-        return haar @ orthogonal_from_skew(self.raw, self.method)
+        with torch.autocast(self.raw.device.type, enabled=False):  # a bf16 matmul here breaks orthogonality
+            return haar @ orthogonal_from_skew(self.raw, self.method)
 
     def kernel(self) -> Tensor:
         return self.matrices().reshape(self.channels * 8, 1, 2, 2, 2)
