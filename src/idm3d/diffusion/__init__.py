@@ -1,0 +1,26 @@
+"""Diffusion glue over MONAI: schedulers, prediction types and their targets, sampling loops."""
+
+from __future__ import annotations
+
+from idm3d.diffusion.sampling import denoise_fn, sample
+from idm3d.diffusion.schedule import (
+    PREDICTION_TYPES,
+    build_scheduler,
+    diffusion_loss,
+    monai_schedule_name,
+    predict_x0,
+    sample_timesteps,
+    training_target,
+)
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "build_scheduler",
+    "denoise_fn",
+    "diffusion_loss",
+    "monai_schedule_name",
+    "predict_x0",
+    "sample",
+    "sample_timesteps",
+    "training_target",
+]

@@ -1,0 +1,295 @@
+"""Crash-safe checkpoints: safetensors weights + a JSON state that commits them.
+
+A checkpoint ``step-00000100`` is two files in ``<run>/checkpoints/``:
+
+* ``step-00000100.safetensors``: every tensor (``model/...``, ``ema/...``, ``optim/...``);
+* ``step-00000100.json``: step, seed, config, architecture signature, optimizer hyper-parameters and the
+  sha256 of the weights file.
+
+Each file is written to a temporary name in the same folder, flushed and fsynced, renamed over the final
+name with ``os.replace`` (atomic on POSIX) and the folder is fsynced. The JSON is written last, so a
+checkpoint exists only once both files are complete; a crash at any point leaves either the previous
+checkpoint or the new one, never a torn file. Loading never unpickles (safetensors only) and verifies the
+hash, so a tampered or truncated weights file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from idm3d.errors import CheckpointError, NonFiniteError
+
+__all__ = [
+    "FORMAT",
+    "atomic_write_text",
+    "check_signature",
+    "checkpoint_paths",
+    "finite_or_none",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_state_strict",
+    "optimizer_from_flat",
+    "optimizer_to_flat",
+    "remove_stale_files",
+    "save_checkpoint",
+]
+
+FORMAT = "idm3d-checkpoint-v1"
+_NAME = re.compile(r"^step-(\d{8,})\.json$")
+_TMP_MARK = ".tmp-"
+# Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
+# kill the process inside this window).
+_PAUSE_ENV = "IDM3D_CHECKPOINT_WRITE_PAUSE"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+
+
+def _commit(tmp: Path, path: Path, checkpoint: bool = False) -> None:
+    pause = float(os.environ.get(_PAUSE_ENV, "0") or 0) if checkpoint else 0.0
+    if pause > 0:
+        time.sleep(pause)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _commit(tmp, path, _checkpoint)
+
+
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> str:
+    tmp = _tmp_path(path)
+    save_file(tensors, str(tmp))
+    digest = hashlib.sha256()
+    # Hash what is on disk (and fsync it) rather than what we meant to write.
+    with open(tmp, "rb+") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+        os.fsync(fh.fileno())
+    _commit(tmp, path, checkpoint=True)
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_paths(folder: str | Path, step: int) -> tuple[Path, Path]:
+    """``(weights, state)`` paths of the checkpoint at ``step``."""
+    folder = Path(folder)
+    return folder / f"step-{step:08d}.safetensors", folder / f"step-{step:08d}.json"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Committed checkpoints ``(step, json_path)`` in ascending step order (temp files are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The state JSON of the highest-step committed checkpoint, or ``None``."""
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def remove_stale_files(folder: str | Path) -> list[Path]:
+    """Delete temp files and weights without a committing JSON (left by a crash); return what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    committed = {p.stem for _, p in list_checkpoints(folder)}
+    removed = []
+    for p in folder.iterdir():
+        stale_tmp = _TMP_MARK in p.name
+        orphan = p.suffix == ".safetensors" and p.stem not in committed
+        if p.is_file() and (stale_tmp or orphan):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (``optim/<param>/<name>``) and JSON-able rest."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
+    """Inverse of :func:`optimizer_to_flat`: load tensors + JSON meta into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split("/", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _check_finite(tensors: Mapping[str, Tensor]) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"refusing to save a checkpoint: tensor {key} contains NaN/Inf")
+
+
+def save_checkpoint(
+    folder: str | Path, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any], keep: int | None = None
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``; return its JSON path.
+
+    Raises:
+        NonFiniteError: a floating-point tensor contains NaN/Inf (such weights are never saved).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _check_finite(tensors)
+    weights, meta = checkpoint_paths(folder, step)
+    # Private, contiguous CPU copies: safetensors refuses shared storage (tied weights, views).
+    flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    sha = _atomic_save_tensors(flat, weights)
+    doc = {**state, "format": FORMAT, "step": int(step), "weights_file": weights.name, "weights_sha256": sha}
+    atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+    if keep is not None:
+        for _, old in list_checkpoints(folder)[:-keep]:
+            # JSON first: once it is gone the weights are an orphan, never a half checkpoint.
+            old.unlink(missing_ok=True)
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+        _fsync_dir(folder)
+    return meta
+
+
+def load_checkpoint(
+    path: str | Path, expected_signature: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read and verify a checkpoint; return ``(tensors, state)``.
+
+    Args:
+        path: the checkpoint's JSON (or its ``.safetensors``; the JSON next to it is used).
+        expected_signature: if given, its ``digest`` must equal the checkpoint's.
+        device: where to put the tensors.
+
+    Raises:
+        CheckpointError: missing/unreadable/foreign JSON, missing weights, hash mismatch (tampered or
+            truncated), unreadable safetensors, or another architecture.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint state not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not an idm3d checkpoint (format {got!r}, expected {FORMAT!r})")
+    weights = path.with_name(str(state.get("weights_file", "")))
+    if weights == path or not weights.is_file():
+        raise CheckpointError(f"{path}: weights file {weights.name!r} is missing")
+    sha = _sha256(weights)
+    if sha != state.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights}: sha256 {sha[:12]}... does not match the recorded "
+            f"{str(state.get('weights_sha256'))[:12]}... (file modified or truncated)"
+        )
+    if expected_signature is not None:
+        check_signature(path, state.get("signature"), expected_signature)
+    try:
+        tensors = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
+    return tensors, state
+
+
+def check_signature(path: Path, found: Any, expected: Mapping[str, Any]) -> None:
+    """Raise CheckpointError naming ``path`` when the architecture signatures differ."""
+    if not isinstance(found, Mapping) or found.get("digest") != expected.get("digest"):
+        f = found if isinstance(found, Mapping) else {}
+        diffs = [
+            f"{k}: checkpoint {f.get(k)!r} vs model {expected.get(k)!r}"
+            for k in ("class", "name", "in_channels", "out_channels", "num_tensors", "num_parameters", "kwargs")
+            if f.get(k) != expected.get(k)
+        ]
+        detail = "; ".join(diffs) if diffs else "parameter names/shapes differ"
+        raise CheckpointError(f"{path}: checkpoint is from another architecture ({detail})")
+
+
+def load_state_strict(module: nn.Module, tensors: Mapping[str, Tensor], prefix: str, source: Path | str) -> None:
+    """Load ``prefix``-ed tensors into ``module``; any missing/unexpected key or shape -> CheckpointError."""
+    sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sub))
+    unexpected = sorted(set(sub) - set(own))
+    shapes = [k for k in set(own) & set(sub) if tuple(own[k].shape) != tuple(sub[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        if shapes:
+            k = sorted(shapes)[0]
+            parts.append(f"shape mismatch at {k}: {tuple(sub[k].shape)} vs {tuple(own[k].shape)}")
+        raise CheckpointError(f"{source}: checkpoint does not fit the model ({'; '.join(parts)})")
+    module.load_state_dict(sub, strict=True)
+
+
+def finite_or_none(x: float) -> float | None:
+    """JSON has no NaN: store non-finite floats as null."""
+    return x if math.isfinite(x) else None

@@ -1,0 +1,174 @@
+"""Sampling from a trained run: unconditional volumes, or a target modality translated from sources.
+
+The output NIfTI lies where the input does: a translation is put back on the condition's original grid
+(orientation, crop and padding undone) and written with the condition's affine; an unconditional sample
+uses the training data's working grid and affine. Intensities are mapped from [-1, 1] back to the
+typical range of the training cases' target modality (median of their percentile scalings), since a
+synthesised target has no reference scan of its own.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from idm3d.data.nifti import load_volume, save_volume
+from idm3d.data.preprocess import IntensityScaling, preprocess_case
+from idm3d.diffusion.sampling import denoise_fn
+from idm3d.diffusion.sampling import sample as run_chain
+from idm3d.diffusion.schedule import build_scheduler
+from idm3d.errors import ConfigError, DataError
+from idm3d.training.config import Config, SampleConfig, config_from_dict, config_to_dict
+from idm3d.training.data_source import preprocess_config, read_data_info
+from idm3d.training.figures import save_mid_slices
+from idm3d.training.model_factory import size_multiple
+from idm3d.training.run import load_run, read_run_config, resolve_device
+
+__all__ = ["output_paths", "parse_conditions", "sample", "sample_settings"]
+
+_SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
+
+
+def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
+    """The run's ``sample`` section with non-``None`` overrides applied, checked like a config file."""
+    data = config_to_dict(cfg)
+    data["sample"].update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data).sample
+
+
+def parse_conditions(sources: Sequence[str], conditions: Sequence[str | Path] | Mapping[str, str | Path]) -> dict:
+    """Map each source modality to a file: ``{"t1": path}``, ``["t1=path"]`` or paths in source order."""
+    if isinstance(conditions, Mapping):
+        found = {str(k).lower(): Path(v) for k, v in conditions.items()}
+    else:
+        items = [str(c) for c in conditions]
+        named = [c for c in items if "=" in c and not Path(c).exists()]
+        if named and len(named) != len(items):
+            raise ConfigError("--condition: give all conditions as MODALITY=FILE or all as plain files")
+        if named:
+            found = {k.strip().lower(): Path(v) for k, v in (c.split("=", 1) for c in named)}
+        else:
+            if len(items) != len(sources):
+                raise ConfigError(
+                    f"--condition: the model translates {list(sources)}; give {len(sources)} file(s) in that "
+                    f"order, got {len(items)}"
+                )
+            found = dict(zip(sources, map(Path, items)))
+    if set(found) != set(sources):
+        raise ConfigError(f"--condition: expected files for {list(sources)}, got {sorted(found)}")
+    return {m: found[m] for m in sources}
+
+
+def output_paths(out: str | Path, targets: Sequence[str]) -> tuple[list[Path], Path]:
+    """NIfTI path per target (``out``, or ``out`` with ``_<target>`` when several) and the PNG path."""
+    out = Path(out)
+    if not _SUFFIX.search(out.name):
+        raise ConfigError(f"--out {out}: expected a name ending in .nii.gz or .nii")
+    stem, suffix = _SUFFIX.sub("", out.name), _SUFFIX.search(out.name).group(1)
+    paths = [out] if len(targets) == 1 else [out.with_name(f"{stem}_{t}{suffix}") for t in targets]
+    return paths, out.with_name(f"{stem}.png")
+
+
+def _load_condition(files: Mapping[str, Path], cfg: Config):
+    volumes, ref = {}, None
+    for modality, path in files.items():
+        data, affine = load_volume(path)
+        if ref is None:
+            ref = (path, data.shape, affine)
+        elif data.shape != ref[1] or not np.allclose(affine, ref[2], atol=1e-3):
+            raise DataError(f"{path}: grid (shape {data.shape}) differs from {ref[0]} (shape {ref[1]}); "
+                            "condition volumes must be co-registered")
+        volumes[modality] = data
+    return preprocess_case(volumes, ref[2], preprocess_config(cfg), case_id=ref[0].name)
+
+
+def _scaling(info: Mapping | None, modality: str) -> IntensityScaling | None:
+    if not info or modality not in info.get("scalings", {}):
+        return None
+    s = info["scalings"][modality]
+    return IntensityScaling(float(s["lo"]), float(s["hi"]))
+
+
+def sample(
+    run_dir: str | Path,
+    out: str | Path,
+    conditions: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    eta: float | None = None,
+    seed: int | None = None,
+    use_ema: bool | None = None,
+    checkpoint: str | Path | None = None,
+    shape: Sequence[int] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[Path]:
+    """Generate (or translate) one volume with a trained run and write it as NIfTI + a mid-slice PNG.
+
+    Args:
+        run_dir: the run folder.
+        out: output ``.nii.gz``; with several target modalities ``_<modality>`` is added per file.
+        conditions: translation only: one NIfTI per source modality.
+        sampler, steps, eta, seed: override the run's ``sample`` section.
+        use_ema: EMA weights or the raw ones (default: the run's ``sample.use_ema``, normally EMA).
+        checkpoint: a specific checkpoint (default: the newest).
+        shape: unconditional only: (X, Y, Z) grid (default: the training data's working grid).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        progress: show a progress bar.
+
+    Returns:
+        The written NIfTI files, then the PNG.
+    """
+    dev = resolve_device(device, "--device")
+    if use_ema is None:
+        use_ema = read_run_config(run_dir).sample.use_ema
+    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=dev)
+    cfg = run.config
+    sc = sample_settings(cfg, sampler=sampler, steps=steps, eta=eta, seed=seed)
+    info = read_data_info(run_dir)
+    targets = list(cfg.data.targets)
+    nifti_paths, png_path = output_paths(out, targets)
+    rows: dict[str, torch.Tensor] = {}
+    condition, record = None, None
+    if cfg.data.task == "translate":
+        if not conditions:
+            raise ConfigError(f"--condition: this run translates {cfg.data.sources} -> {targets}; give the sources")
+        record = _load_condition(parse_conditions(cfg.data.sources, conditions), cfg)
+        condition = record.image[None]
+        grid = tuple(record.image.shape[1:])
+        rows.update({m: record.image[i] for i, m in enumerate(record.modalities)})
+    else:
+        if conditions:
+            raise ConfigError("--condition: this run generates unconditionally; it takes no condition")
+        if shape is None and (not info or "grid_shape" not in info):
+            raise ConfigError("--shape: the run has no data.json with a working grid; give the shape")
+        grid = tuple(int(s) for s in (shape if shape is not None else info["grid_shape"]))
+    multiple = size_multiple(run.model)
+    if len(grid) != 3 or any(s < 1 or s % multiple for s in grid):
+        raise ConfigError(f"--shape: expected 3 sizes that are multiples of {multiple}, got {list(grid)}")
+    scheduler = build_scheduler(cfg.diffusion, sc.sampler, sc.steps)
+    generator = torch.Generator().manual_seed(sc.seed)
+    volume = run_chain(
+        denoise_fn(run.model, sc.roi_size, sc.overlap), scheduler, (1, len(targets), *grid), condition,
+        generator=generator, eta=sc.eta, device=dev, progress=progress,
+    ).cpu()
+    written = []
+    for j, (target, path) in enumerate(zip(targets, nifti_paths)):
+        vol = volume[0, j]
+        rows[f"{target} (sampled)"] = vol
+        scaling = _scaling(info, target)
+        mapped = scaling.inverse(vol) if scaling is not None else vol
+        if record is not None:
+            save_volume(path, record.to_original(mapped), record.original_affine)
+        else:
+            affine = np.asarray(info["grid_affine"]) if info and "grid_affine" in info else np.eye(4)
+            save_volume(path, mapped.numpy(), affine)
+        written.append(path)
+    title = f"{Path(run_dir).name}: {sc.sampler} {sc.steps} steps, seed {sc.seed}, {run.weights} weights"
+    written.append(save_mid_slices(rows, png_path, title=title))
+    return written

@@ -1,0 +1,92 @@
+"""Training guards: finding where NaN/Inf come from, and the invertible reconstruction drift check.
+
+Both run only on demand: the non-finite diagnosis after a step has already been found bad (hooks on every
+module would slow every step), the drift check every ``train.drift_check_every`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["all_finite", "diagnose_nonfinite", "first_nonfinite_output", "nonfinite_gradients"]
+
+
+def all_finite(*tensors: Tensor | None) -> bool:
+    """True when every given tensor holds only finite values (``None`` counts as finite)."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return []
+
+
+def first_nonfinite_output(model: nn.Module, run: Callable[[], Any]) -> str | None:
+    """Run ``run()`` with a forward hook on every sub-module; return the first module (in execution order)
+    whose output holds NaN/Inf, as ``"name (Class)"``, or ``None`` when every output is finite.
+
+    Hooks fire when a module *finishes*, so a leaf that produces NaN is reported before the blocks that
+    contain it.
+    """
+    found: list[str] = []
+    handles = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def check(module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not found and not all(bool(torch.isfinite(t).all()) for t in _tensors(output) if t.is_floating_point()):
+                found.append(f"{name or '<model>'} ({type(module).__name__})")
+
+        return check
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of parameters whose ``.grad`` holds NaN/Inf, in registration order."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def diagnose_nonfinite(
+    model: nn.Module, inputs: dict[str, Tensor | None], forward: Callable[[], Any], loss_and_backward: Callable[[], Any]
+) -> str:
+    """Explain a non-finite step: bad input, the first module with a non-finite output, or bad gradients.
+
+    Args:
+        model: the network.
+        inputs: named input tensors of the step (checked first).
+        forward: reruns the step's forward pass.
+        loss_and_backward: reruns forward + backward (gradients are left on the parameters).
+    """
+    bad_inputs = [k for k, v in inputs.items() if v is not None and not all_finite(v)]
+    if bad_inputs:
+        return f"the input batch is non-finite ({', '.join(bad_inputs)}); check the data"
+    module = first_nonfinite_output(model, forward)
+    if module is not None:
+        return f"first non-finite output from module {module}"
+    model.zero_grad(set_to_none=True)
+    try:
+        loss_and_backward()
+        bad = nonfinite_gradients(model)
+    finally:
+        model.zero_grad(set_to_none=True)
+    if bad:
+        owner = bad[0].rsplit(".", 1)[0]
+        return f"forward is finite; non-finite gradient first in module {owner} (parameter {bad[0]}, {len(bad)} in all)"
+    return "forward and backward are finite when rerun (non-determinism or a transient overflow)"

@@ -1,0 +1,148 @@
+"""Build the denoiser named in the config, and describe its architecture for checkpoint checks.
+
+``model.name: idm`` builds :class:`idm3d.nets.idm_unet.IDMUNet` (imported lazily, so a broken or
+missing optional piece of the invertible stack only matters when it is asked for); ``monai`` builds
+MONAI's ``DiffusionModelUNet``. Both share the call ``net(x, timesteps, context=None)``. The channel
+counts come from the task: ``in = targets + sources`` (sources are concatenated to the noisy target),
+``out = targets``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+from typing import Any
+
+from torch import nn
+
+from idm3d.errors import ConfigError
+
+__all__ = [
+    "architecture_signature",
+    "baseline_kwargs",
+    "build_model",
+    "model_channels",
+    "required_multiple",
+    "size_multiple",
+]
+
+# Defaults chosen so the two models are comparable at the same width and depth.
+IDM_DEFAULTS: dict[str, Any] = {
+    "channels": 32,
+    "levels": 4,
+    "blocks_per_level": 2,
+    "attention_levels": [False, False, True, True],
+    "attention": "channel",
+    "bookends": True,
+    "memory_efficient": True,
+}
+MONAI_DEFAULTS: dict[str, Any] = {
+    "channels": [32, 64, 64, 64],
+    "num_res_blocks": 2,
+    "attention_levels": [False, False, True, True],
+    "norm_num_groups": 32,
+    "num_head_channels": 8,
+}
+_SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")
+
+
+def model_channels(data: Any) -> tuple[int, int]:
+    """``(in_channels, out_channels)`` for a ``DataConfig``: targets (+ sources for translation)."""
+    n_targets = len(data.targets)
+    n_sources = len(data.sources) if data.task == "translate" else 0
+    return n_targets + n_sources, n_targets
+
+
+def _resolved_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    for key in _SET_BY_TASK:
+        if key in kwargs:
+            raise ConfigError(
+                f"model.kwargs.{key}: set by the task (data.targets/data.sources), remove it from model.kwargs"
+            )
+    defaults = IDM_DEFAULTS if name == "idm" else MONAI_DEFAULTS
+    return {**defaults, **kwargs}
+
+
+def build_model(model_cfg: Any, in_channels: int, out_channels: int) -> nn.Module:
+    """Instantiate the denoiser of a ``ModelConfig`` (``name`` + ``kwargs``).
+
+    Raises:
+        ConfigError: unknown model name, bad kwargs (named), or the IDM network cannot be imported.
+    """
+    name = model_cfg.name
+    kwargs = _resolved_kwargs(name, dict(model_cfg.kwargs))
+    if name == "idm":
+        try:
+            cls = importlib.import_module("idm3d.nets.idm_unet").IDMUNet
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"model.name: 'idm' is unavailable ({err}); use model.name=monai") from None
+    elif name == "monai":
+        from monai.networks.nets import DiffusionModelUNet as cls
+    else:
+        raise ConfigError(f"model.name: expected idm|monai, got {name!r}")
+    try:
+        return cls(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs: {cls.__name__} rejected the options ({err})") from None
+    except (ValueError, AssertionError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.kwargs: {msg}") from None
+
+
+def size_multiple(model: nn.Module) -> int:
+    """Spatial sizes the model accepts are multiples of this (its number of 2x downsamplings)."""
+    if hasattr(model, "size_multiple"):
+        return int(model.size_multiple)
+    blocks = getattr(model, "down_blocks", None)
+    return 2 ** (len(blocks) - 1) if blocks is not None else 1
+
+
+def required_multiple(model_cfg: Any) -> int:
+    """The multiple spatial sizes must have for the configured model, known without building it."""
+    kw = _resolved_kwargs(model_cfg.name, dict(model_cfg.kwargs))
+    try:
+        n_down = int(kw["levels"]) - 1 if model_cfg.name == "idm" else len(kw["channels"]) - 1
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.kwargs: cannot tell the number of levels ({err})") from None
+    return 2 ** max(n_down, 0)
+
+
+def architecture_signature(model: nn.Module, model_cfg: Any | None = None) -> dict[str, Any]:
+    """A JSON-able description of the architecture; ``digest`` changes with any parameter name/shape."""
+    shapes = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    digest = hashlib.sha256(json.dumps([type(model).__qualname__, shapes]).encode()).hexdigest()
+    sig: dict[str, Any] = {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "in_channels": getattr(model, "in_channels", None),
+        "out_channels": getattr(model, "out_channels", None),
+        "num_tensors": len(shapes),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "digest": digest,
+    }
+    if model_cfg is not None:
+        sig["name"] = model_cfg.name
+        sig["kwargs"] = dict(model_cfg.kwargs)
+    return sig
+
+
+def baseline_kwargs(idm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """MONAI ``DiffusionModelUNet`` kwargs matching an IDMUNet's width, depth, blocks and attention levels.
+
+    IDMUNet doubles its width per level by default (``down_fraction=0.25``); the baseline does the same.
+    Group norm and attention heads use the largest sizes that divide every level's width.
+    """
+    kw = {**IDM_DEFAULTS, **idm_kwargs}
+    c, levels = int(kw["channels"]), int(kw["levels"])
+    growth = 8 * float(kw.get("down_fraction", 0.25))
+    widths = [round(c * growth**level) for level in range(levels)]
+    g = math.gcd(*widths)
+    attention = kw["attention"] != "none"
+    return {
+        "channels": widths,
+        "num_res_blocks": int(kw["blocks_per_level"]),
+        "attention_levels": [bool(a) and attention for a in kw["attention_levels"]],
+        "norm_num_groups": max(d for d in range(1, min(32, g) + 1) if g % d == 0),
+        "num_head_channels": max(d for d in range(1, min(8, g) + 1) if g % d == 0),
+    }
