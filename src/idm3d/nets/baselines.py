@@ -17,7 +17,7 @@ def monai_unet(in_channels: int = 1, out_channels: int = 1, scale: float = 1.0) 
 
     Channel counts are rounded to multiples of 16 (GroupNorm with 16 groups, 8-channel heads).
     """
-    channels = tuple(max(16, int(round(c * scale / 16)) * 16) for c in (32, 64, 64, 64))
+    channels = tuple(max(16, round(c * scale / 16) * 16) for c in (32, 64, 64, 64))
     return DiffusionModelUNet(
         spatial_dims=3,
         in_channels=in_channels,

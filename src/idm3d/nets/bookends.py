@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from idm3d.invertible.coupling import ConditionedConvNet
-
 __all__ = ["Head", "Stem"]
 
 
@@ -47,23 +45,25 @@ class Stem(nn.Module):
 
 
 class Head(nn.Module):
-    """``(B, width, ...) -> (B, out, ...)``, conditioned on the timestep embedding when nonlinear.
+    """``(B, width, ...) -> (B, out, ...)``: GroupNorm-SiLU-Conv3, zero-initialised as MONAI's output block.
 
     Args:
         width: channels of the core output.
         out_channels: channels of the prediction.
-        embed_dim: size of the timestep embedding (FiLM inside the head).
-        nonlinear: a ``GN-SiLU-Conv3-GN-FiLM-SiLU-Conv3`` block (``True``) or a 1x1x1 convolution.
+        nonlinear: the ``GN-SiLU-Conv3`` block (``True``) or one linear 1x1x1 convolution (``False``).
     """
 
-    def __init__(self, width: int, out_channels: int, embed_dim: int, nonlinear: bool = True) -> None:
+    def __init__(self, width: int, out_channels: int, nonlinear: bool = True) -> None:
         super().__init__()
-        self.nonlinear = nonlinear
         if nonlinear:
-            # zero-initialised last layer, as MONAI's output block: the first prediction is 0
-            self.body = ConditionedConvNet(width, out_channels, max(width // 2, 1), cond_dim=embed_dim)
+            conv = nn.Conv3d(width, out_channels, 3, padding=1)
+            self.body = nn.Sequential(nn.GroupNorm(_groups(width), width), nn.SiLU(), conv)
         else:
-            self.body = nn.Conv3d(width, out_channels, 1)
+            conv = nn.Conv3d(width, out_channels, 1)
+            self.body = conv
+        # the first prediction is 0: training starts from "predict the mean"
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        return self.body(x, emb) if self.nonlinear else self.body(x)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)

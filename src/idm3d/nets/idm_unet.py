@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from idm3d.invertible import (
     AdditiveCoupling,
@@ -49,10 +50,13 @@ class IDMUNet(nn.Module):
             channels before they are merged back (on the bottleneck for the last level).
         attention: ``"channel"``, ``"spatial"`` or ``"none"``.
         bookends: nonlinear stem/head (``True``) or single 1x1x1 linear convolutions (ablation).
-        memory_efficient: rebuild core activations in backward (``False``: plain autograd).
+        memory_efficient: rebuild core activations in backward and recompute the bookends
+            (activation checkpointing) instead of storing them; ``False``: plain autograd throughout.
         down_fraction: fraction of a level's channels that goes down (``8 f`` is the channel
             growth per level; ``0.25`` doubles it, as a standard U-Net).
-        hidden_multiplier: width of each coupling's sub-network relative to its level's width.
+        hidden_multiplier: width of each coupling's sub-network relative to its level's width, one
+            number or one per level. ``None``: 0.5 at full resolution, 1 elsewhere - the level-0
+            sub-networks' transient graph is what bounds the training peak (``idm3d bench memory``).
         num_heads: attention heads.
         context_dim: size of a per-sample context vector added to the timestep embedding.
         resample: ``"cayley"`` or ``"exp"`` parametrisation of the orthogonal resampling.
@@ -71,7 +75,7 @@ class IDMUNet(nn.Module):
         bookends: bool = True,
         memory_efficient: bool = True,
         down_fraction: float = 0.25,
-        hidden_multiplier: float = 1.0,
+        hidden_multiplier: float | Sequence[float] | None = None,
         num_heads: int = 1,
         context_dim: int | None = None,
         resample: str = "cayley",
@@ -96,12 +100,20 @@ class IDMUNet(nn.Module):
             widths.append(8 * int(down))
         if channels < 2:
             raise ValueError(f"IDMUNet: channels must be >= 2, got {channels}")
+        if hidden_multiplier is None:
+            hidden_multiplier = (0.5,) + (1.0,) * (levels - 1)
+        elif isinstance(hidden_multiplier, (int, float)):
+            hidden_multiplier = (float(hidden_multiplier),) * levels
+        if len(hidden_multiplier) != levels or min(hidden_multiplier) <= 0:
+            raise ValueError(
+                f"IDMUNet: hidden_multiplier needs one positive number or {levels}, got {hidden_multiplier}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.levels, self.widths = levels, widths
         self.embed_dim = 4 * channels
         self.time_embed = TimestepEmbedding(channels, self.embed_dim, context_dim)
         self.stem = Stem(in_channels, channels, nonlinear=bookends)
-        self.head = Head(channels, out_channels, self.embed_dim, nonlinear=bookends)
+        self.head = Head(channels, out_channels, nonlinear=bookends)
         ops, self.op_names = self._core_ops(
             widths, blocks_per_level, attention_levels, attention, hidden_multiplier, num_heads, resample
         )
@@ -113,7 +125,7 @@ class IDMUNet(nn.Module):
         blocks: int,
         attention_levels: Sequence[bool],
         attention: str,
-        hidden_multiplier: float,
+        hidden_multiplier: Sequence[float],
         num_heads: int,
         resample: str,
     ) -> tuple[list[nn.Module], list[str]]:
@@ -124,18 +136,19 @@ class IDMUNet(nn.Module):
             ops.append(op)
             names.append(name)
 
-        def couplings(prefix: str, width: int) -> None:
-            hidden = max(int(width * hidden_multiplier), 2)
+        def couplings(prefix: str, level: int) -> None:
+            width = widths[level]
+            hidden = max(int(width * hidden_multiplier[level]), 2)
             for b in range(blocks):
                 add(f"{prefix}.coupling{b}", AdditiveCoupling(width, hidden, cond_dim=self.embed_dim, flip=b % 2 == 1))
 
         bottom = len(widths) - 1
         for level, width in enumerate(widths[:-1]):
-            couplings(f"down{level}", width)
+            couplings(f"down{level}", level)
             down = widths[level + 1] // 8
             add(f"down{level}.split", ChannelSplit((width - down, down)))
             add(f"down{level}.downsample", Apply(OrthogonalDownsample3d(down, resample)))
-        couplings(f"bottom{bottom}", widths[-1])
+        couplings(f"bottom{bottom}", bottom)
         if attention != "none" and attention_levels[bottom]:
             add(f"bottom{bottom}.attention", Apply(self._attention(widths[-1], attention, num_heads)))
         for level in reversed(range(bottom)):
@@ -144,7 +157,7 @@ class IDMUNet(nn.Module):
             if attention != "none" and attention_levels[level]:
                 add(f"up{level}.skip_attention", Apply(self._attention(width - down, attention, num_heads), index=-2))
             add(f"up{level}.merge", ChannelMerge((width - down, down)))
-            couplings(f"up{level}", width)
+            couplings(f"up{level}", level)
         return ops, names
 
     def _attention(self, channels: int, variant: str, heads: int) -> InvertibleModule:
@@ -191,8 +204,12 @@ class IDMUNet(nn.Module):
         """
         self._check(x)
         emb = self.embed(x, timesteps, context)
-        h = self.core(self._stem(x), emb)
-        return self.head(h, emb)
+        if self.memory_efficient and torch.is_grad_enabled():
+            # Recomputing the bookends in backward keeps only their inputs: their full-resolution
+            # activations then never coexist with the core's, which is what bounds the peak.
+            h = self.core(checkpoint(self._stem, x, use_reentrant=False), emb)
+            return checkpoint(self.head, h, use_reentrant=False)
+        return self.head(self.core(self._stem(x), emb))
 
     def _stem(self, x: Tensor) -> Tensor:
         # Under autocast the stem returns bf16/fp16; the core's state (the coupling additions and

@@ -1,0 +1,466 @@
+"""Shared benchmark machinery: fresh-subprocess runs and the measurement of one training step.
+
+Every configuration runs in its own Python process (``run_config``) so that one configuration's
+allocator caches, high-water marks and lazily-initialised kernels never leak into the next. Inside
+the child, ``measure_training_step`` reports the peak memory *growth* of one training step over the
+memory held after the model and inputs were built, its time, its FLOPs and, on CUDA with
+``nvidia-ml-py`` installed, its energy and the GPU temperature.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Reporting helpers live in ``report``; re-exported so benchmarks import one module.
+from idm3d.bench.report import (
+    Column,
+    add_common_arguments,
+    emit,
+    json_line,
+    json_safe,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    parse_sizes,
+    plot_grouped_bars,
+    progress,
+    ratio,
+    resolve_device,
+)
+from idm3d.errors import ConfigError
+
+__all__ = [
+    "Column",
+    "GpuMonitor",
+    "add_common_arguments",
+    "count_step_flops",
+    "current_rss_bytes",
+    "emit",
+    "json_line",
+    "machine_info",
+    "machine_markdown",
+    "markdown_table",
+    "measure_training_step",
+    "parse_sizes",
+    "plot_grouped_bars",
+    "progress",
+    "ratio",
+    "reset_peak_rss",
+    "resolve_device",
+    "run_config",
+]
+
+MIB = 1024**2
+GIB = 1024**3
+RESULT_PREFIX = "IDM3D_BENCH_RESULT "
+BASELINE_PREFIX = "IDM3D_BENCH_BASELINE "
+_CHILD_ENV = "IDM3D_BENCH_CHILD"
+
+
+# --------------------------------------------------------------------------- CPU memory
+
+
+def _status_kib(field: str, pid: int | str = "self") -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else None
+
+
+def current_rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size of a process (``VmRSS``), or ``None`` where /proc is unavailable."""
+    kib = _status_kib("VmRSS", pid)
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS; ``False`` where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    # A reset that worked leaves the high-water mark at (about) the current RSS.
+    return hwm is not None and rss is not None and hwm <= rss + 4096
+
+
+def _peak_rss_bytes(method: str) -> int:
+    if method == "vmhwm":
+        return (_status_kib("VmHWM") or 0) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- GPU energy / temperature
+
+
+class GpuMonitor:
+    """Energy (NVML counter delta) and temperature/power sampled in a background thread.
+
+    Every field is ``None`` when ``nvidia-ml-py`` is missing or the GPU does not report it.
+    """
+
+    FIELDS = ("energy_j_per_step", "gpu_temp_c_max", "gpu_temp_c_mean", "gpu_power_w_mean")
+
+    def __init__(self, device: torch.device, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self._nvml: Any = None
+        self._handle: Any = None
+        self._temps: list[float] = []
+        self._powers: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._energy0: int | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handle = self._find_handle(pynvml, device)
+        except Exception:
+            self._nvml = None
+
+    @staticmethod
+    def _find_handle(pynvml: Any, device: torch.device) -> Any:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        try:  # CUDA_VISIBLE_DEVICES may renumber GPUs: match by UUID first
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
+        except Exception:
+            return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._nvml, name)(self._handle, *args)
+        except Exception:
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            temp = self._call("nvmlDeviceGetTemperature", self._nvml.NVML_TEMPERATURE_GPU)
+            power = self._call("nvmlDeviceGetPowerUsage")
+            if temp is not None:
+                self._temps.append(float(temp))
+            if power is not None:
+                self._powers.append(power / 1000.0)
+            self._stop.wait(self.interval_s)
+
+    def start(self) -> None:
+        if self._nvml is None:
+            return
+        self._energy0 = self._call("nvmlDeviceGetTotalEnergyConsumption")
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self, steps: int) -> dict[str, float | None]:
+        """Stop sampling; energy is returned per step (joules)."""
+        out: dict[str, float | None] = dict.fromkeys(self.FIELDS)
+        if self._nvml is None:
+            return out
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        energy1 = self._call("nvmlDeviceGetTotalEnergyConsumption")
+        if self._energy0 is not None and energy1 is not None and steps > 0:
+            out["energy_j_per_step"] = (energy1 - self._energy0) / 1000.0 / steps  # counter is in mJ
+        if self._temps:
+            out["gpu_temp_c_max"] = max(self._temps)
+            out["gpu_temp_c_mean"] = statistics.fmean(self._temps)
+        if self._powers:
+            out["gpu_power_w_mean"] = statistics.fmean(self._powers)
+        return out
+
+
+# --------------------------------------------------------------------------- one training step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _announce_baseline(rss: int | None) -> None:
+    # Lets the parent's watchdog judge growth rather than absolute RSS (torch alone is ~300 MiB).
+    if os.environ.get(_CHILD_ENV) and rss is not None:
+        print(f"{BASELINE_PREFIX}{rss}", flush=True)
+
+
+def _measure_memory(model: nn.Module, step: Callable[[], Any], device: torch.device, method: str) -> dict:
+    model.zero_grad(set_to_none=True)  # the step's own gradients count as growth
+    gc.collect()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        if method == "vmhwm":
+            reset_peak_rss()
+        base = current_rss_bytes() or 0
+        # ru_maxrss can sit above the current RSS (setup garbage); growth is measured from the higher.
+        base = max(base, _peak_rss_bytes(method)) if method == "ru_maxrss" else base
+        _announce_baseline(base)
+        step()
+        peak = _peak_rss_bytes(method)
+    return {
+        "memory_method": "cuda_max_allocated" if device.type == "cuda" else method,
+        "baseline_mib": base / MIB,
+        "peak_mib": peak / MIB,
+        "peak_growth_mib": max(peak - base, 0) / MIB,
+    }
+
+
+def measure_training_step(
+    model: nn.Module,
+    step: Callable[[], Any],
+    device: torch.device | str,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+    min_time_s: float = 0.0,
+    count_flops: bool = True,
+) -> dict[str, Any]:
+    """Measure one training step (``step`` runs forward + backward; gradients are cleared first).
+
+    Args:
+        model: the module whose gradients are reset before each step.
+        step: callable running forward and backward once.
+        device: where the model lives; CUDA uses ``max_memory_allocated`` and CUDA events.
+        warmup: untimed steps first (kernel selection, lazy initialisation).
+        repeats: timed steps (at least); ``step_s`` is their median (``None`` for 0: memory only).
+        min_time_s: keep timing until this much time passed (energy counters need a window).
+        count_flops: count FLOPs of one step with ``FlopCounterMode``.
+
+    Returns:
+        ``peak_growth_mib``, ``baseline_mib``, ``peak_mib``, ``memory_method``, ``step_s``,
+        ``step_s_min``, ``timed_steps``, ``flops`` and the ``GpuMonitor`` fields.
+    """
+    device = torch.device(device)
+    if repeats < 0 or warmup < 0:
+        raise ConfigError(f"repeats and warmup must be >= 0, got repeats={repeats}, warmup={warmup}")
+    _announce_baseline(current_rss_bytes() if device.type == "cpu" else None)
+    # Without a resettable high-water mark the first step is the only clean memory measurement.
+    method = "vmhwm" if device.type == "cpu" and reset_peak_rss() else "ru_maxrss"
+    result: dict[str, Any] = {}
+    if device.type == "cpu" and method == "ru_maxrss":
+        result.update(_measure_memory(model, step, device, method))
+    for _ in range(warmup):
+        model.zero_grad(set_to_none=True)
+        step()
+    if not result:
+        result.update(_measure_memory(model, step, device, method))
+
+    monitor = GpuMonitor(device) if device.type == "cuda" else None
+    times: list[float] = []
+    _sync(device)
+    if monitor is not None:
+        monitor.start()
+    started = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - started < min_time_s:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1000.0)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    result.update(
+        step_s=statistics.median(times) if times else None,
+        step_s_min=min(times) if times else None,
+        timed_steps=len(times),
+    )
+    if monitor is not None:
+        result.update(monitor.stop(len(times)))
+    else:
+        result.update(dict.fromkeys(GpuMonitor.FIELDS))
+
+    result["flops"] = None
+    if count_flops:
+        try:
+            result["flops"] = count_step_flops(model, step)
+        except RuntimeError as err:  # a counting failure must not discard the measurements
+            result["flops_error"] = str(err).splitlines()[0]
+    return result
+
+
+class _GlobalOnlyTracker:
+    """Replaces FlopCounterMode's per-module tracker, whose backward hooks break ``autograd.grad``
+    calls made inside a custom backward (the memory-efficient segments); totals are unaffected."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _GlobalOnlyTracker:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def count_step_flops(model: nn.Module, step: Callable[[], Any]) -> int:
+    """FLOPs of one step, as ``torch.utils.flop_counter`` counts them (a multiply-add is 2).
+
+    Ops run inside custom backward functions (activation rebuilding) are counted too: they are
+    work the step really does.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnlyTracker()  # type: ignore[assignment]
+    with counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------- subprocess runs
+
+
+def _package_root() -> str:
+    import idm3d
+
+    return str(Path(idm3d.__file__).resolve().parent.parent)
+
+
+def run_config(
+    target: str,
+    config: Mapping[str, Any],
+    *,
+    timeout_s: float | None = None,
+    growth_limit_bytes: int | None = None,
+    poll_s: float = 0.02,
+) -> dict[str, Any]:
+    """Run ``target`` (``"module:function"``, called with ``config``) in a fresh Python process.
+
+    Args:
+        target: importable ``module:function`` returning a JSON-serialisable dict.
+        config: passed to the function; echoed into the result.
+        timeout_s: kill the child after this many seconds (``status: "timeout"``).
+        growth_limit_bytes: kill the child once its RSS exceeds the baseline it announced by this
+            much (``status: "over_budget"``), so a probe never drives the machine into swap/OOM.
+        poll_s: watchdog polling interval.
+
+    Returns:
+        ``{**config, **measurements, "status": ...}``; ``status`` is ``ok``, ``oom``, ``error``,
+        ``timeout`` or ``over_budget``; failures carry ``error`` (one line).
+    """
+    env = dict(os.environ)
+    env[_CHILD_ENV] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    # Fixed mmap threshold: glibc otherwise raises it dynamically and keeps freed tensors resident,
+    # which hides later allocations from the RSS high-water mark.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "idm3d.bench.harness", target],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    state: dict[str, Any] = {"result": None, "baseline": None, "stderr": []}
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                state["result"] = json.loads(line[len(RESULT_PREFIX) :])
+            elif line.startswith(BASELINE_PREFIX):
+                state["baseline"] = int(line[len(BASELINE_PREFIX) :])
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            state["stderr"] = [*state["stderr"][-40:], line.rstrip()]
+
+    readers = [threading.Thread(target=fn, daemon=True) for fn in (read_stdout, read_stderr)]
+    for reader in readers:
+        reader.start()
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(dict(config)))
+        proc.stdin.close()
+    except BrokenPipeError:  # the child died at start-up; its stderr says why
+        pass
+
+    killed: str | None = None
+    watched_peak = 0
+    started = time.monotonic()
+    while proc.poll() is None:
+        rss = current_rss_bytes(proc.pid) or 0
+        watched_peak = max(watched_peak, rss)
+        if growth_limit_bytes is not None:
+            # Before the child announces its baseline, allow 1 GiB for torch + model + inputs.
+            base = state["baseline"] if state["baseline"] is not None else GIB
+            if rss > base + growth_limit_bytes:
+                killed = "over_budget"
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            killed = "timeout"
+        if killed:
+            proc.kill()
+            break
+        time.sleep(poll_s)
+    proc.wait()
+    for reader in readers:
+        reader.join(timeout=5)
+
+    out: dict[str, Any] = dict(config)
+    out["watchdog_peak_rss_mib"] = watched_peak / MIB
+    if killed:
+        out.update(status=killed, error=f"child killed ({killed}) after {time.monotonic() - started:.1f} s")
+    elif state["result"] is not None:
+        out.update(state["result"])
+    else:
+        tail = [line for line in state["stderr"] if line.strip()]
+        out.update(status="error", error=(tail[-1] if tail else f"child exited with code {proc.returncode}"))
+    return out
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    if len(argv) != 1 or ":" not in argv[0]:
+        print("usage: python -m idm3d.bench.harness module:function < config.json", file=sys.stderr)
+        return 2
+    module_name, func_name = argv[0].split(":", 1)
+    config = json.loads(sys.stdin.read() or "{}")
+    try:
+        if config.get("threads"):
+            torch.set_num_threads(int(config["threads"]))
+        func = getattr(importlib.import_module(module_name), func_name)
+        result = dict(func(config))
+        result.setdefault("status", "ok")
+    except torch.OutOfMemoryError as err:
+        result = {"status": "oom", "error": str(err).splitlines()[0]}
+    except Exception as err:
+        traceback.print_exc()
+        result = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+    print(RESULT_PREFIX + json.dumps(json_safe(result), allow_nan=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

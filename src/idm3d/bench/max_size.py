@@ -1,0 +1,189 @@
+"""``idm3d bench max-size``: the largest cube each network can train on within a memory budget.
+
+For every network the edge length (a multiple of 16) is bisected; each probe is one training step
+in a fresh process, and it fits when the step's peak memory growth stays under the budget. On CPU
+a watchdog in this process kills a probe whose RSS passes its baseline plus the budget, so a probe
+never drives the machine into swap or the OOM killer. On CUDA the probe's allocator is capped at
+its baseline plus the budget, and an out-of-memory error counts as "does not fit".
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idm3d.bench.harness import (
+    GIB,
+    Column,
+    add_common_arguments,
+    emit,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    progress,
+    resolve_device,
+    run_config,
+)
+from idm3d.bench.memory import NET_LABELS, parse_nets, size_parameters
+from idm3d.errors import ConfigError
+
+__all__ = ["STEP", "add_arguments", "bisect_max", "run"]
+
+STEP = 16  # sizes probed are multiples of this (IDMUNet and MONAI need multiples of 8)
+
+
+def bisect_max(fits: Any, max_k: int) -> int:
+    """Largest ``k`` in ``[1, max_k]`` with ``fits(k)`` (assumed monotone), or 0 when none fits."""
+    lo, hi = 0, max_k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _available_bytes(device: str) -> int | None:
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``idm3d bench max-size``."""
+    parser.add_argument("--budget-gib", type=float, required=True, help="memory budget of one training step (GiB)")
+    parser.add_argument("--nets", default="idm,idm-plain,monai", help="networks (default idm,idm-plain,monai)")
+    parser.add_argument("--max", type=int, default=256, help=f"largest edge probed, multiple of {STEP} (default 256)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    add_common_arguments(parser, timeout_s=1800.0)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.budget_gib <= 0:
+        raise ConfigError(f"--budget-gib: expected a number > 0, got {args.budget_gib}")
+    if args.max < STEP or args.max % STEP:
+        raise ConfigError(f"--max: expected a positive multiple of {STEP}, got {args.max}")
+    if args.batch < 1:
+        raise ConfigError(f"--batch: expected an integer >= 1, got {args.batch}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``idm3d bench max-size``; prints markdown (or JSON lines with ``--json``)."""
+    _check(args)
+    nets = parse_nets(args.nets)
+    device = resolve_device(args.device)
+    budget = int(args.budget_gib * GIB)
+    available = _available_bytes(device)
+    if available is not None and budget > available:
+        raise ConfigError(
+            f"--budget-gib {args.budget_gib:g}: more than the {available / GIB:.1f} GiB available on {device}; "
+            "probes would swap or be killed"
+        )
+    info = machine_info(device)
+    sizing, note = size_parameters()
+    if note:
+        progress(f"bench max-size: {note}")
+    rows: list[dict[str, Any]] = []
+    for net in nets:
+        probes: list[dict[str, Any]] = []
+
+        def fits(k: int, net: str = net, probes: list[dict[str, Any]] = probes) -> bool:
+            config = {
+                "bench": "max-size",
+                "net": net,
+                "size": k * STEP,
+                "batch": args.batch,
+                "device": device,
+                "autocast": args.autocast,
+                # One warm-up, as in ``bench memory``: the first step's one-off allocations
+                # (kernel caches, autograd threads) are not what a training step needs.
+                "warmup": 1,
+                "repeats": 0,
+                "count_flops": False,
+                "threads": args.threads,
+                "budget_bytes": budget,
+                "monai_channels": sizing["monai_channels"] if net == "monai" else None,
+            }
+            progress(f"bench max-size: {NET_LABELS[net]} at {k * STEP}^3 ...")
+            limit = None if device.startswith("cuda") else budget
+            result = run_config("idm3d.bench.memory:child", config, timeout_s=args.timeout, growth_limit_bytes=limit)
+            growth = result.get("peak_growth_mib")
+            ok = result.get("status") == "ok" and growth is not None and growth * 2**20 <= budget
+            probes.append(
+                {
+                    "size": k * STEP,
+                    "fits": ok,
+                    "status": result.get("status"),
+                    "peak_growth_mib": growth,
+                    "error": result.get("error"),
+                }
+            )
+            grown = "n/a" if growth is None else f"{growth:.0f} MiB"
+            progress(f"  -> {'fits' if ok else 'does not fit'} ({result.get('status')}, growth {grown})")
+            return ok
+
+        best = bisect_max(fits, args.max // STEP) * STEP
+        at_best = next((p for p in probes if p["size"] == best), {})
+        rows.append(
+            {
+                "bench": "max-size",
+                "net": net,
+                "label": NET_LABELS[net],
+                "device": device,
+                "budget_gib": args.budget_gib,
+                "batch": args.batch,
+                "autocast": args.autocast,
+                "max_probed": args.max,
+                "max_size": best or None,
+                "hit_max": best == args.max,
+                "peak_growth_mib_at_max": at_best.get("peak_growth_mib"),
+                "probes": sorted(probes, key=lambda p: p["size"]),
+                "machine": info,
+                **sizing,
+            }
+        )
+    emit(rows, _markdown(rows, args, info, note), args)
+    return 0
+
+
+COLUMNS = (
+    Column("label", "network"),
+    Column("max_cube", "largest cube"),
+    Column("peak_growth_mib_at_max", "peak growth there (MiB)", ".1f"),
+    Column("probed", "probes (size: growth MiB or failure)"),
+)
+
+
+def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], note: str | None) -> str:
+    table = []
+    for r in rows:
+        size = r["max_size"]
+        cube = (f"{size}^3" if size else f"none >= {STEP}^3") + (" (= --max)" if r["hit_max"] else "")
+        probed = ", ".join(
+            f"{p['size']}: {p['peak_growth_mib']:.0f}" if p["status"] == "ok" else f"{p['size']}: {p['status']}"
+            for p in r["probes"]
+        )
+        table.append({**r, "max_cube": cube, "probed": probed})
+    out = [
+        f"## idm3d bench max-size: budget {args.budget_gib:g} GiB per training step, batch {args.batch}, "
+        f"autocast {args.autocast}",
+        "",
+        machine_markdown(info),
+        "",
+        markdown_table(table, COLUMNS),
+    ]
+    if note:
+        out += ["", f"- {note}"]
+    return "\n".join(out)
