@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from idm3d.invertible.attention import InvertibleAttention3d
 from idm3d.invertible.base import InvertibleModule, grad_parameters
 from idm3d.invertible.checks import gradient_check
 from idm3d.invertible.coupling import AdditiveCoupling, ConditionedConvNet
@@ -21,6 +22,7 @@ __all__ = [
     "ChannelMerge",
     "ChannelSplit",
     "ConditionedConvNet",
+    "InvertibleAttention3d",
     "InvertibleChannelMix3d",
     "InvertibleModule",
     "InvertibleSequence",
