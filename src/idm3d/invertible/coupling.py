@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
 
@@ -32,6 +33,9 @@ class ConditionedConvNet(nn.Module):
         hidden_channels: width of the hidden layer.
         cond_dim: size of the conditioning vector (``(B, cond_dim)``), or ``None`` for none.
         kernel_size: spatial kernel size (odd).
+        recompute_norms: recompute each GroupNorm(-FiLM)-SiLU in backward instead of storing its
+            intermediate tensors (activation checkpointing of the cheap elementwise part): the
+            graph then holds three feature maps instead of seven, for a few elementwise ops more.
     """
 
     def __init__(
@@ -41,6 +45,7 @@ class ConditionedConvNet(nn.Module):
         hidden_channels: int,
         cond_dim: int | None = None,
         kernel_size: int = 3,
+        recompute_norms: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -55,9 +60,18 @@ class ConditionedConvNet(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.act = nn.SiLU()
+        self.recompute_norms = recompute_norms
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
-        h = self.conv1(self.act(self.norm1(x)))
+        if self.recompute_norms and torch.is_grad_enabled():
+            h = self.conv1(checkpoint(self._norm_act_in, x, use_reentrant=False))
+            return self.conv2(checkpoint(self._norm_act_hidden, h, *cond, use_reentrant=False))
+        return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x)), *cond))
+
+    def _norm_act_in(self, x: Tensor) -> Tensor:
+        return self.act(self.norm1(x))
+
+    def _norm_act_hidden(self, h: Tensor, *cond: Tensor) -> Tensor:
         h = self.norm2(h)
         if self.film is not None:
             if not cond:
@@ -71,7 +85,7 @@ class ConditionedConvNet(nn.Module):
             scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, dim=1)
             # one fused op: a full-resolution temporary fewer than h * (1 + scale) + shift
             h = torch.addcmul(shift, h, 1 + scale)
-        return self.conv2(self.act(h))
+        return self.act(h)
 
 
 class AdditiveCoupling(InvertibleModule):

@@ -25,6 +25,7 @@ from idm3d.invertible import (
     Apply,
     ChannelMerge,
     ChannelSplit,
+    ConditionedConvNet,
     InvertibleModule,
     InvertibleSequence,
     OrthogonalDownsample3d,
@@ -118,6 +119,7 @@ class IDMUNet(nn.Module):
             widths, blocks_per_level, attention_levels, attention, hidden_multiplier, num_heads, resample
         )
         self.core = InvertibleSequence(ops, memory_efficient=memory_efficient)
+        self.memory_efficient = memory_efficient  # propagates to the couplings' sub-networks
 
     def _core_ops(
         self,
@@ -177,6 +179,9 @@ class IDMUNet(nn.Module):
     @memory_efficient.setter
     def memory_efficient(self, value: bool) -> None:
         self.core.memory_efficient = bool(value)
+        for module in self.core.modules():
+            if isinstance(module, ConditionedConvNet):
+                module.recompute_norms = bool(value)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
