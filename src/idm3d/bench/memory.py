@@ -9,7 +9,6 @@ least as many parameters as the IDMUNet, so any memory saving is not bought with
 from __future__ import annotations
 
 import argparse
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from idm3d.bench.harness import (
     run_config,
 )
 from idm3d.errors import ConfigError
+from idm3d.nets.baselines import MONAI_BASE_CHANNELS, count_parameters, monai_channels_matching, monai_unet
 
 __all__ = [
     "IDM_KWARGS",
@@ -65,68 +65,15 @@ NET_LABELS: dict[str, str] = {
     "idm-nobookends": "IDMUNet (bookends=False)",
     "monai": "MONAI DiffusionModelUNet",
 }
-MONAI_BASE_CHANNELS = (32, 64, 64, 64)
-_MONAI_GROUPS = 32  # MONAI's GroupNorm default: every width must be a multiple of it
-
-
-def _monai_kwargs(channels: tuple[int, ...]) -> dict[str, Any]:
-    return {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 1,
-        "channels": tuple(channels),
-        "attention_levels": (False, False, False, True),
-        "num_res_blocks": 2,
-        "num_head_channels": 32,
-        # SDPA rather than a materialised attention matrix: the fair, memory-lean MONAI setting.
-        "use_flash_attention": True,
-    }
-
-
 def build_net(name: str, monai_channels: tuple[int, ...] | list[int] | None = None) -> nn.Module:
     """Build one of ``NET_LABELS``' networks (1 input channel, 1 output channel)."""
     if name == "monai":
-        from monai.networks.nets import DiffusionModelUNet
-
-        return DiffusionModelUNet(**_monai_kwargs(tuple(monai_channels or MONAI_BASE_CHANNELS)))
+        return monai_unet(tuple(monai_channels or MONAI_BASE_CHANNELS))
     if name not in NET_LABELS:
         raise ConfigError(f"--nets: unknown network {name!r} (known: {', '.join(NET_LABELS)})")
     from idm3d.nets.idm_unet import IDMUNet
 
     return IDMUNet(**IDM_KWARGS, bookends=name != "idm-nobookends", memory_efficient=name in ("idm", "idm-nobookends"))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def monai_channels_matching(target: int | None) -> tuple[tuple[int, ...], int]:
-    """The smallest widening of ``MONAI_BASE_CHANNELS`` (in steps of 32, non-decreasing) with at
-    least ``target`` parameters, so MONAI is never the smaller model.
-
-    Returns:
-        ``(channels, parameters)``; the base channels when ``target`` is ``None``.
-    """
-    base_params = _monai_parameters(MONAI_BASE_CHANNELS)
-    if target is None or base_params >= target:
-        return MONAI_BASE_CHANNELS, base_params
-    for steps in (2, 4, 8, 16):
-        best: tuple[int, tuple[int, ...]] | None = None
-        for ks in itertools.product(range(steps + 1), repeat=len(MONAI_BASE_CHANNELS)):
-            channels = tuple(c + _MONAI_GROUPS * k for c, k in zip(MONAI_BASE_CHANNELS, ks))
-            if any(a > b for a, b in itertools.pairwise(channels)):
-                continue
-            params = _monai_parameters(channels)
-            if params >= target and (best is None or params < best[0]):
-                best = (params, channels)
-        if best is not None:
-            return best[1], best[0]
-    raise ConfigError(f"cannot widen MONAI's DiffusionModelUNet to {target} parameters")  # pragma: no cover
-
-
-def _monai_parameters(channels: tuple[int, ...]) -> int:
-    with torch.device("meta"):  # counting only: no memory, no initialisation cost
-        return count_parameters(build_net("monai", channels))
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
