@@ -219,7 +219,7 @@ def test_monai_model_and_bf16_autocast_and_sample_prediction(data_dir: Path, tmp
         model={"name": "monai", "kwargs": {"channels": [8, 8], "num_res_blocks": 1, "attention_levels": [False, False],
                                            "norm_num_groups": 4}},
         diffusion={"prediction_type": "sample", "schedule": "cosine"},
-        train={"max_steps": 2, "autocast": "bf16"},
+        train={"max_steps": 2, "precision": "bf16"},
     )
     run = train(cfg, tmp_path / "run")
     assert len(_losses(run)) == 2

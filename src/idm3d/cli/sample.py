@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="unconditional runs: grid size (default: the training data's working grid)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="denoiser autocast precision (default: the run's sample.precision, normally fp32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -39,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     written = sample(
         args.run, args.out, args.condition, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
         use_ema=False if args.raw_weights else None, checkpoint=args.checkpoint, shape=args.shape, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, precision=args.precision,
     )
     for path in written:
         print(path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 from pathlib import Path
 
 from idm3d.errors import ConfigError
@@ -15,7 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a diffusion model",
         description="Train a 3D diffusion model. Options come from --config (YAML or JSON) and --set overrides; "
-        "the run folder receives config.yaml, checkpoints/, metrics.jsonl and loss.png.",
+        "the run folder receives config.yaml, checkpoints/, metrics.jsonl and loss.png. For data-parallel "
+        "training run it under torchrun (torchrun --nproc_per_node N -m idm3d train ...) or pass --nproc N.",
     )
     p.add_argument("--config", type=Path, help="YAML or JSON config (sections data, model, diffusion, train, sample)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -23,20 +26,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run folder (default: runs/<task>-<time>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last complete checkpoint (config defaults to the run's)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="fp32, or bf16/fp16 autocast with the invertible state in fp32 (sets train.precision)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train data-parallel in N local processes (reruns this command through torchrun)")
     p.set_defaults(func=run)
+
+
+def _relaunch_argv(args: argparse.Namespace) -> list[str]:
+    """This command's arguments for each torchrun process (without --nproc)."""
+    argv = ["--debug"] if getattr(args, "debug", False) else []
+    argv.append("train")
+    if args.config is not None:
+        argv += ["--config", str(args.config)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    if args.out is not None:
+        argv += ["--out", str(args.out)]
+    if args.resume:
+        argv.append("--resume")
+    if args.precision is not None:
+        argv += ["--precision", args.precision]
+    return argv
 
 
 def run(args: argparse.Namespace) -> int:
     from idm3d.training.config import load_config
+    from idm3d.training.distributed import launcher_argv
     from idm3d.training.run import CONFIG
     from idm3d.training.trainer import train
 
+    if args.nproc is not None and args.nproc != 1:
+        if "WORLD_SIZE" in os.environ:
+            raise ConfigError("--nproc: already running under torchrun; drop --nproc (torchrun sets the processes)")
+        return subprocess.call(launcher_argv(args.nproc, _relaunch_argv(args)))
     config_path = args.config
     if config_path is None and args.resume:
         if args.out is None:
             raise ConfigError("--resume: name the run folder with --out")
         config_path = args.out / CONFIG
-    cfg = load_config(config_path, args.overrides)
+    overrides = [*args.overrides, *([f"train.precision={args.precision}"] if args.precision else [])]
+    cfg = load_config(config_path, overrides)
     run_dir = train(cfg, args.out, resume=args.resume)
-    print(f"run folder: {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run folder: {run_dir}")
     return 0

@@ -213,6 +213,53 @@ def save_checkpoint(
     return meta
 
 
+# Fields of the state JSON and their JSON types; the first three are required. A hand-edited state with a
+# wrong type is refused here, naming the file, rather than failing later in int()/float() with a traceback.
+_STATE_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "weights_file": (str,),
+    "weights_sha256": (str,),
+    "seed": (int,),
+    "ema_updates": (int,),
+    "skipped_total": (int,),
+    "elapsed_s": (int, float),
+    "last_loss": (int, float, type(None)),
+    "signature": (dict,),
+    "optimizer": (dict,),
+    "config": (dict,),
+    "precision": (str,),
+    "grad_scaler": (dict, type(None)),
+    "world_size": (int,),
+}
+_REQUIRED_FIELDS = ("step", "weights_file", "weights_sha256")
+
+
+def _check_state_fields(path: Path, state: Mapping[str, Any]) -> None:
+    """Raise CheckpointError naming ``path`` when a known state field is missing, mistyped or inconsistent."""
+    for key, types in _STATE_FIELDS.items():
+        if key not in state:
+            if key in _REQUIRED_FIELDS:
+                raise CheckpointError(f"{path}: checkpoint state lacks the field {key!r}")
+            continue
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CheckpointError(f"{path}: checkpoint state field {key!r}: expected {expected}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"{path}: checkpoint state field {key!r}: expected a finite number, got {value!r}")
+        if isinstance(value, int) and value < 0 and key != "seed":
+            raise CheckpointError(f"{path}: checkpoint state field {key!r}: expected >= 0, got {value}")
+    name = state["weights_file"]
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{path}: checkpoint state field 'weights_file': expected a .safetensors file name in the same "
+            f"folder, got {name!r}"
+        )
+    m = _NAME.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{path}: checkpoint state says step {state['step']}, its file name {int(m.group(1))}")
+
+
 def load_checkpoint(
     path: str | Path, expected_signature: Mapping[str, Any] | None = None, device: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -239,7 +286,8 @@ def load_checkpoint(
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not an idm3d checkpoint (format {got!r}, expected {FORMAT!r})")
-    weights = path.with_name(str(state.get("weights_file", "")))
+    _check_state_fields(path, state)
+    weights = path.with_name(state["weights_file"])
     if weights == path or not weights.is_file():
         raise CheckpointError(f"{path}: weights file {weights.name!r} is missing")
     sha = _sha256(weights)

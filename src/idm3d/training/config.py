@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,9 @@ class TrainConfig:
     warmup_steps: int = field(default=0, metadata=_range(0))
     grad_clip: float | None = field(default=1.0, metadata=_range(0.0, lo_open=True))
     ema_decay: float = field(default=0.999, metadata=_range(0.0, 1.0))
-    autocast: Literal["none", "bf16"] = "none"
+    # fp32, or autocast sub-networks to bf16/fp16 with the invertible core's state kept in fp32
+    # (docs/precision.md); fp16 adds dynamic loss scaling. Replaces train.autocast (none|bf16).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: str = "auto"
     checkpoint_every: int = field(default=500, metadata=_range(1))
     keep_checkpoints: int = field(default=3, metadata=_range(1))
@@ -124,6 +127,7 @@ class SampleConfig:
     overlap: float = field(default=0.25, metadata=_range(0.0, 0.95))
     strength: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     max_cases: int | None = field(default=None, metadata=_range(1))
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the denoiser during sampling
 
 
 @dataclass
@@ -221,11 +225,37 @@ def _check_range(value: float, key: str, meta: Mapping[str, Any], what: str) -> 
         raise ConfigError(f"{key}: expected {what} {bounds}, got {value!r}")
 
 
+# Deprecated option -> (its replacement in the same section, old value -> new value). Read with a
+# FutureWarning and stored under the new name, so configs of older runs still load.
+_DEPRECATED: dict[str, tuple[str, dict[str, str]]] = {
+    "train.autocast": ("precision", {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}),
+}
+
+
+def _translate_deprecated(data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    for key, (new, values) in _DEPRECATED.items():
+        section, old = key.rsplit(".", 1)
+        if section != prefix or old not in data:
+            continue
+        value = data[old]
+        if not isinstance(value, str) or value not in values:
+            raise ConfigError(f"{key}: expected one of {'|'.join(values)}, got {value!r} "
+                              f"(deprecated: use {section}.{new})")
+        data = {k: v for k, v in data.items() if k != old}
+        if new in data and data[new] != values[value]:
+            raise ConfigError(f"{key}: {value!r} contradicts {section}.{new}={data[new]!r} "
+                              f"(deprecated: set only {section}.{new})")
+        data[new] = values[value]
+        warnings.warn(f"{key} is deprecated; use {section}.{new}={values[value]}", FutureWarning, stacklevel=2)
+    return data
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of options, got {data!r}")
+    data = _translate_deprecated(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in data:
@@ -325,6 +355,8 @@ def _read_file(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text config file (byte {err.start} is not UTF-8)") from None
     try:
         if path.suffix.lower() == ".json":
             return json.loads(text)

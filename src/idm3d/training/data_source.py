@@ -8,6 +8,7 @@ and on the split (``split.json`` in the run folder, written once).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -93,8 +94,16 @@ def load_demo_data(cfg: Config) -> DemoData:
     if d.spacing is not None and len(set(d.spacing)) != 1:
         raise ConfigError(f"data.spacing: the demo data takes one isotropic spacing, got {d.spacing}")
     multiple = required_multiple(cfg.model)
-    return load_demo(spacing, n_test_slices=max(16, multiple), divisible_by=math.lcm(16, multiple),
-                     percentiles=(d.percentiles[0], d.percentiles[1]))
+    return _load_demo_cached(spacing, max(16, multiple), math.lcm(16, multiple), (d.percentiles[0], d.percentiles[1]))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_demo_cached(
+    spacing: float, n_test_slices: int, divisible_by: int, percentiles: tuple[float, float]
+) -> DemoData:
+    # Training, evaluation and the demo's reference each ask for the same templates; loading and
+    # resampling them takes seconds. Callers only read the result (they slice and concatenate copies).
+    return load_demo(spacing, n_test_slices=n_test_slices, divisible_by=divisible_by, percentiles=percentiles)
 
 
 def check_data(cfg: Config) -> Path:
@@ -155,9 +164,38 @@ def read_data_info(run_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    _check_data_info(info, path)
+    return info
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_data_info(info: Any, path: Path) -> None:
+    """The fields sampling reads must have the expected types: a hand-edited data.json fails here, in one line."""
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    scalings = info.get("scalings", {})
+    if not isinstance(scalings, dict) or not all(
+        isinstance(s, dict) and _is_number(s.get("lo")) and _is_number(s.get("hi")) for s in scalings.values()
+    ):
+        raise DataError(f"{path}: 'scalings' must map each modality to {{\"lo\": number, \"hi\": number}}")
+    shape = info.get("grid_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)
+    ):
+        raise DataError(f"{path}: 'grid_shape' must be 3 positive integers, got {shape!r}")
+    for key in ("grid_affine", "reference_affine"):
+        a = info.get(key)
+        if a is not None and not (
+            isinstance(a, list) and len(a) == 4
+            and all(isinstance(row, list) and len(row) == 4 and all(map(_is_number, row)) for row in a)
+        ):
+            raise DataError(f"{path}: '{key}' must be a 4x4 list of numbers")
 
 
 class PatchData:

@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from idm3d.metrics import evaluate_pair
 from idm3d.training import run as runlib
 from idm3d.training.checkpoint import atomic_write_text, latest_checkpoint
 from idm3d.training.config import ModelConfig
-from idm3d.training.data_source import heldout_cases
+from idm3d.training.data_source import HeldoutCase, heldout_cases
 from idm3d.training.generate import sample_settings
 from idm3d.training.logs import read_metrics
 from idm3d.training.model_factory import baseline_kwargs
@@ -85,8 +86,13 @@ def evaluate_run(
     use_ema: bool | None = None,
     device: str = "auto",
     progress: bool = True,
+    on_case: Callable[[HeldoutCase, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
-    """Score one run on its held-out cases; write ``eval-<split>.json`` and ``.md`` in the run; return the report."""
+    """Score one run on its held-out cases; write ``eval-<split>.json`` and ``.md`` in the run; return the report.
+
+    ``on_case(case, prediction)``, if given, receives each held-out case and its (targets, X, Y, Z) prediction
+    (CPU, preprocessed intensities), e.g. to save or plot it.
+    """
     run_dir = Path(run_dir)
     dev = resolve_device(device, "--device")
     if use_ema is None:
@@ -116,6 +122,8 @@ def evaluate_run(
         mask = case.mask[0] if bool(case.mask.any()) else None
         metrics = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
         per_case.append({"case": case.case_id, "metrics": metrics})
+        if on_case is not None:
+            on_case(case, pred)
     if not per_case:
         raise ConfigError(f"--split {split}: no held-out case to evaluate")
     report = {

@@ -26,6 +26,7 @@ from idm3d.training.config import Config, SampleConfig, config_from_dict, config
 from idm3d.training.data_source import preprocess_config, read_data_info
 from idm3d.training.figures import save_mid_slices
 from idm3d.training.model_factory import size_multiple
+from idm3d.training.precision import check_precision, under_autocast
 from idm3d.training.run import load_run, read_run_config, resolve_device
 
 __all__ = ["output_paths", "parse_conditions", "sample", "sample_settings"]
@@ -107,6 +108,7 @@ def sample(
     shape: Sequence[int] | None = None,
     device: str = "auto",
     progress: bool = True,
+    precision: str | None = None,
 ) -> list[Path]:
     """Generate (or translate) one volume with a trained run and write it as NIfTI + a mid-slice PNG.
 
@@ -120,6 +122,8 @@ def sample(
         shape: unconditional only: (X, Y, Z) grid (default: the training data's working grid).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         progress: show a progress bar.
+        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the denoiser (default: the run's
+            ``sample.precision``); the chain itself stays in float32.
 
     Returns:
         The written NIfTI files, then the PNG.
@@ -129,7 +133,8 @@ def sample(
         use_ema = read_run_config(run_dir).sample.use_ema
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=dev)
     cfg = run.config
-    sc = sample_settings(cfg, sampler=sampler, steps=steps, eta=eta, seed=seed)
+    sc = sample_settings(cfg, sampler=sampler, steps=steps, eta=eta, seed=seed, precision=precision)
+    check_precision(sc.precision, dev, "--precision")
     info = read_data_info(run_dir)
     targets = list(cfg.data.targets)
     nifti_paths, png_path = output_paths(out, targets)
@@ -153,8 +158,9 @@ def sample(
         raise ConfigError(f"--shape: expected 3 sizes that are multiples of {multiple}, got {list(grid)}")
     scheduler = build_scheduler(cfg.diffusion, sc.sampler, sc.steps)
     generator = torch.Generator().manual_seed(sc.seed)
+    denoise = under_autocast(denoise_fn(run.model, sc.roi_size, sc.overlap), sc.precision, dev)
     volume = run_chain(
-        denoise_fn(run.model, sc.roi_size, sc.overlap), scheduler, (1, len(targets), *grid), condition,
+        denoise, scheduler, (1, len(targets), *grid), condition,
         generator=generator, eta=sc.eta, device=dev, progress=progress,
     ).cpu()
     written = []
@@ -170,5 +176,7 @@ def sample(
             save_volume(path, mapped.numpy(), affine)
         written.append(path)
     title = f"{Path(run_dir).name}: {sc.sampler} {sc.steps} steps, seed {sc.seed}, {run.weights} weights"
+    if sc.precision != "fp32":
+        title += f", {sc.precision}"
     written.append(save_mid_slices(rows, png_path, title=title))
     return written

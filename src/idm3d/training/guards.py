@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,19 +31,26 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def first_nonfinite_output(model: nn.Module, run: Callable[[], Any]) -> str | None:
+def first_nonfinite_output(model: nn.Module, run: Callable[[], Any], limit: float | None = None) -> str | None:
     """Run ``run()`` with a forward hook on every sub-module; return the first module (in execution order)
-    whose output holds NaN/Inf, as ``"name (Class)"``, or ``None`` when every output is finite.
+    whose output holds NaN/Inf (or, with ``limit``, a value whose magnitude exceeds it), as
+    ``"name (Class)"``, or ``None`` when every output passes.
 
     Hooks fire when a module *finishes*, so a leaf that produces NaN is reported before the blocks that
     contain it.
     """
+
+    def bad(t: Tensor) -> bool:
+        if not bool(torch.isfinite(t).all()):
+            return True
+        return limit is not None and t.numel() > 0 and float(t.detach().abs().max()) > limit
+
     found: list[str] = []
     handles = []
 
     def hook(name: str) -> Callable[..., None]:
         def check(module: nn.Module, _inputs: Any, output: Any) -> None:
-            if not found and not all(bool(torch.isfinite(t).all()) for t in _tensors(output) if t.is_floating_point()):
+            if not found and any(bad(t) for t in _tensors(output) if t.is_floating_point()):
                 found.append(f"{name or '<model>'} ({type(module).__name__})")
 
         return check
@@ -66,13 +74,14 @@ def nonfinite_gradients(model: nn.Module) -> list[str]:
 def diagnose_nonfinite(
     model: nn.Module, inputs: dict[str, Tensor | None], forward: Callable[[], Any], loss_and_backward: Callable[[], Any]
 ) -> str:
-    """Explain a non-finite step: bad input, the first module with a non-finite output, or bad gradients.
+    """Explain a non-finite step: bad input, the first module with a non-finite output, an overflowing
+    loss (naming the first module whose output is too large to square), or bad or overflowing gradients.
 
     Args:
         model: the network.
         inputs: named input tensors of the step (checked first).
         forward: reruns the step's forward pass.
-        loss_and_backward: reruns forward + backward (gradients are left on the parameters).
+        loss_and_backward: reruns forward + backward (gradients are left on the parameters); may return the loss.
     """
     bad_inputs = [k for k, v in inputs.items() if v is not None and not all_finite(v)]
     if bad_inputs:
@@ -82,11 +91,25 @@ def diagnose_nonfinite(
         return f"first non-finite output from module {module}"
     model.zero_grad(set_to_none=True)
     try:
-        loss_and_backward()
+        loss = loss_and_backward()
         bad = nonfinite_gradients(model)
+        grads = [(float(p.grad.detach().abs().max()), n) for n, p in model.named_parameters()
+                 if p.grad is not None and p.grad.numel()]
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.detach().float()) for p in model.parameters() if p.grad is not None]
+        ))) if grads else 0.0
     finally:
         model.zero_grad(set_to_none=True)
+    if isinstance(loss, Tensor) and not all_finite(loss.detach()):
+        # Every output is finite but the loss is not: some output is so large its square overflows.
+        big = first_nonfinite_output(model, forward, limit=torch.finfo(torch.float32).max ** 0.5)
+        where = f"first too-large output from module {big}" if big is not None else "the model output is too large"
+        return f"every module output is finite but the loss is {float(loss.detach()):g}; {where} (lower train.lr?)"
     if bad:
         owner = bad[0].rsplit(".", 1)[0]
         return f"forward is finite; non-finite gradient first in module {owner} (parameter {bad[0]}, {len(bad)} in all)"
+    if grads and not np.isfinite(norm):
+        peak, name = max(grads)
+        return (f"gradients are finite but their norm overflows; largest in module {name.rsplit('.', 1)[0]} "
+                f"(parameter {name}, max |grad| {peak:.3g}; lower train.lr?)")
     return "forward and backward are finite when rerun (non-determinism or a transient overflow)"

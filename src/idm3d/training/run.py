@@ -92,7 +92,7 @@ def read_run_config(run_dir: str | Path) -> Config:
         raise ConfigError(f"--run {run_dir}: not a run folder ({CONFIG} not found)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     try:
         return config_from_dict(data)
