@@ -114,7 +114,7 @@ EOF
 timeout "$T_TRAIN" "$PY" -m idm3d train --out "$WORK/train" \
     --set data.root="$WORK/data" --set "data.targets=[t1]" --set "data.patch_size=[$PATCH,$PATCH,$PATCH]" \
     --set data.test_fraction=0.2 --set data.val_fraction=0.0 --set train.max_steps="$TRAIN_STEPS" \
-    --set train.autocast=bf16 --set train.device="$DEVICE" --set train.progress=false \
+    --precision bf16 --set train.device="$DEVICE" --set train.progress=false \
     --set train.log_every=10 --set train.checkpoint_every=100 \
     || fail "idm3d train (exit $?)"
 if [[ -f "$WORK/train/metrics.jsonl" ]]; then

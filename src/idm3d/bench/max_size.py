@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nets", default="idm,idm-plain,monai", help="networks (default idm,idm-plain,monai)")
     parser.add_argument("--max", type=int, default=256, help=f"largest edge probed, multiple of {STEP} (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="fp32, or autocast to bf16/fp16"
+    )
     add_common_arguments(parser, timeout_s=1800.0)
 
 
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 "size": k * STEP,
                 "batch": args.batch,
                 "device": device,
-                "autocast": args.autocast,
+                "precision": args.precision,
                 # One warm-up, as in ``bench memory``: the first step's one-off allocations
                 # (kernel caches, autograd threads) are not what a training step needs.
                 "warmup": 1,
@@ -144,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                 "device": device,
                 "budget_gib": args.budget_gib,
                 "batch": args.batch,
-                "autocast": args.autocast,
+                "precision": args.precision,
                 "max_probed": args.max,
                 "max_size": best or None,
                 "hit_max": best == args.max,
@@ -178,7 +180,7 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         table.append({**r, "max_cube": cube, "probed": probed})
     out = [
         f"## idm3d bench max-size: budget {args.budget_gib:g} GiB per training step, batch {args.batch}, "
-        f"autocast {args.autocast}",
+        f"precision {args.precision}",
         "",
         machine_markdown(info),
         "",

@@ -91,7 +91,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = min(1.0, (torch.cuda.memory_allocated(device) + budget) / total)
         torch.cuda.set_per_process_memory_fraction(fraction, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.get("autocast", "none"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.get("precision", "fp32"))
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
@@ -139,7 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nets", default=",".join(NET_LABELS), help=f"networks to compare (default {','.join(NET_LABELS)})"
     )
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="fp32, or autocast to bf16/fp16"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                 "size": size,
                 "batch": args.batch,
                 "device": device,
-                "autocast": args.autocast,
+                "precision": args.precision,
                 "warmup": args.warmup,
                 "repeats": args.repeats,
                 "min_time_s": 1.0 if device.startswith("cuda") else 0.0,
@@ -226,7 +228,7 @@ def _markdown(
     rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], sizing: dict, note: str | None
 ) -> str:
     out = [
-        f"## idm3d bench memory: one training step, batch {args.batch}, autocast {args.autocast}",
+        f"## idm3d bench memory: one training step, batch {args.batch}, precision {args.precision}",
         "",
         machine_markdown(info),
         "",
