@@ -24,6 +24,7 @@ from idm3d.bench.harness import (
     machine_info,
     machine_markdown,
     markdown_table,
+    parse_sizes,
     progress,
     resolve_device,
     run_config,
@@ -67,6 +68,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max", type=int, default=256, help=f"largest edge probed, multiple of {STEP} (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument(
+        "--sizes",
+        default=None,
+        help=f"probe only these edges (comma list, multiples of {STEP}) instead of bisecting up to --max; "
+        "e.g. --sizes 256 answers 'does a 256^3 step fit?' in one probe",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="warm-up steps at the probed size before the measured one (default 1)"
+    )
+    parser.add_argument(
         "--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="fp32, or autocast to bf16/fp16"
     )
     add_common_arguments(parser, timeout_s=1800.0)
@@ -77,6 +87,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--budget-gib: expected a number > 0, got {args.budget_gib}")
     if args.max < STEP or args.max % STEP:
         raise ConfigError(f"--max: expected a positive multiple of {STEP}, got {args.max}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup: expected an integer >= 0, got {args.warmup}")
     if args.batch < 1:
         raise ConfigError(f"--batch: expected an integer >= 1, got {args.batch}")
 
@@ -85,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``idm3d bench max-size``; prints markdown (or JSON lines with ``--json``)."""
     _check(args)
     nets = parse_nets(args.nets)
+    sizes = [s // STEP for s in parse_sizes(args.sizes, "--sizes", multiple=STEP)] if args.sizes else []
     device = resolve_device(args.device)
     budget = int(args.budget_gib * GIB)
     available = _available_bytes(device)
@@ -111,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                 "precision": args.precision,
                 # One warm-up, as in ``bench memory``: the first step's one-off allocations
                 # (kernel caches, autograd threads) are not what a training step needs.
-                "warmup": 1,
+                "warmup": args.warmup,
                 "repeats": 0,
                 "count_flops": False,
                 "threads": args.threads,
@@ -136,7 +149,10 @@ def run(args: argparse.Namespace) -> int:
             progress(f"  -> {'fits' if ok else 'does not fit'} ({result.get('status')}, growth {grown})")
             return ok
 
-        best = bisect_max(fits, args.max // STEP) * STEP
+        if sizes:
+            best = max((k * STEP for k in sizes if fits(k)), default=0)
+        else:
+            best = bisect_max(fits, args.max // STEP) * STEP
         at_best = next((p for p in probes if p["size"] == best), {})
         rows.append(
             {
