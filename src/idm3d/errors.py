@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "IDM3DError", "CheckpointError", "NonFiniteError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "IDM3DError", "NonFiniteError"]
 
 
 class IDM3DError(ValueError):

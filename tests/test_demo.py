@@ -1,0 +1,132 @@
+"""``idm3d demo`` end to end with a tiny budget (2 steps, 8-channel nets, 2 DDIM steps) on the MNI demo data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from idm3d.cli.main import main
+from idm3d.data.demo import demo_licence_text
+from idm3d.demo.reference import fit_linear_map
+from idm3d.demo.report import METRIC_KEYS
+from idm3d.errors import DataError
+
+TINY = [
+    "--steps", "2", "--no-progress",
+    "--set", "model.kwargs={channels: 8, levels: 3, blocks_per_level: 1, attention_levels: [false, false, false], "
+             "attention: none}",
+    "--set", "data.patch_size=[32,32,16]",
+    "--set", "sample.steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--out", str(out), *TINY]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(demo_out: Path) -> dict:
+    return json.loads((demo_out / "report.json").read_text())
+
+
+def test_report_has_finite_metrics_for_every_model(demo_out: Path, report: dict):
+    md = (demo_out / "report.md").read_text()
+    for label in ("idm", "monai", "linear"):
+        metrics = report["metrics"][label]
+        assert set(metrics) == set(METRIC_KEYS)
+        assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values()), metrics
+        assert -1.0 <= metrics["ssim_mask"] <= 1.0
+        assert f"{metrics['psnr_mask']:.2f}" in md  # the table shows this run's numbers
+    # The linear map beats two-step nets by a wide margin on this template: a real, not a trivial, floor.
+    assert report["metrics"]["linear"]["ssim_mask"] > report["metrics"]["idm"]["ssim_mask"]
+    goal = report["goals"]["psnr_mask_at_least_monai"]
+    assert goal["met"] == (report["metrics"]["idm"]["psnr_mask"] >= report["metrics"]["monai"]["psnr_mask"])
+
+
+def test_report_states_data_slabs_and_licence(demo_out: Path, report: dict):
+    md = (demo_out / "report.md").read_text()
+    (t0, t1), (h0, h1) = report["data"]["train_slices_z"], report["data"]["heldout_slices_z"]
+    assert t1 <= h0  # training slabs lie below the held-out band
+    assert f"z in [{t0}, {t1})" in md and f"z in [{h0}, {h1})" in md
+    assert f"indices {h0}..{h1 - 1}" in md
+    assert "not a patient scan" in md and "MNI ICBM152 2009c" in md
+    assert demo_licence_text().strip() in md
+    assert report["licence"] == demo_licence_text()
+    assert "idm3d demo --out" in md and "--steps 2" in md
+
+
+def test_memory_and_training_figures_come_from_this_run(report: dict):
+    for label in ("idm", "monai"):
+        mem, train = report["memory"][label], report["training"][label]
+        assert mem["status"] == "ok", mem
+        assert mem["parameters"] == train["parameters"] > 0  # the measured net is the trained one
+        assert mem["peak_growth_mib"] >= 0.0 and mem["step_s"] > 0.0
+        assert 1 <= train["steps"] <= 2
+    # Equal training time: the baseline's budget is the time the IDMUNet trained.
+    assert report["settings"]["monai"]["train"]["max_seconds"] == pytest.approx(report["training"]["idm"]["elapsed_s"])
+    assert report["settings"]["monai"]["model"]["name"] == "monai"
+
+
+@pytest.mark.parametrize("name", ["preview.png", "loss_curves.png"])
+def test_pngs_open_and_show_something(demo_out: Path, name: str):
+    image = mpimg.imread(demo_out / name)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    grey = image[..., :3].mean(axis=-1)
+    assert grey.std() > 0.05 and len(np.unique(np.round(grey, 2))) > 20
+
+
+def test_predictions_are_written_on_the_band_grid(demo_out: Path, report: dict):
+    shape = tuple(report["data"]["heldout_shape"])
+    for label in ("idm", "monai", "linear"):
+        image = nib.load(demo_out / "predictions" / f"{label}_t2.nii.gz")
+        assert image.shape == shape
+        assert np.isfinite(np.asarray(image.dataobj)).all()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fault"),
+    [
+        ([], "--overwrite"),  # the module's demo already lives there
+        (["--overwrite", "--set", "data.root=/nowhere"], "data.root"),
+        (["--overwrite", "--set", "model.name=monai"], "model.name"),
+        (["--overwrite", "--minutes", "0"], "--minutes"),
+    ],
+)
+def test_bad_requests_fail_with_one_line(demo_out: Path, capsys, extra: list[str], fault: str):
+    before = (demo_out / "report.json").stat().st_mtime_ns
+    assert main(["demo", "--out", str(demo_out), *TINY, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idm3d: error:") and fault in err[0]
+    assert (demo_out / "report.json").stat().st_mtime_ns == before  # nothing was touched
+
+
+@pytest.mark.parametrize(("slope", "offset"), [(-0.6, -0.1), (1.5, 0.25)])
+def test_linear_map_recovers_a_linear_relation(slope: float, offset: float):
+    gen = torch.Generator().manual_seed(0)
+    source = torch.rand(8, 9, 10, generator=gen) * 2 - 1
+    mask = torch.rand(8, 9, 10, generator=gen) > 0.4
+    target = torch.where(mask, slope * source + offset, torch.full_like(source, -1.0))
+    fitted = fit_linear_map(source, target, mask, lo=-10.0, hi=10.0)
+    assert fitted.slope == pytest.approx(slope, abs=1e-6) and fitted.offset == pytest.approx(offset, abs=1e-6)
+    assert fitted.background == -1.0 and fitted.voxels == int(mask.sum())
+    assert torch.allclose(fitted(source, mask), target, atol=1e-5)
+
+
+def test_linear_map_rejects_a_constant_source():
+    with pytest.raises(DataError, match="varying source"):
+        fit_linear_map(torch.zeros(4, 4, 4), torch.ones(4, 4, 4), torch.ones(4, 4, 4, dtype=torch.bool))
