@@ -62,12 +62,15 @@ def test_report_states_data_slabs_and_licence(demo_out: Path, report: dict):
     md = (demo_out / "report.md").read_text()
     (t0, t1), (h0, h1) = report["data"]["train_slices_z"], report["data"]["heldout_slices_z"]
     assert t1 <= h0  # training slabs lie below the held-out band
-    assert f"z in [{t0}, {t1})" in md and f"z in [{h0}, {h1})" in md
+    assert f"z in [{t0}, {t1})" in md
+    assert f"z in [{h0}, {h1})" in md
     assert f"indices {h0}..{h1 - 1}" in md
-    assert "not a patient scan" in md and "MNI ICBM152 2009c" in md
+    assert "not a patient scan" in md
+    assert "MNI ICBM152 2009c" in md
     assert demo_licence_text().strip() in md
     assert report["licence"] == demo_licence_text()
-    assert "idm3d demo --out" in md and "--steps 2" in md
+    assert "idm3d demo --out" in md
+    assert "--steps 2" in md
 
 
 def test_memory_and_training_figures_come_from_this_run(report: dict):
@@ -75,27 +78,57 @@ def test_memory_and_training_figures_come_from_this_run(report: dict):
         mem, train = report["memory"][label], report["training"][label]
         assert mem["status"] == "ok", mem
         assert mem["parameters"] == train["parameters"] > 0  # the measured net is the trained one
-        assert mem["peak_growth_mib"] >= 0.0 and mem["step_s"] > 0.0
+        assert mem["peak_growth_mib"] >= 0.0
+        assert mem["step_s"] > 0.0
         assert 1 <= train["steps"] <= 2
     # Equal training time: the baseline's budget is the time the IDMUNet trained.
     assert report["settings"]["monai"]["train"]["max_seconds"] == pytest.approx(report["training"]["idm"]["elapsed_s"])
     assert report["settings"]["monai"]["model"]["name"] == "monai"
 
 
+def test_training_slab_check_lies_inside_the_training_slabs(demo_out: Path, report: dict):
+    (t0, t1) = report["data"]["train_slices_z"]
+    (h0, h1) = report["data"]["heldout_slices_z"]
+    md = (demo_out / "report.md").read_text()
+    for label in ("idm", "monai"):
+        slab = report["training_slab"][label]
+        a, b = slab["slices_z"]
+        assert t0 <= a < b <= t1
+        assert b - a == h1 - h0  # same depth as the held-out band
+        assert all(math.isfinite(slab[k]) for k in METRIC_KEYS)
+        assert f"z in [{a}, {b})" in md
+
+
 @pytest.mark.parametrize("name", ["preview.png", "loss_curves.png"])
 def test_pngs_open_and_show_something(demo_out: Path, name: str):
     image = mpimg.imread(demo_out / name)
-    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+    assert image.ndim == 3
+    assert image.shape[0] > 200
+    assert image.shape[1] > 400
     grey = image[..., :3].mean(axis=-1)
-    assert grey.std() > 0.05 and len(np.unique(np.round(grey, 2))) > 20
+    assert grey.std() > 0.05
+    assert len(np.unique(np.round(grey, 2))) > 20
 
 
-def test_predictions_are_written_on_the_band_grid(demo_out: Path, report: dict):
+def test_predictions_are_written_on_the_band_grid_and_masked(demo_out: Path, report: dict):
     shape = tuple(report["data"]["heldout_shape"])
+    mask = nib.load(demo_out / "predictions" / "brain_mask.nii.gz")
+    inside = np.asarray(mask.dataobj) > 0.5
+    assert mask.shape == shape
+    assert inside.sum() == report["data"]["brain_voxels_heldout"]
     for label in ("idm", "monai", "linear"):
         image = nib.load(demo_out / "predictions" / f"{label}_t2.nii.gz")
+        data = np.asarray(image.dataobj)
         assert image.shape == shape
-        assert np.isfinite(np.asarray(image.dataobj)).all()
+        assert np.isfinite(data).all()
+        assert np.allclose(image.affine, mask.affine)
+        # sample.mask_output (configs/demo.yaml): background outside the brain mask, for all three alike
+        assert (data[~inside] == -1.0).all()
+        assert data[inside].std() > 0
+    for label in ("idm", "monai"):  # the unmasked network output is scored too
+        assert set(report["metrics_unmasked_output"][label]) == set(METRIC_KEYS)
+        assert report["metrics_unmasked_output"][label]["psnr_mask"] == pytest.approx(
+            report["metrics"][label]["psnr_mask"], abs=1e-4)  # voxels inside the mask are untouched
 
 
 @pytest.mark.parametrize(
@@ -111,7 +144,9 @@ def test_bad_requests_fail_with_one_line(demo_out: Path, capsys, extra: list[str
     before = (demo_out / "report.json").stat().st_mtime_ns
     assert main(["demo", "--out", str(demo_out), *TINY, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("idm3d: error:") and fault in err[0]
+    assert len(err) == 1
+    assert err[0].startswith("idm3d: error:")
+    assert fault in err[0]
     assert (demo_out / "report.json").stat().st_mtime_ns == before  # nothing was touched
 
 
@@ -122,8 +157,10 @@ def test_linear_map_recovers_a_linear_relation(slope: float, offset: float):
     mask = torch.rand(8, 9, 10, generator=gen) > 0.4
     target = torch.where(mask, slope * source + offset, torch.full_like(source, -1.0))
     fitted = fit_linear_map(source, target, mask, lo=-10.0, hi=10.0)
-    assert fitted.slope == pytest.approx(slope, abs=1e-6) and fitted.offset == pytest.approx(offset, abs=1e-6)
-    assert fitted.background == -1.0 and fitted.voxels == int(mask.sum())
+    assert fitted.slope == pytest.approx(slope, abs=1e-6)
+    assert fitted.offset == pytest.approx(offset, abs=1e-6)
+    assert fitted.background == -1.0
+    assert fitted.voxels == int(mask.sum())
     assert torch.allclose(fitted(source, mask), target, atol=1e-5)
 
 

@@ -60,7 +60,8 @@ def preview_figure(
     """
     plt = _pyplot()
     labels = list(images)
-    fig, axes = plt.subplots(2, len(labels), figsize=(2.6 * len(labels), 5.6), dpi=100, squeeze=False)
+    fig, axes = plt.subplots(2, len(labels), figsize=(2.6 * len(labels) + 0.8, 5.6), dpi=100, squeeze=False,
+                             layout="constrained")
     reference = _axial(images[truth], z)
     span = value_range[1] - value_range[0]
     for col, label in enumerate(labels):
@@ -79,7 +80,7 @@ def preview_figure(
             a.set_xticks([])
             a.set_yticks([])
     if predictions:
-        fig.colorbar(shown, ax=axes[1, :].tolist(), shrink=0.8, label="absolute error")
+        fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=0.6, label="absolute error")
     fig.suptitle(title, fontsize=10)
     return _save(fig, Path(path))
 

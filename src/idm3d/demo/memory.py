@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from idm3d.bench.harness import measure_training_step, run_config
+from idm3d.diffusion.schedule import diffusion_loss
 from idm3d.training.config import Config, ModelConfig
 from idm3d.training.model_factory import build_model, model_channels
 
@@ -33,7 +33,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     timesteps = torch.randint(0, int(config["num_train_timesteps"]), (batch,), device=device)
 
     def step() -> None:
-        F.mse_loss(net(x, timesteps).float(), target).backward()
+        diffusion_loss(net(x, timesteps), target, config.get("loss", "mse")).backward()
 
     result = measure_training_step(net, step, device, warmup=config.get("warmup", 1),
                                    repeats=config.get("repeats", 3), count_flops=False)
@@ -66,6 +66,7 @@ def measure_nets(
             "batch": cfg.data.batch_size,
             "patch_size": list(cfg.data.patch_size),
             "num_train_timesteps": cfg.diffusion.num_train_timesteps,
+            "loss": cfg.diffusion.loss,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "repeats": repeats,

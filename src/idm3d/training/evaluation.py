@@ -33,7 +33,7 @@ from idm3d.training import run as runlib
 from idm3d.training.checkpoint import atomic_write_text, latest_checkpoint
 from idm3d.training.config import ModelConfig
 from idm3d.training.data_source import HeldoutCase, heldout_cases
-from idm3d.training.generate import sample_settings
+from idm3d.training.generate import mask_background, sample_settings
 from idm3d.training.logs import read_metrics
 from idm3d.training.model_factory import baseline_kwargs
 from idm3d.training.run import load_run, resolve_device
@@ -120,8 +120,13 @@ def evaluate_run(
                              x_start=target[None], start_timestep=start_t, progress=progress)
         pred = pred.cpu()[0]
         mask = case.mask[0] if bool(case.mask.any()) else None
-        metrics = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
-        per_case.append({"case": case.case_id, "metrics": metrics})
+        entry: dict[str, Any] = {"case": case.case_id}
+        if sc.mask_output and sources:  # the case's mask comes from its sources (data.preprocess mask_from)
+            # the raw network output is scored too, so the effect of the masking stays visible
+            entry["metrics_unmasked"] = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
+            pred = mask_background(pred, case.mask)
+        entry["metrics"] = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
+        per_case.append(entry)
         if on_case is not None:
             on_case(case, pred)
     if not per_case:
@@ -137,6 +142,7 @@ def evaluate_run(
         "steps": sc.steps,
         "eta": sc.eta,
         "seed": sc.seed,
+        "mask_output": bool(sc.mask_output and sources),
         "weights": run.weights,
         "checkpoint": str(run.checkpoint),
         "intensity_space": "preprocessed [-1, 1], data_range 2",

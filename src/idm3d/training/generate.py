@@ -29,9 +29,15 @@ from idm3d.training.model_factory import size_multiple
 from idm3d.training.precision import check_precision, under_autocast
 from idm3d.training.run import load_run, read_run_config, resolve_device
 
-__all__ = ["output_paths", "parse_conditions", "sample", "sample_settings"]
+__all__ = ["BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings"]
 
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
+BACKGROUND = -1.0  # preprocessing clips below-brain intensities and pads with -1
+
+
+def mask_background(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``volume`` with every voxel outside the bool ``mask`` (broadcast over channels) set to the background."""
+    return torch.where(mask.to(volume.device).bool(), volume, torch.full_like(volume, BACKGROUND))
 
 
 def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
@@ -163,6 +169,8 @@ def sample(
         denoise, scheduler, (1, len(targets), *grid), condition,
         generator=generator, eta=sc.eta, device=dev, progress=progress,
     ).cpu()
+    if sc.mask_output and record is not None:  # translation: the condition's brain mask
+        volume = mask_background(volume, record.mask[None])
     written = []
     for j, (target, path) in enumerate(zip(targets, nifti_paths)):
         vol = volume[0, j]
