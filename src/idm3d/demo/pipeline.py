@@ -294,7 +294,7 @@ def run_demo(
         cfg=cfg, base_cfg=base_cfg, demo=demo, case=case, evaluations=evaluations,
         linear=linear, linear_metrics=linear_metrics, training={"idm": idm_train, "monai": monai_train},
         memory=memory, timings=timings, preview_z=world_z, licence=licence, command=command, device=str(dev),
-        training_slab=slab_scores,
+        training_slab=slab_scores, out=out,
     )
     write_report(report, out)
     _say(f"wrote {out / 'report.md'}", progress)

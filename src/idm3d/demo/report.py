@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,6 +80,7 @@ def build_report(
     command: str,
     device: str,
     training_slab: Mapping[str, Mapping[str, Any]] | None = None,
+    out: str | Path = "runs/demo",
 ) -> dict[str, Any]:
     """Collect everything the report states, as plain JSON-able data."""
     target = cfg.data.targets[0]
@@ -147,8 +149,10 @@ def build_report(
         "commands": [
             "make run   # = .venv/bin/idm3d demo --out runs/demo",
             command,
-            "idm3d evaluate --run <out>/idm      # re-scores the IDMUNet run (same seed, same numbers)",
-            "idm3d evaluate --run <out>/monai",
+            f"idm3d evaluate --run {shlex.quote(str(Path(out) / 'idm'))}    # re-scores a run: same seed, same numbers",
+            f"idm3d evaluate --run {shlex.quote(str(Path(out) / 'monai'))}",
+            f"idm3d sample --run {shlex.quote(str(Path(out) / 'idm'))} --condition t1=T1.nii.gz --out t2.nii.gz"
+            "    # translate your own co-registered T1",
         ],
         "licence": licence,
     }
