@@ -1,4 +1,4 @@
-"""Synthetic phantom data sets written with nibabel, shared by test files.
+"""Shared test helpers: synthetic phantom data sets written with nibabel, and weight perturbation.
 
 ``from helpers import write_brats_folder`` works in any test module (pytest puts tests/ on sys.path).
 """
@@ -10,6 +10,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch import nn
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair", "seg")
 # BraTS files store x and y flipped relative to RAS; reading them exercises reorientation.
@@ -77,3 +79,12 @@ def write_brats_folder(
             data = phantom(shape, m, seed=seed * 1000 + i)
             write_volume(root / case / f"{case}_{m}{suffix}", data, as_int16=(m == "t1ce"))
     return root
+
+
+def perturb(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
+    """Move every parameter away from its (identity / Haar / zero) initialisation, reproducibly from ``seed``."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return module

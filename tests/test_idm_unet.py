@@ -7,14 +7,8 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from helpers import perturb
 from idm3d import IDMUNet
-
-
-def _perturb(net: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _grads(net: IDMUNet, x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
@@ -54,7 +48,7 @@ def test_memory_efficient_gradients_equal_plain_autograd(
         bookends=bookends,
         down_fraction=down_fraction,
     ).double()
-    _perturb(net, seed)
+    perturb(net, seed, 0.05)
     x = torch.randn(2, 2, 8, 8, 8, dtype=torch.float64)
     t = torch.randint(0, 1000, (2,))
     weight = torch.randn(2, 1, 8, 8, 8, dtype=torch.float64)
@@ -70,7 +64,7 @@ def test_memory_efficient_gradients_equal_plain_autograd(
 def test_fp32_gradients_match_within_tolerance():
     torch.manual_seed(3)
     net = IDMUNet(channels=8, levels=3, blocks_per_level=2, attention="channel", attention_levels=(False, True, True))
-    _perturb(net, 3)
+    perturb(net, 3, 0.05)
     x, t = torch.randn(1, 1, 16, 16, 16), torch.tensor([500])
     weight = torch.randn(1, 1, 16, 16, 16)
     efficient = _grads(net, x, t, weight)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from helpers import perturb
 from idm3d.invertible import (
     AdditiveCoupling,
     Apply,
@@ -39,15 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def perturb(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
-    """Move every parameter away from its (identity / Haar) initialisation."""
-    gen = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
 
 
 # name -> (factory, input shape, takes a conditioning vector)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from helpers import perturb
 from idm3d.invertible import (
     AdditiveCoupling,
     Apply,
@@ -35,15 +36,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def perturb(module: nn.Module, seed: int, scale: float) -> nn.Module:
-    """Move every parameter away from its (identity / Haar) initialisation."""
-    gen = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return module
 
 
 def unet_segment(end_split: bool = False) -> InvertibleSequence:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -16,7 +15,9 @@ from typing import Any
 
 import torch
 
+from idm3d import devices
 from idm3d.errors import ConfigError
+from idm3d.jsonio import dumps, json_safe
 
 __all__ = [
     "Column",
@@ -75,14 +76,13 @@ def machine_markdown(info: Mapping[str, Any]) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """Validate ``--device``; ``cuda`` without a visible GPU is a one-line error, not a traceback."""
-    if name == "cpu":
-        return name
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
-        return name
-    raise ConfigError(f"--device: expected 'cpu' or 'cuda', got {name!r}")
+    """Validate ``--device`` (:func:`idm3d.devices.resolve_device`); a bad name is a one-line error."""
+    if name == "auto" or not (name == "cpu" or name.startswith("cuda")):
+        raise ConfigError(f"--device: expected 'cpu' or 'cuda', got {name!r}")
+    try:
+        return str(devices.resolve_device(name))
+    except ValueError as err:
+        raise ConfigError(f"--device {name}: {err}") from None
 
 
 def parse_sizes(text: str, option: str = "--sizes", multiple: int = 8) -> list[int]:
@@ -146,20 +146,9 @@ def progress(message: str) -> None:
 # --------------------------------------------------------------------------- output
 
 
-def json_safe(value: Any) -> Any:
-    """``value`` with NaN/Inf replaced by ``None`` (nested dicts/lists too), for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def json_line(record: Mapping[str, Any]) -> str:
     """One JSON object on one line; NaN/Inf become ``null`` so any JSON reader accepts it."""
-    return json.dumps(json_safe(record), allow_nan=False, sort_keys=False)
+    return dumps(record)
 
 
 @dataclass(frozen=True)

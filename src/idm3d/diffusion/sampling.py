@@ -1,22 +1,17 @@
-"""DDPM/DDIM sampling loops: unconditional generation and conditional translation.
+"""The denoiser as a function of ``(x, t)``, whole-volume or patch-wise, and a one-call sampling shortcut.
 
-Translation follows the "concat" conditioning of MONAI's ``DiffusionInferer``: the source modalities are
-concatenated to the noisy target as extra input channels at *every* step. Unlike
-``DiffusionInferer.sample`` this loop takes a ``torch.Generator`` (reproducible samples without touching
-the global RNG), passes one timestep per batch element, can start part-way down the chain (SDEdit-style
-reconstruction of a noised volume) and can run the network patch-wise with MONAI's sliding window, so a
-volume larger than the training patch fits in memory.
+Patch-wise inference uses MONAI's Gaussian-blended sliding window, so a volume larger than the training
+patch fits in memory. The chain itself lives in :class:`idm3d.diffusion.pipeline.DiffusionPipeline`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
-import torch
 from monai.inferers import SlidingWindowInferer
-from monai.networks.schedulers import DDIMScheduler, Scheduler
+from monai.networks.schedulers import Scheduler
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 __all__ = ["denoise_fn", "sample"]
 
@@ -51,76 +46,18 @@ def denoise_fn(
     return run
 
 
-@torch.no_grad()
 def sample(
     model: nn.Module | Callable[[Tensor, Tensor], Tensor],
     scheduler: Scheduler,
     shape: Sequence[int],
     condition: Tensor | None = None,
-    *,
-    generator: torch.Generator | None = None,
-    x_start: Tensor | None = None,
-    start_timestep: int | None = None,
-    eta: float = 0.0,
-    device: torch.device | str | None = None,
-    progress: bool = False,
+    **kwargs: Any,
 ) -> Tensor:
-    """Run the reverse diffusion chain set on ``scheduler`` (``set_timesteps`` already called).
+    """Run the reverse chain set on ``scheduler``: ``DiffusionPipeline(model, scheduler).sample(...)``.
 
-    Args:
-        model: the denoiser, or a ``f(x, t)`` from :func:`denoise_fn`.
-        scheduler: MONAI ``DDPMScheduler`` or ``DDIMScheduler`` with the training prediction type.
-        shape: ``(B, C_target, D, H, W)`` of the generated volume.
-        condition: ``(B, C_source, D, H, W)`` source modalities for translation, concatenated to the noisy
-            target on the channel axis at each step; ``None`` for unconditional generation.
-        generator: RNG for the initial noise and the stochastic steps (DDPM, DDIM with ``eta > 0``).
-        x_start: a clean volume to noise to ``start_timestep`` and denoise back (SDEdit reconstruction);
-            requires ``start_timestep``.
-        start_timestep: skip the chain's timesteps above this one.
-        eta: DDIM stochasticity (0 = deterministic DDIM); ignored by DDPM.
-        device: where to run; defaults to the model's parameters' device.
-        progress: show a tqdm bar.
-
-    Returns:
-        The generated ``(B, C_target, D, H, W)`` volume (float32, on ``device``).
+    ``model`` is the denoiser or a ``f(x, t)`` from :func:`denoise_fn`; the keyword arguments are those of
+    :meth:`idm3d.diffusion.pipeline.DiffusionPipeline.sample`.
     """
-    if device is None:
-        params = list(model.parameters()) if isinstance(model, nn.Module) else []
-        device = params[0].device if params else torch.device("cpu")
-    f = model if not isinstance(model, nn.Module) else denoise_fn(model)
-    shape = tuple(int(s) for s in shape)
-    if condition is not None and (condition.shape[0] != shape[0] or condition.shape[2:] != shape[2:]):
-        raise ValueError(f"condition shape {tuple(condition.shape)} does not match sample shape {shape}")
-    timesteps = scheduler.timesteps
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-    if x_start is not None:
-        if start_timestep is None:
-            raise ValueError("x_start needs start_timestep")
-        timesteps = timesteps[timesteps <= start_timestep]
-        if timesteps.numel() == 0:
-            raise ValueError(f"no sampling timestep <= start_timestep {start_timestep}")
-        t0 = timesteps[:1].expand(shape[0]).to(device)
-        image = scheduler.add_noise(x_start.to(device, torch.float32), noise, t0)
-    else:
-        image = noise
-    cond = None if condition is None else condition.to(device, torch.float32)
-    is_ddim = isinstance(scheduler, DDIMScheduler)
-    for t in tqdm(timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
-        t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-        model_in = image if cond is None else torch.cat([image, cond], dim=1)
-        out = f(model_in, t_batch).float()
-        image = _step(scheduler, out, t, image, generator, eta if is_ddim else None)
-    return image
+    from idm3d.diffusion.pipeline import DiffusionPipeline
 
-
-def _step(
-    scheduler: Scheduler, out: Tensor, t: int, image: Tensor, generator: torch.Generator | None, eta: float | None
-) -> Tensor:
-    kwargs = {"generator": generator} if eta is None else {"eta": eta, "generator": generator}
-    # MONAI draws the step noise on the output's device; a CPU generator cannot serve a CUDA tensor, so
-    # such a step runs on CPU (same numbers on every device).
-    if generator is not None and generator.device != out.device:
-        prev, _ = scheduler.step(out.cpu(), t, image.cpu(), **kwargs)
-        return prev.to(out.device)
-    prev, _ = scheduler.step(out, t, image, **kwargs)
-    return prev
+    return DiffusionPipeline(model, scheduler).sample(shape, condition, **kwargs)

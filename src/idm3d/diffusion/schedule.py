@@ -4,7 +4,10 @@
 volume x0. ``v_prediction``: it predicts v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0 (Salimans & Ho).
 MONAI's ``DDPMScheduler.step``/``DDIMScheduler.step`` invert the same three parametrisations, so the
 scheduler used for sampling must carry the prediction type used in training; :func:`build_scheduler`
-does that from one config section.
+does that from one config section, and the helpers below read it from the scheduler.
+
+Errors are ``ValueError`` naming this module's own arguments (``kind``, ``num_inference_steps``...); the
+training layer turns them into messages naming the config key.
 """
 
 from __future__ import annotations
@@ -16,14 +19,13 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedules, Scheduler
 from torch import Tensor
 
-from idm3d.errors import ConfigError
-
 __all__ = [
     "PREDICTION_TYPES",
     "SCHEDULE_ALIASES",
     "build_scheduler",
     "diffusion_loss",
     "monai_schedule_name",
+    "predict_epsilon",
     "predict_x0",
     "sample_timesteps",
     "training_target",
@@ -40,7 +42,7 @@ def monai_schedule_name(name: str) -> str:
     resolved = SCHEDULE_ALIASES.get(name, name)
     if resolved not in NoiseSchedules.names:
         known = sorted(set(NoiseSchedules.names) | set(SCHEDULE_ALIASES))
-        raise ConfigError(f"diffusion.schedule: expected one of {'|'.join(known)}, got {name!r}")
+        raise ValueError(f"schedule: expected one of {'|'.join(known)}, got {name!r}")
     return resolved
 
 
@@ -58,14 +60,11 @@ def build_scheduler(
         num_inference_steps: if given, ``set_timesteps`` is called (sampling); must be <= T.
 
     Raises:
-        ConfigError: unknown schedule/kind/prediction type or too many inference steps.
+        ValueError: unknown schedule or kind, or too many inference steps (MONAI refuses an unknown
+            prediction type).
     """
     schedule = monai_schedule_name(diffusion.schedule)
     prediction_type = diffusion.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(
-            f"diffusion.prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-        )
     t_max = int(diffusion.num_train_timesteps)
     # The cosine schedule takes no beta range; the beta schedules do.
     schedule_args = {} if schedule == "cosine" else {"beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end}
@@ -81,45 +80,65 @@ def build_scheduler(
     elif kind == "ddim":
         scheduler = DDIMScheduler(**common)
     else:
-        raise ConfigError(f"sample.sampler: expected ddpm|ddim, got {kind!r}")
+        raise ValueError(f"kind: expected ddpm|ddim, got {kind!r}")
     if num_inference_steps is not None:
         if not 1 <= num_inference_steps <= t_max:
-            raise ConfigError(
-                f"sample.steps: expected an integer in [1, {t_max}] (diffusion.num_train_timesteps), "
+            raise ValueError(
+                f"num_inference_steps: expected an integer in [1, {t_max}] (num_train_timesteps), "
                 f"got {num_inference_steps}"
             )
         scheduler.set_timesteps(num_inference_steps)
     return scheduler
 
 
+def _prediction_type(scheduler: Scheduler, prediction_type: str | None) -> str:
+    kind = scheduler.prediction_type if prediction_type is None else prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, got {kind!r}")
+    return kind
+
+
+def _alpha_bar(scheduler: Scheduler, timesteps: Tensor, like: Tensor) -> Tensor:
+    a = scheduler.alphas_cumprod.to(device=like.device, dtype=like.dtype)[timesteps.long().to(like.device)]
+    return a.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def training_target(
-    scheduler: Scheduler, x0: Tensor, noise: Tensor, timesteps: Tensor, prediction_type: str
+    scheduler: Scheduler, x0: Tensor, noise: Tensor, timesteps: Tensor, prediction_type: str | None = None
 ) -> Tensor:
-    """What the network must output for ``x_t = add_noise(x0, noise, t)`` under ``prediction_type``."""
-    if prediction_type == "epsilon":
+    """What the network must output for ``x_t = add_noise(x0, noise, t)`` (default: the scheduler's type)."""
+    kind = _prediction_type(scheduler, prediction_type)
+    if kind == "epsilon":
         return noise
-    if prediction_type == "sample":
+    if kind == "sample":
         return x0
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    raise ConfigError(
-        f"diffusion.prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-    )
+    return scheduler.get_velocity(x0, noise, timesteps)
 
 
-def predict_x0(scheduler: Scheduler, x_t: Tensor, output: Tensor, timesteps: Tensor, prediction_type: str) -> Tensor:
+def predict_x0(
+    scheduler: Scheduler, x_t: Tensor, output: Tensor, timesteps: Tensor, prediction_type: str | None = None
+) -> Tensor:
     """The clean-volume estimate implied by a network ``output`` at ``x_t`` (inverse of :func:`training_target`)."""
-    a = scheduler.alphas_cumprod.to(device=x_t.device, dtype=x_t.dtype)[timesteps.long().to(x_t.device)]
-    a = a.reshape(-1, *([1] * (x_t.ndim - 1)))
-    if prediction_type == "epsilon":
+    kind = _prediction_type(scheduler, prediction_type)
+    a = _alpha_bar(scheduler, timesteps, x_t)
+    if kind == "epsilon":
         return (x_t - (1 - a).sqrt() * output) / a.sqrt()
-    if prediction_type == "sample":
+    if kind == "sample":
         return output
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x_t - (1 - a).sqrt() * output
-    raise ConfigError(
-        f"diffusion.prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, got {prediction_type!r}"
-    )
+    return a.sqrt() * x_t - (1 - a).sqrt() * output
+
+
+def predict_epsilon(
+    scheduler: Scheduler, x_t: Tensor, output: Tensor, timesteps: Tensor, prediction_type: str | None = None
+) -> Tensor:
+    """The noise estimate implied by a network ``output`` at ``x_t`` (MONAI's DDIM step, formula for formula)."""
+    kind = _prediction_type(scheduler, prediction_type)
+    a = _alpha_bar(scheduler, timesteps, x_t)
+    if kind == "epsilon":
+        return output
+    if kind == "sample":
+        return (x_t - a.sqrt() * output) / (1 - a).sqrt()
+    return a.sqrt() * output + (1 - a).sqrt() * x_t
 
 
 def diffusion_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Tensor:
@@ -131,7 +150,7 @@ def diffusion_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Ten
         return F.mse_loss(p, t)
     if kind == "l1":
         return F.l1_loss(p, t)
-    raise ConfigError(f"diffusion.loss: expected mse|l1, got {kind!r}")
+    raise ValueError(f"loss: expected mse|l1, got {kind!r}")
 
 
 def sample_timesteps(scheduler: Scheduler, batch: int, generator: torch.Generator | None = None) -> Tensor:

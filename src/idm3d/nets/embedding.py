@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import Tensor, nn
 
@@ -48,8 +47,3 @@ class TimestepEmbedding(nn.Module):
         elif self.context is not None:
             raise ValueError(f"context: the network needs a context of size {self.context_dim}, got None")
         return emb
-
-    @staticmethod
-    def dummy_timesteps(batch: int, device: torch.device | None = None) -> Tensor:
-        """A valid timestep tensor, for shape checks and benchmarks."""
-        return torch.zeros(batch, dtype=torch.long, device=device)

@@ -1,0 +1,250 @@
+"""``DiffusionPipeline``: a denoiser, its noise schedule and its conditioning, for training and inference.
+
+The one place that knows how a network is called in a diffusion model (diffusers' pipeline, MONAI's
+``DiffusionInferer`` with ``mode="concat"``):
+
+* :meth:`~DiffusionPipeline.model_input` puts the source modalities (translation) after the noisy
+  target on the channel axis - the only concat conditioning in idm3d;
+* :meth:`~DiffusionPipeline.loss` is the training loss of one batch (noise, timesteps and the target of
+  the scheduler's prediction type);
+* :meth:`~DiffusionPipeline.sample` runs a DDPM/DDIM reverse chain from noise, or part-way from a noised
+  volume (SDEdit), whole-volume or patch-wise with MONAI's sliding window;
+* :meth:`~DiffusionPipeline.invert` runs deterministic DDIM backwards, clean volume -> its noise ``x_T``
+  (the inverse of ``sample(..., eta=0)`` up to the usual one-step approximation).
+
+Unlike ``DiffusionInferer.sample`` the chain takes a ``torch.Generator`` (reproducible without touching
+the global RNG) and passes one timestep per batch element. The pipeline knows no config file: the
+training layer builds it from a run (``idm3d.training.run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, Scheduler
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from idm3d.diffusion.sampling import denoise_fn
+from idm3d.diffusion.schedule import PREDICTION_TYPES, diffusion_loss, predict_epsilon, training_target
+
+__all__ = ["Denoiser", "DiffusionPipeline"]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+class DiffusionPipeline:
+    """A denoiser with its MONAI scheduler, conditioning and loss.
+
+    Args:
+        model: called as ``model(x, timesteps)`` with ``x`` the noisy target followed by the condition
+            channels; an ``nn.Module`` or a function ``f(x, t)``.
+        scheduler: the training scheduler (MONAI ``DDPMScheduler``/``DDIMScheduler``); its
+            ``prediction_type`` is the pipeline's.
+        loss: ``mse`` or ``l1`` between the network output and the training target.
+        roi_size: sampling only: run the network patch-wise on windows of this size (D, H, W).
+        overlap: sliding-window overlap for ``roi_size``.
+        autocast: a context manager factory wrapped around every network call (mixed precision).
+
+    Raises:
+        ValueError: an unknown loss or prediction type.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Denoiser,
+        scheduler: Scheduler,
+        *,
+        loss: str = "mse",
+        roi_size: Sequence[int] | None = None,
+        overlap: float = 0.25,
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        if loss not in ("mse", "l1"):
+            raise ValueError(f"loss: expected mse|l1, got {loss!r}")
+        if scheduler.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler.prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, "
+                             f"got {scheduler.prediction_type!r}")
+        self.model = model
+        self.scheduler = scheduler
+        self.loss_kind = loss
+        self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
+        self.overlap = float(overlap)
+        self.autocast = autocast or contextlib.nullcontext
+
+    @property
+    def prediction_type(self) -> str:
+        """What the network predicts: ``epsilon``, ``sample`` (x0) or ``v_prediction``."""
+        return self.scheduler.prediction_type
+
+    # ------------------------------------------------------------------------------- one network call
+
+    @staticmethod
+    def model_input(x_t: Tensor, condition: Tensor | None = None) -> Tensor:
+        """The network's input: the noisy target, then the condition's channels (concat conditioning)."""
+        if condition is None:
+            return x_t
+        if condition.shape[0] != x_t.shape[0] or condition.shape[2:] != x_t.shape[2:]:
+            raise ValueError(f"condition shape {tuple(condition.shape)} does not match sample shape "
+                             f"{tuple(x_t.shape)}")
+        return torch.cat([x_t, condition.to(x_t.device, x_t.dtype)], dim=1)
+
+    def noisy_input(self, batch: Mapping[str, Tensor | None]) -> Tensor:
+        """``model_input`` of a training batch (``target``, ``noise``, ``timesteps``, ``source``)."""
+        x_t = self.scheduler.add_noise(batch["target"], batch["noise"], batch["timesteps"])
+        return self.model_input(x_t, batch.get("source"))
+
+    def forward(self, batch: Mapping[str, Tensor | None], model: nn.Module | Denoiser | None = None) -> Tensor:
+        """The network output for a training batch (``model`` replaces the pipeline's, e.g. a DDP wrapper)."""
+        net = self.model if model is None else model
+        with self.autocast():
+            return net(self.noisy_input(batch), batch["timesteps"])
+
+    def loss(self, batch: Mapping[str, Tensor | None], model: nn.Module | Denoiser | None = None) -> Tensor:
+        """The training loss of ``batch``: the output against the prediction type's target, in float32."""
+        target = training_target(self.scheduler, batch["target"], batch["noise"], batch["timesteps"])
+        return diffusion_loss(self.forward(batch, model), target, self.loss_kind)
+
+    def denoiser(self) -> Denoiser:
+        """``f(x, t)``: the network under autocast, patch-wise when ``roi_size`` is set."""
+        model = self.model
+        f = denoise_fn(model, self.roi_size, self.overlap) if isinstance(model, nn.Module) else model
+
+        def run(x: Tensor, t: Tensor) -> Tensor:
+            with self.autocast():
+                return f(x, t).float()
+
+        return run
+
+    # ------------------------------------------------------------------------------- chains
+
+    def _device(self, device: torch.device | str | None) -> torch.device:
+        if device is not None:
+            return torch.device(device)
+        params = list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
+        return params[0].device if params else torch.device("cpu")
+
+    def _check(self, scheduler: Scheduler) -> None:
+        if scheduler.prediction_type != self.prediction_type:
+            raise ValueError(f"scheduler: predicts {scheduler.prediction_type!r}, the pipeline's model "
+                             f"{self.prediction_type!r}")
+
+    @torch.no_grad()
+    def sample(
+        self,
+        shape: Sequence[int],
+        condition: Tensor | None = None,
+        *,
+        scheduler: Scheduler | None = None,
+        generator: torch.Generator | None = None,
+        x_start: Tensor | None = None,
+        start_timestep: int | None = None,
+        eta: float = 0.0,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Run the reverse chain set on ``scheduler`` (``set_timesteps`` already called).
+
+        Args:
+            shape: ``(B, C_target, D, H, W)`` of the generated volume.
+            condition: ``(B, C_source, D, H, W)`` source modalities (translation) or ``None``.
+            scheduler: the sampling scheduler (DDPM or DDIM, same prediction type); default the pipeline's.
+            generator: RNG for the initial noise and the stochastic steps (DDPM, DDIM with ``eta > 0``).
+            x_start: a clean volume to noise to ``start_timestep`` and denoise back (SDEdit).
+            start_timestep: skip the chain's timesteps above this one (with ``x_start``).
+            eta: DDIM stochasticity (0 = deterministic); ignored by DDPM.
+            device: where to run (default: the model's parameters' device).
+            progress: show a tqdm bar.
+
+        Returns:
+            The ``(B, C_target, D, H, W)`` volume (float32, on ``device``).
+        """
+        scheduler = self.scheduler if scheduler is None else scheduler
+        self._check(scheduler)
+        device = self._device(device)
+        shape = tuple(int(s) for s in shape)
+        timesteps = scheduler.timesteps
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if x_start is not None:
+            if start_timestep is None:
+                raise ValueError("x_start needs start_timestep")
+            timesteps = timesteps[timesteps <= start_timestep]
+            if timesteps.numel() == 0:
+                raise ValueError(f"no sampling timestep <= start_timestep {start_timestep}")
+            image = scheduler.add_noise(x_start.to(device, torch.float32), noise,
+                                        timesteps[:1].expand(shape[0]).to(device))
+        else:
+            image = noise
+        cond = None if condition is None else condition.to(device, torch.float32)
+        self.model_input(image, cond)  # shape check before the first (expensive) network call
+        f = self.denoiser()
+        eta_arg = eta if isinstance(scheduler, DDIMScheduler) else None
+        for t in tqdm(timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
+            t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+            out = f(self.model_input(image, cond), t_batch)
+            image = _step(scheduler, out, t, image, generator, eta_arg)
+        return image
+
+    @torch.no_grad()
+    def invert(
+        self,
+        x0: Tensor,
+        condition: Tensor | None = None,
+        *,
+        scheduler: DDIMScheduler,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Deterministic DDIM inversion: the ``x_T`` from which ``sample(..., eta=0)`` returns about ``x0``.
+
+        Each DDIM step ``x_t -> x_prev`` of ``scheduler``'s chain is undone in reverse order: the network is
+        evaluated at the volume in hand with the step's timestep ``t`` (the standard approximation
+        ``eps(x_prev, t) ~ eps(x_t, t)``, exact as the steps shrink), its noise estimate is read as MONAI's
+        DDIM step reads it, and ``x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) eps``. The clean-volume estimate is
+        not clipped (clipping has no inverse). No randomness is involved: the same input gives the same
+        output, bit for bit.
+
+        Args:
+            x0: ``(B, C_target, D, H, W)`` clean volume(s), in the training intensity range.
+            condition: the source modalities the model was trained with (translation), else ``None``.
+            scheduler: a ``DDIMScheduler`` with ``set_timesteps`` called and the pipeline's prediction type.
+            device: where to run (default: the model's device).
+            progress: show a tqdm bar.
+
+        Returns:
+            The recovered noise ``x_T`` (float32, same shape as ``x0``, on ``device``).
+        """
+        if not isinstance(scheduler, DDIMScheduler):
+            raise TypeError(f"scheduler: DDIM inversion needs a DDIMScheduler, got {type(scheduler).__name__}")
+        self._check(scheduler)
+        device = self._device(device)
+        image = x0.to(device, torch.float32)
+        cond = None if condition is None else condition.to(device, torch.float32)
+        self.model_input(image, cond)
+        f = self.denoiser()
+        alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+        stride = scheduler.num_train_timesteps // scheduler.num_inference_steps
+        for t in tqdm(scheduler.timesteps.flip(0).tolist(), desc="inverting", disable=not progress, leave=False):
+            prev = t - stride  # the level MONAI's step at t lands on
+            a_t = alphas[t]
+            a_prev = alphas[prev] if prev >= 0 else scheduler.final_alpha_cumprod.to(device)
+            t_batch = torch.full((image.shape[0],), t, dtype=torch.long, device=device)
+            eps = predict_epsilon(scheduler, image, f(self.model_input(image, cond), t_batch), t_batch)
+            x0_hat = (image - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            image = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
+        return image
+
+
+def _step(
+    scheduler: Scheduler, out: Tensor, t: int, image: Tensor, generator: torch.Generator | None, eta: float | None
+) -> Tensor:
+    kwargs = {"generator": generator} if eta is None else {"eta": eta, "generator": generator}
+    # MONAI draws the step noise on the output's device; a CPU generator cannot serve a CUDA tensor, so
+    # such a step runs on CPU (same numbers on every device).
+    if generator is not None and generator.device != out.device:
+        prev, _ = scheduler.step(out.cpu(), t, image.cpu(), **kwargs)
+        return prev.to(out.device)
+    prev, _ = scheduler.step(out, t, image, **kwargs)
+    return prev
