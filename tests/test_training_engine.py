@@ -88,8 +88,9 @@ def test_resume_continues_with_identical_losses(data_dir: Path, tmp_path: Path):
     (ckpts / "step-00000004.safetensors").write_bytes(b"not committed")
     trainer = Trainer(tiny_config(data_dir, train={"max_steps": 5}), part, resume=True)
     assert trainer.step == 2
-    assert not (ckpts / ".step-00000004.safetensors.tmp-999").exists()
+    assert (ckpts / ".step-00000004.safetensors.tmp-999").exists()  # building a Trainer writes nothing
     trainer.run()
+    assert not (ckpts / ".step-00000004.safetensors.tmp-999").exists()  # run() cleans up first
     assert _losses(part) == _losses(full)
     a = load_file(str(latest_checkpoint(full / "checkpoints").with_suffix(".safetensors")))
     b = load_file(str(latest_checkpoint(part / "checkpoints").with_suffix(".safetensors")))

@@ -12,13 +12,9 @@ from typing import Any
 import torch
 
 from idm3d.data.demo import DemoData
-from idm3d.diffusion.sampling import denoise_fn
-from idm3d.diffusion.sampling import sample as run_chain
-from idm3d.diffusion.schedule import build_scheduler
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
-from idm3d.training.generate import mask_background
-from idm3d.training.run import load_run, read_run_config
+from idm3d.training.run import load_run
 
 __all__ = ["score_training_slab", "training_slab"]
 
@@ -35,15 +31,9 @@ def score_training_slab(
     run_dir: str | Path, demo: DemoData, slab: range, device: torch.device | str = "cpu"
 ) -> dict[str, Any]:
     """Sample slab ``slab`` of the training region with a run's settings (as ``evaluate`` would) and score it."""
-    run = load_run(run_dir, use_ema=read_run_config(run_dir).sample.use_ema, device=device)
-    cfg, sc = run.config, run.config.sample
-    source, target = cfg.data.sources[0], cfg.data.targets[0]
+    run = load_run(run_dir, device=device)
+    source, target = run.sources[0], run.targets[0]
     z = slice(slab.start, slab.stop)
-    cond = demo.record.channel(source)[..., z][None]
     truth, mask = demo.record.channel(target)[0][..., z], demo.mask[0][..., z]
-    scheduler = build_scheduler(cfg.diffusion, sc.sampler, sc.steps)
-    pred = run_chain(denoise_fn(run.model, sc.roi_size, sc.overlap), scheduler, (1, 1, *truth.shape), cond,
-                     generator=torch.Generator().manual_seed(sc.seed), eta=sc.eta, device=device).cpu()[0, 0]
-    if sc.mask_output:
-        pred = mask_background(pred, mask)
+    pred = run.masked(run.infer(condition=demo.record.channel(source)[..., z][None])[0, 0], mask)
     return {"slices_z": [slab.start, slab.stop], **evaluate_pair(pred, truth, mask=mask)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import shlex
 import shutil
 import sys
@@ -41,19 +40,16 @@ from idm3d.demo.reference import fit_linear_map
 from idm3d.demo.report import build_report, write_report
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
-from idm3d.training import run as runlib
-from idm3d.training.checkpoint import latest_checkpoint
-from idm3d.training.config import Config, ModelConfig, load_config
-from idm3d.training.data_source import HeldoutCase, load_demo_data
-from idm3d.training.evaluation import evaluate_run
-from idm3d.training.logs import read_metrics
-from idm3d.training.model_factory import baseline_kwargs
+from idm3d.training.config import Config, load_config
+from idm3d.training.data_source import DemoSource, HeldoutCase
+from idm3d.training.evaluation import baseline_config, evaluate_run
+from idm3d.training.run import resolve_device
+from idm3d.training.rundir import RunDir
 from idm3d.training.trainer import train
 
 __all__ = [
     "DEMO_CONFIG",
     "OUTPUTS",
-    "baseline_config",
     "demo_command",
     "demo_config",
     "find_demo_config",
@@ -140,16 +136,6 @@ def demo_command(
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def baseline_config(cfg: Config, seconds: float) -> Config:
-    """The MONAI baseline: matched width/depth/blocks/attention, same data, diffusion and optimiser, ``seconds``
-    of training (and the IDMUNet's step cap, if any)."""
-    return dataclasses.replace(
-        cfg,
-        model=ModelConfig("monai", baseline_kwargs(cfg.model.kwargs)),
-        train=dataclasses.replace(cfg.train, max_seconds=max(float(seconds), 1e-3)),
-    )
-
-
 def _prepare_out(out: Path, overwrite: bool) -> None:
     present = [name for name in OUTPUTS if (out / name).exists()]
     if present and not overwrite:
@@ -167,14 +153,13 @@ def _say(message: str, progress: bool) -> None:
 
 
 def _train_state(run_dir: Path) -> dict[str, Any]:
-    path = latest_checkpoint(run_dir / runlib.CHECKPOINTS)
-    if path is None:
+    run = RunDir(run_dir)
+    if run.latest_checkpoint() is None:
         raise ConfigError(f"{run_dir}: training wrote no checkpoint")
-    state = json.loads(path.read_text(encoding="utf-8"))
-    records = read_metrics(run_dir / runlib.METRICS)
-    return {"steps": int(state["step"]), "elapsed_s": float(state["elapsed_s"]), "final_loss": state.get("last_loss"),
-            "steps_per_s": state["step"] / max(float(state["elapsed_s"]), 1e-9),
-            "parameters": state.get("signature", {}).get("num_parameters"), "records": records}
+    state = run.read_state()
+    return {"steps": state.step, "elapsed_s": state.elapsed_s, "final_loss": state.last_loss,
+            "steps_per_s": state.step / max(state.elapsed_s, 1e-9),
+            "parameters": (state.signature or {}).get("num_parameters"), "records": run.read_metrics()}
 
 
 def run_demo(
@@ -223,13 +208,14 @@ def run_demo(
     with stage("train_idm", "training the IDMUNet"):
         train(cfg, out / "idm")
     idm_train = _train_state(out / "idm")
-    base_cfg = baseline_config(cfg, idm_train["elapsed_s"])
+    # the time the IDMUNet used, and its step cap if any (--steps)
+    base_cfg = baseline_config(cfg, idm_train["elapsed_s"], max_steps=cfg.train.max_steps)
     with stage("train_monai", f"training the MONAI baseline for the same {idm_train['elapsed_s']:.0f} s"):
         train(base_cfg, out / "monai")
     monai_train = _train_state(out / "monai")
 
     with stage("memory", "measuring one training step of each net (fresh processes)"):
-        dev = runlib.resolve_device(cfg.train.device)
+        dev = resolve_device(cfg.train.device)
         memory = measure_nets([("idm", cfg.model), ("monai", base_cfg.model)], cfg, dev)
 
     predictions: dict[str, torch.Tensor] = {}
@@ -252,7 +238,7 @@ def run_demo(
                                               on_case=keep(label))
 
     with stage("linear", "fitting the linear intensity map"):
-        demo = load_demo_data(cfg)
+        demo = DemoSource(cfg).demo
         case = cases[0]
         source_name, target_name = cfg.data.sources[0], cfg.data.targets[0]
         train_z = slice(demo.train_slices.start, demo.train_slices.stop)

@@ -15,9 +15,11 @@ _EXPORTS = {
     "trainer": ("Trainer", "train"),
     "generate": ("sample",),
     "evaluation": ("evaluate", "train_baseline"),
-    "run": ("load_run", "LoadedRun"),
+    "run": ("load_run", "LoadedRun", "build_pipeline"),
+    "rundir": ("RunDir",),
+    "data_source": ("DataSource", "DemoSource", "FolderSource", "data_source"),
     "model_factory": ("build_model",),
-    "checkpoint": ("load_checkpoint", "save_checkpoint", "latest_checkpoint"),
+    "checkpoint": ("TrainState", "load_checkpoint", "save_checkpoint", "latest_checkpoint"),
     "ema": ("EMA",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -3,8 +3,8 @@
 A checkpoint ``step-00000100`` is two files in ``<run>/checkpoints/``:
 
 * ``step-00000100.safetensors``: every tensor (``model/...``, ``ema/...``, ``optim/...``);
-* ``step-00000100.json``: step, seed, config, architecture signature, optimizer hyper-parameters and the
-  sha256 of the weights file.
+* ``step-00000100.json``: a :class:`TrainState` (step, seed, config, architecture signature, optimizer
+  hyper-parameters...) and the sha256 of the weights file.
 
 Each file is written to a temporary name in the same folder, flushed and fsynced, renamed over the final
 name with ``os.replace`` (atomic on POSIX) and the folder is fsynced. The JSON is written last, so a
@@ -15,6 +15,7 @@ hash, so a tampered or truncated weights file is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -31,19 +32,22 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from idm3d.errors import CheckpointError, NonFiniteError
+from idm3d.jsonio import json_safe
 
 __all__ = [
     "FORMAT",
+    "TrainState",
     "atomic_write_text",
     "check_signature",
+    "check_state_fields",
     "checkpoint_paths",
-    "finite_or_none",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
     "load_state_strict",
     "optimizer_from_flat",
     "optimizer_to_flat",
+    "read_state_json",
     "remove_stale_files",
     "save_checkpoint",
 ]
@@ -54,6 +58,7 @@ _TMP_MARK = ".tmp-"
 # Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
 # kill the process inside this window).
 _PAUSE_ENV = "IDM3D_CHECKPOINT_WRITE_PAUSE"
+RNG_NOTE = "per-step generators seeded from (seed, step); no RNG state carried"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -213,32 +218,68 @@ def save_checkpoint(
     return meta
 
 
-# Fields of the state JSON and their JSON types; the first three are required. A hand-edited state with a
-# wrong type is refused here, naming the file, rather than failing later in int()/float() with a traceback.
+@dataclasses.dataclass
+class TrainState:
+    """Everything but the tensors of a training checkpoint: the one schema of its state JSON.
+
+    Written by the trainer through :class:`~idm3d.training.rundir.RunDir`; every field but ``step`` has a
+    default, so the checkpoints of older versions (which lacked ``precision``, ``grad_scaler``,
+    ``world_size`` or ``versions``) still load. The file fields (``format``, ``weights_file``,
+    ``weights_sha256``) are added and verified by :func:`save_checkpoint` / :func:`load_checkpoint`.
+    """
+
+    step: int
+    seed: int | None = None
+    config: dict | None = None
+    signature: dict | None = None
+    optimizer: dict | None = None
+    ema_updates: int = 0
+    elapsed_s: float = 0.0
+    skipped_total: int = 0
+    last_loss: float | None = None
+    precision: str = "fp32"
+    grad_scaler: dict | None = None
+    world_size: int = 1
+    versions: dict | None = None
+    rng: str = RNG_NOTE
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-able fields (a non-finite last loss is stored as null)."""
+        return json_safe(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any], path: Path | str = "checkpoint") -> TrainState:
+        """Check ``doc`` against the schema (naming ``path`` and the field) and build the state."""
+        check_state_fields(Path(path), doc, files=False)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in doc.items() if k in names})
+
+
+# The JSON types each field may have (from TrainState's annotations) plus the file fields; the required
+# ones first. A hand-edited state with a wrong type is refused here, naming the file, rather than failing
+# later in int()/float() with a traceback.
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "dict": (dict,),
+}
 _STATE_FIELDS: dict[str, tuple[type, ...]] = {
-    "step": (int,),
     "weights_file": (str,),
     "weights_sha256": (str,),
-    "seed": (int,),
-    "ema_updates": (int,),
-    "skipped_total": (int,),
-    "elapsed_s": (int, float),
-    "last_loss": (int, float, type(None)),
-    "signature": (dict,),
-    "optimizer": (dict,),
-    "config": (dict,),
-    "precision": (str,),
-    "grad_scaler": (dict, type(None)),
-    "world_size": (int,),
+    **{
+        f.name: _JSON_TYPES[str(f.type).split(" | ")[0]] + ((type(None),) if "None" in str(f.type) else ())
+        for f in dataclasses.fields(TrainState)
+    },
 }
 _REQUIRED_FIELDS = ("step", "weights_file", "weights_sha256")
 
 
-def _check_state_fields(path: Path, state: Mapping[str, Any]) -> None:
-    """Raise CheckpointError naming ``path`` when a known state field is missing, mistyped or inconsistent."""
+def check_state_fields(path: Path, state: Mapping[str, Any], files: bool = True) -> None:
+    """Raise CheckpointError naming ``path`` when a known state field is missing, mistyped or inconsistent.
+
+    ``files``: also require the file fields (``weights_file``, ``weights_sha256``) of a state JSON on disk.
+    """
     for key, types in _STATE_FIELDS.items():
         if key not in state:
-            if key in _REQUIRED_FIELDS:
+            if key in _REQUIRED_FIELDS and (files or key == "step"):
                 raise CheckpointError(f"{path}: checkpoint state lacks the field {key!r}")
             continue
         value = state[key]
@@ -249,6 +290,8 @@ def _check_state_fields(path: Path, state: Mapping[str, Any]) -> None:
             raise CheckpointError(f"{path}: checkpoint state field {key!r}: expected a finite number, got {value!r}")
         if isinstance(value, int) and value < 0 and key != "seed":
             raise CheckpointError(f"{path}: checkpoint state field {key!r}: expected >= 0, got {value}")
+    if not files:
+        return
     name = state["weights_file"]
     if Path(name).name != name or not name.endswith(".safetensors"):
         raise CheckpointError(
@@ -258,6 +301,24 @@ def _check_state_fields(path: Path, state: Mapping[str, Any]) -> None:
     m = _NAME.match(path.name)
     if m and int(m.group(1)) != state["step"]:
         raise CheckpointError(f"{path}: checkpoint state says step {state['step']}, its file name {int(m.group(1))}")
+
+
+def read_state_json(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checked state JSON of a checkpoint (given as its JSON or its ``.safetensors``): ``(json_path, state)``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint state not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not an idm3d checkpoint (format {got!r}, expected {FORMAT!r})")
+    check_state_fields(path, state)
+    return path, state
 
 
 def load_checkpoint(
@@ -274,19 +335,7 @@ def load_checkpoint(
         CheckpointError: missing/unreadable/foreign JSON, missing weights, hash mismatch (tampered or
             truncated), unreadable safetensors, or another architecture.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        path = path.with_suffix(".json")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint state not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint state ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        got = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path}: not an idm3d checkpoint (format {got!r}, expected {FORMAT!r})")
-    _check_state_fields(path, state)
+    path, state = read_state_json(path)
     weights = path.with_name(state["weights_file"])
     if weights == path or not weights.is_file():
         raise CheckpointError(f"{path}: weights file {weights.name!r} is missing")
@@ -336,8 +385,3 @@ def load_state_strict(module: nn.Module, tensors: Mapping[str, Tensor], prefix: 
             parts.append(f"shape mismatch at {k}: {tuple(sub[k].shape)} vs {tuple(own[k].shape)}")
         raise CheckpointError(f"{source}: checkpoint does not fit the model ({'; '.join(parts)})")
     module.load_state_dict(sub, strict=True)
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: store non-finite floats as null."""
-    return x if math.isfinite(x) else None

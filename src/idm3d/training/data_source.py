@@ -1,18 +1,24 @@
-"""Glue between the run configuration and the data layer (:mod:`idm3d.data`).
+"""Where a run's data comes from: ``DataSource``, with the embedded demo templates or a data folder.
 
-Everything the trainer, the sampler and the evaluator need from the data goes through here, so the three
-agree on channel order (sources first, targets last, as :class:`~idm3d.data.dataset.VolumeDataset`
-expects), on preprocessing (one :class:`~idm3d.data.preprocess.PreprocessConfig` derived from the config)
-and on the split (``split.json`` in the run folder, written once).
+:func:`data_source` picks :class:`DemoSource` (``data.root`` null) or :class:`FolderSource`. Both answer
+the same questions, from the config alone, and write nothing:
+
+* :meth:`~DataSource.prepare`: the training data (checks, split, preprocessing, patch sampler) and what
+  the run folder records of it (the split, the ``data.json`` summary), as :class:`PreparedData`;
+* :meth:`~DataSource.heldout`: the held-out cases, one at a time.
+
+The trainer's rank 0 saves what ``prepare`` returns through :class:`~idm3d.training.rundir.RunDir`. The
+split is drawn from the case ids and ``data.split_seed`` only, so every DDP process draws the same one.
+Channel order is sources first, targets last (as :class:`~idm3d.data.dataset.VolumeDataset` expects),
+and one :class:`~idm3d.data.preprocess.PreprocessConfig` serves training, sampling and evaluation.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,25 +31,24 @@ from idm3d.data.dataset import VolumeDataset
 from idm3d.data.demo import DemoData, load_demo
 from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
-from idm3d.data.split import Split, load_split, save_split, split_cases
+from idm3d.data.split import Split, split_cases
 from idm3d.errors import ConfigError, DataError
-from idm3d.training import run as runlib
-from idm3d.training.checkpoint import atomic_write_text
 from idm3d.training.config import Config
 from idm3d.training.model_factory import required_multiple
 
 __all__ = [
+    "DataSource",
+    "DemoSource",
+    "FolderSource",
     "HeldoutCase",
     "PatchData",
+    "PreparedData",
     "TrainingData",
-    "build_training_data",
     "check_data",
     "data_modalities",
-    "heldout_cases",
+    "data_source",
     "load_demo_data",
-    "prepare_split",
     "preprocess_config",
-    "read_data_info",
 ]
 
 _MAX_LISTED = 10
@@ -117,87 +122,6 @@ def check_data(cfg: Config) -> Path:
     return root
 
 
-def prepare_split(cfg: Config, run_dir: Path, case_ids: list[str]) -> Split:
-    """The run's split: read from ``split.json`` if present (a resumed run), else drawn and saved."""
-    path = run_dir / runlib.SPLIT
-    if path.is_file():
-        split = load_split(path)
-        missing = sorted(set(split.train + split.val + split.test) - set(case_ids))
-        if missing:
-            raise DataError(f"{path}: cases {missing[:5]} of the saved split are not in the data folder")
-        return split
-    d = cfg.data
-    fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
-    split = split_cases(case_ids, fractions, seed=d.split_seed)
-    save_split(path, split)
-    return split
-
-
-def _write_data_info(
-    run_dir: Path, records: list[CaseRecord], modalities: tuple[str, ...], extra: dict[str, Any] | None = None
-) -> None:
-    # The median scaling of the training cases maps a synthesised target back to typical intensities when
-    # no reference image of that modality exists (translation at sampling time).
-    scalings = {
-        m: {
-            "lo": float(np.median([r.scalings[m].lo for r in records])),
-            "hi": float(np.median([r.scalings[m].hi for r in records])),
-        }
-        for m in modalities
-    }
-    info = {
-        "modalities": list(modalities),
-        "reference_case": records[0].case_id,
-        "reference_affine": np.asarray(records[0].original_affine).tolist(),
-        "reference_shape": list(records[0].original_shape),
-        "grid_affine": np.asarray(records[0].affine).tolist(),
-        "grid_shape": list(records[0].image.shape[1:]),
-        "scalings": scalings,
-        **(extra or {}),
-    }
-    atomic_write_text(run_dir / runlib.DATA_INFO, json.dumps(info, indent=2) + "\n")
-
-
-def read_data_info(run_dir: str | Path) -> dict[str, Any] | None:
-    """``data.json`` of a run (reference affine, typical intensity scaling), or ``None``."""
-    path = Path(run_dir) / runlib.DATA_INFO
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise DataError(f"{path}: not valid JSON ({err})") from None
-    _check_data_info(info, path)
-    return info
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_data_info(info: Any, path: Path) -> None:
-    """The fields sampling reads must have the expected types: a hand-edited data.json fails here, in one line."""
-    if not isinstance(info, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
-    scalings = info.get("scalings", {})
-    if not isinstance(scalings, dict) or not all(
-        isinstance(s, dict) and _is_number(s.get("lo")) and _is_number(s.get("hi")) for s in scalings.values()
-    ):
-        raise DataError(f"{path}: 'scalings' must map each modality to {{\"lo\": number, \"hi\": number}}")
-    shape = info.get("grid_shape")
-    if shape is not None and not (
-        isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)
-    ):
-        raise DataError(f"{path}: 'grid_shape' must be 3 positive integers, got {shape!r}")
-    for key in ("grid_affine", "reference_affine"):
-        a = info.get(key)
-        if a is not None and not (
-            isinstance(a, list) and len(a) == 4
-            and all(isinstance(row, list) and len(row) == 4 and all(map(_is_number, row)) for row in a)
-        ):
-            raise DataError(f"{path}: '{key}' must be a 4x4 list of numbers")
-
-
 class PatchData:
     """Training batches from :class:`~idm3d.data.patches.PatchSampler`, split into target and source."""
 
@@ -208,40 +132,6 @@ class PatchData:
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
         out = self.sampler.batch(step)
         return out["target"].float(), (out["source"].float() if self.has_source else None)
-
-
-def build_training_data(cfg: Config, run_dir: Path) -> PatchData:
-    """Check the data, split it (saved in the run folder), preprocess the training cases, sample patches.
-
-    With ``data.root`` null the MNI demo templates are used: patches come from the training slabs only.
-    """
-    modalities = data_modalities(cfg)
-    regions = None
-    if cfg.data.root is None:
-        demo = load_demo_data(cfg)
-        volumes = [torch.cat([demo.record.channel(m) for m in modalities])]
-        masks, regions = [demo.mask], [demo.train_region]
-        _write_data_info(run_dir, [demo.record], modalities, {"demo": demo.describe()})
-    else:
-        root = check_data(cfg)
-        cases = find_cases(root, modalities)
-        split = prepare_split(cfg, run_dir, [c.case_id for c in cases])
-        dataset = VolumeDataset(cases, modalities, preprocess_config(cfg), case_ids=split.train)
-        records = [dataset[i] for i in range(len(dataset))]
-        _write_data_info(run_dir, records, modalities)
-        volumes, masks = [r.image for r in records], [r.mask for r in records]
-    n_src = len(modalities) - len(cfg.data.targets)
-    sampler = PatchSampler(
-        volumes,
-        masks,
-        cfg.data.patch_size,
-        batch_size=cfg.data.batch_size,
-        seed=cfg.train.seed,
-        foreground_prob=cfg.data.foreground_prob,
-        regions=regions,
-        target_channels=list(range(n_src, len(modalities))),
-    )
-    return PatchData(sampler, has_source=n_src > 0)
 
 
 @dataclass
@@ -258,32 +148,132 @@ class HeldoutCase:
         return torch.cat([self.image[self.modalities.index(m)][None] for m in names])
 
 
-def heldout_cases(cfg: Config, run_dir: Path, part: str = "test") -> Iterator[HeldoutCase]:
-    """The held-out cases of a run, loaded one at a time.
+@dataclass
+class PreparedData:
+    """What :meth:`DataSource.prepare` returns: the batches, and what the run folder records of them."""
 
-    Folder data: the ``part`` of the run's ``split.json``. Demo data: the held-out axial slabs of the
-    template (``part`` must be ``test``).
-    """
-    modalities = data_modalities(cfg)
-    if cfg.data.root is None:
+    data: PatchData
+    info: dict[str, Any]  # data.json: modalities, reference and working grids, intensity scalings
+    split: Split | None = None  # split.json (folder data)
+    scalings: dict[str, dict[str, float]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scalings = self.info["scalings"]
+
+
+class DataSource:
+    """The data of a run, from its config; subclasses say where the volumes come from."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.modalities = data_modalities(cfg)
+
+    def prepare(self, saved_split: Split | None = None) -> PreparedData:
+        """Check the data, split it (keeping ``saved_split``, a resumed run's), preprocess, sample patches."""
+        raise NotImplementedError
+
+    def heldout(self, split: Split | None, part: str = "test") -> Iterator[HeldoutCase]:
+        """The held-out cases of ``part``, loaded one at a time."""
+        raise NotImplementedError
+
+    def _sampler(self, volumes: list[Tensor], masks: list[Tensor | None], regions: list | None) -> PatchData:
+        d = self.cfg.data
+        n_src = len(self.modalities) - len(d.targets)
+        try:
+            sampler = PatchSampler(
+                volumes, masks, d.patch_size, batch_size=d.batch_size, seed=self.cfg.train.seed,
+                foreground_prob=d.foreground_prob, regions=regions,
+                target_channels=list(range(n_src, len(self.modalities))),
+            )
+        except ValueError as err:  # the sampler names its argument: patch_size, batch_size, foreground_prob
+            raise ConfigError(f"data.{err}") from None
+        return PatchData(sampler, has_source=n_src > 0)
+
+    def _info(self, records: list[CaseRecord], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        # The median scaling of the training cases maps a synthesised target back to typical intensities
+        # when no reference image of that modality exists (translation at sampling time).
+        scalings = {
+            m: {"lo": float(np.median([r.scalings[m].lo for r in records])),
+                "hi": float(np.median([r.scalings[m].hi for r in records]))}
+            for m in self.modalities
+        }
+        return {
+            "modalities": list(self.modalities),
+            "reference_case": records[0].case_id,
+            "reference_affine": np.asarray(records[0].original_affine).tolist(),
+            "reference_shape": list(records[0].original_shape),
+            "grid_affine": np.asarray(records[0].affine).tolist(),
+            "grid_shape": list(records[0].image.shape[1:]),
+            "scalings": scalings,
+            **(extra or {}),
+        }
+
+
+class DemoSource(DataSource):
+    """The MNI demo templates: patches from the training slabs, the held-out axial band as the one test case."""
+
+    @property
+    def demo(self) -> DemoData:
+        return load_demo_data(self.cfg)
+
+    def prepare(self, saved_split: Split | None = None) -> PreparedData:
+        demo = self.demo
+        volume = torch.cat([demo.record.channel(m) for m in self.modalities])
+        data = self._sampler([volume], [demo.mask], [demo.train_region])
+        return PreparedData(data, self._info([demo.record], {"demo": demo.describe()}))
+
+    def heldout(self, split: Split | None = None, part: str = "test") -> Iterator[HeldoutCase]:
         if part != "test":
             raise ConfigError(f"--split {part}: the demo data has only a 'test' part (its held-out axial slabs)")
-        demo = load_demo_data(cfg)
+        demo = self.demo
         band = demo.test_slices
         shift = np.eye(4)
         shift[2, 3] = band.start
-        image = torch.cat([demo.test_band(demo.record.channel(m)) for m in modalities])
+        image = torch.cat([demo.test_band(demo.record.channel(m)) for m in self.modalities])
         yield HeldoutCase(f"{demo.record.case_id}[z={band.start}:{band.stop}]", image.contiguous(),
-                          demo.test_band(demo.mask).contiguous(), demo.affine @ shift, modalities)
-        return
-    split_path = Path(run_dir) / runlib.SPLIT
-    split = load_split(split_path)
-    if part not in ("train", "val", "test"):
-        raise ConfigError(f"--split: expected train|val|test, got {part!r}")
-    ids = list(getattr(split, part))
-    if not ids:
-        raise DataError(f"{split_path}: the '{part}' part of the split is empty")
-    dataset = VolumeDataset(data_root(cfg), modalities, preprocess_config(cfg), case_ids=ids, cache=False)
-    for i in range(len(dataset)):
-        r = dataset[i]
-        yield HeldoutCase(r.case_id, r.image, r.mask, r.affine, tuple(r.modalities))
+                          demo.test_band(demo.mask).contiguous(), demo.affine @ shift, self.modalities)
+
+
+class FolderSource(DataSource):
+    """A folder of cases (BraTS2020 or generic layout), split by case."""
+
+    def split(self, case_ids: list[str], saved: Split | None) -> Split:
+        """``saved`` (checked against the folder) or a new split drawn with ``data.split_seed``."""
+        if saved is not None:
+            missing = sorted(set(saved.train + saved.val + saved.test) - set(case_ids))
+            if missing:
+                raise DataError(f"split.json: cases {missing[:5]} of the saved split are not in the data folder")
+            return saved
+        d = self.cfg.data
+        fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
+        return split_cases(case_ids, fractions, seed=d.split_seed)
+
+    def prepare(self, saved_split: Split | None = None) -> PreparedData:
+        root = check_data(self.cfg)
+        cases = find_cases(root, self.modalities)
+        split = self.split([c.case_id for c in cases], saved_split)
+        dataset = VolumeDataset(cases, self.modalities, preprocess_config(self.cfg), case_ids=split.train)
+        records = [dataset[i] for i in range(len(dataset))]
+        data = self._sampler([r.image for r in records], [r.mask for r in records], None)
+        return PreparedData(data, self._info(records), split)
+
+    def heldout(self, split: Split | None, part: str = "test") -> Iterator[HeldoutCase]:
+        if part not in ("train", "val", "test"):
+            raise ConfigError(f"--split: expected train|val|test, got {part!r}")
+        if split is None:
+            raise DataError(f"data.root {self.cfg.data.root}: the run has no split.json")
+        ids = list(getattr(split, part))
+        if not ids:
+            raise DataError(f"split.json: the '{part}' part of the split is empty")
+        dataset = VolumeDataset(data_root(self.cfg), self.modalities, preprocess_config(self.cfg), case_ids=ids,
+                                cache=False)
+        for i in range(len(dataset)):
+            r = dataset[i]
+            yield HeldoutCase(r.case_id, r.image, r.mask, r.affine, tuple(r.modalities))
+
+
+def data_source(cfg: Config) -> DataSource:
+    """:class:`DemoSource` when ``data.root`` is null, else :class:`FolderSource`."""
+    return DemoSource(cfg) if cfg.data.root is None else FolderSource(cfg)
+
+

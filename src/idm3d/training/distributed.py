@@ -13,18 +13,17 @@ step ``s`` (with any ``N``) continues the data order exactly. Each process takes
 share and DDP averages the gradients, which is the gradient of the mean over the global batch.
 
 Only rank 0 writes to the run folder (config, split, checkpoints, metrics, the loss curve) and shows the
-progress bar; every process resumes from the same checkpoint.
+progress bar; every process resumes from the same checkpoint. Every process prepares the data itself
+(:class:`~idm3d.training.data_source.DataSource` writes nothing, and the split depends only on the case ids
+and ``data.split_seed``), so no process waits for another to write a file.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -32,9 +31,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from idm3d.errors import ConfigError
-from idm3d.training.run import SPLIT, resolve_device
+from idm3d.training.run import resolve_device
 
-__all__ = ["DistContext", "NullLog", "build_on_main_first", "launcher_argv", "setup", "shutdown"]
+__all__ = ["DistContext", "NullLog", "launcher_argv", "setup", "shutdown"]
 
 T = TypeVar("T")
 _OWNED = False  # whether setup() created the process group (and shutdown() should destroy it)
@@ -220,27 +219,6 @@ def shutdown(clean: bool = True) -> None:
         finally:
             dist.destroy_process_group()
     _OWNED = False
-
-
-def build_on_main_first(ctx: DistContext, build: Callable[[Path], T], run_dir: Path) -> T:
-    """Run ``build(folder)`` on rank 0 with the run folder, then on the other ranks with a scratch copy.
-
-    Building the training data writes ``split.json`` and ``data.json``: rank 0 writes them into the run
-    folder; the others wait for it, then build from a scratch folder holding the same ``split.json``, so
-    they read the split rank 0 drew and write nothing into the run folder.
-    """
-    if not ctx.enabled:
-        return build(run_dir)
-    if ctx.is_main:
-        try:
-            return build(run_dir)
-        finally:
-            ctx.barrier()  # also on failure: the others then fail on the same data instead of waiting
-    ctx.barrier()
-    with tempfile.TemporaryDirectory(prefix=f"idm3d-rank{ctx.rank}-") as scratch:
-        if (run_dir / SPLIT).is_file():
-            shutil.copy2(run_dir / SPLIT, Path(scratch) / SPLIT)
-        return build(Path(scratch))
 
 
 def launcher_argv(nproc: int, argv: Sequence[str]) -> list[str]:

@@ -8,14 +8,15 @@ learned the distribution near real images. Metrics are computed on the preproces
 
 ``baseline=True`` also trains a MONAI ``DiffusionModelUNet`` of matching width/depth with the same config
 and the same wall-clock budget the run used, evaluates it identically and writes both side by side.
+
+The model, its settings and the chain come from :func:`idm3d.training.run.load_run`, the held-out cases
+from the run's :class:`~idm3d.training.data_source.DataSource`, the files from its
+:class:`~idm3d.training.rundir.RunDir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,36 +25,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from idm3d.diffusion.sampling import denoise_fn
-from idm3d.diffusion.sampling import sample as run_chain
-from idm3d.diffusion.schedule import build_scheduler
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
-from idm3d.training import run as runlib
-from idm3d.training.checkpoint import atomic_write_text, latest_checkpoint
-from idm3d.training.config import ModelConfig
-from idm3d.training.data_source import HeldoutCase, heldout_cases
-from idm3d.training.generate import mask_background, sample_settings
-from idm3d.training.logs import read_metrics
-from idm3d.training.model_factory import baseline_kwargs
-from idm3d.training.run import load_run, resolve_device
+from idm3d.training.checkpoint import TrainState
+from idm3d.training.config import Config
+from idm3d.training.data_source import HeldoutCase, data_source
+from idm3d.training.model_factory import baseline_model
+from idm3d.training.run import load_run
+from idm3d.training.rundir import RunDir
 
-__all__ = ["BASELINE_DIR", "METRIC_KEYS", "evaluate", "evaluate_run", "report_markdown", "train_baseline"]
+__all__ = ["BASELINE_DIR", "METRIC_KEYS", "baseline_config", "evaluate", "evaluate_run", "report_markdown",
+           "train_baseline"]
 
 BASELINE_DIR = "baseline"
 METRIC_KEYS = ("psnr_mask", "ssim_mask", "mae_mask", "psnr", "ssim", "mae")
 _LABELS = {"psnr_mask": "PSNR brain (dB)", "ssim_mask": "SSIM brain", "mae_mask": "MAE brain",
            "psnr": "PSNR all (dB)", "ssim": "SSIM all", "mae": "MAE all"}
-
-
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # "inf" for identical volumes; JSON has no infinity
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _summary(per_case: list[dict[str, Any]], targets: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -67,11 +54,12 @@ def _summary(per_case: list[dict[str, Any]], targets: list[str]) -> dict[str, di
     return out
 
 
-def _train_stats(run_dir: Path, state: dict[str, Any]) -> dict[str, Any]:
-    mem = [r["mem_mb"] for r in read_metrics(run_dir / runlib.METRICS) if isinstance(r.get("mem_mb"), (int, float))]
-    sig = state.get("signature", {})
-    return {"steps": state.get("step"), "elapsed_s": state.get("elapsed_s"), "peak_mem_mb": max(mem, default=None),
-            "parameters": sig.get("num_parameters"), "model": sig.get("name"), "final_loss": state.get("last_loss")}
+def train_stats(run: RunDir, state: TrainState) -> dict[str, Any]:
+    """What the reports say of a run's training: steps, time, peak memory, parameters, final loss."""
+    mem = [r["mem_mb"] for r in run.read_metrics() if isinstance(r.get("mem_mb"), (int, float))]
+    sig = state.signature or {}
+    return {"steps": state.step, "elapsed_s": state.elapsed_s, "peak_mem_mb": max(mem, default=None),
+            "parameters": sig.get("num_parameters"), "model": sig.get("name"), "final_loss": state.last_loss}
 
 
 def evaluate_run(
@@ -93,38 +81,26 @@ def evaluate_run(
     ``on_case(case, prediction)``, if given, receives each held-out case and its (targets, X, Y, Z) prediction
     (CPU, preprocessed intensities), e.g. to save or plot it.
     """
-    run_dir = Path(run_dir)
-    dev = resolve_device(device, "--device")
-    if use_ema is None:
-        use_ema = runlib.read_run_config(run_dir).sample.use_ema
-    run = load_run(run_dir, use_ema=use_ema, device=dev)
-    cfg = run.config
-    sc = sample_settings(cfg, sampler=sampler, steps=steps, eta=eta, seed=seed, max_cases=max_cases)
-    scheduler = build_scheduler(cfg.diffusion, sc.sampler, sc.steps)
-    f = denoise_fn(run.model, sc.roi_size, sc.overlap)
-    targets, sources = list(cfg.data.targets), list(cfg.data.sources) if cfg.data.task == "translate" else []
-    start_t = round(sc.strength * (cfg.diffusion.num_train_timesteps - 1))
+    run = load_run(run_dir, use_ema=use_ema, device=device, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                   max_cases=max_cases)
+    sc, targets, sources = run.settings, run.targets, run.sources
     per_case: list[dict[str, Any]] = []
     started = time.monotonic()
-    for i, case in enumerate(heldout_cases(cfg, run_dir, split)):
+    for i, case in enumerate(data_source(run.config).heldout(run.run.read_split(), split)):
         if sc.max_cases is not None and i >= sc.max_cases:
             break
         target = case.channels(targets)
-        generator = torch.Generator().manual_seed(sc.seed + i)
-        shape = (1, len(targets), *target.shape[1:])
         if sources:
-            pred = run_chain(f, scheduler, shape, case.channels(sources)[None], generator=generator, eta=sc.eta,
-                             device=dev, progress=progress)
+            pred = run.infer(condition=case.channels(sources)[None], seed=sc.seed + i, progress=progress)[0]
         else:
-            pred = run_chain(f, scheduler, shape, None, generator=generator, eta=sc.eta, device=dev,
-                             x_start=target[None], start_timestep=start_t, progress=progress)
-        pred = pred.cpu()[0]
+            pred = run.infer(target=target[None], seed=sc.seed + i, progress=progress)[0]
         mask = case.mask[0] if bool(case.mask.any()) else None
         entry: dict[str, Any] = {"case": case.case_id}
-        if sc.mask_output and sources:  # the case's mask comes from its sources (data.preprocess mask_from)
+        masked = run.masked(pred, case.mask)  # the case's mask comes from its sources (data.preprocess mask_from)
+        if masked is not pred:
             # the raw network output is scored too, so the effect of the masking stays visible
             entry["metrics_unmasked"] = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
-            pred = mask_background(pred, case.mask)
+            pred = masked
         entry["metrics"] = {t: evaluate_pair(pred[j], target[j], mask=mask) for j, t in enumerate(targets)}
         per_case.append(entry)
         if on_case is not None:
@@ -132,10 +108,10 @@ def evaluate_run(
     if not per_case:
         raise ConfigError(f"--split {split}: no held-out case to evaluate")
     report = {
-        "run": str(run_dir),
+        "run": str(run.run_dir),
         "split": split,
-        "task": cfg.data.task,
-        "mode": "translation from noise" if sources else f"SDEdit reconstruction from t={start_t}",
+        "task": run.config.data.task,
+        "mode": "translation from noise" if sources else f"SDEdit reconstruction from t={run.start_timestep}",
         "sources": sources,
         "targets": targets,
         "sampler": sc.sampler,
@@ -147,12 +123,12 @@ def evaluate_run(
         "checkpoint": str(run.checkpoint),
         "intensity_space": "preprocessed [-1, 1], data_range 2",
         "seconds_per_case": (time.monotonic() - started) / len(per_case),
-        "train": _train_stats(run_dir, run.state),
+        "train": train_stats(run.run, run.state),
         "summary": _summary(per_case, targets),
         "cases": per_case,
     }
-    atomic_write_text(run_dir / f"eval-{split}.json", json.dumps(_json_safe(report), indent=2) + "\n")
-    atomic_write_text(run_dir / f"eval-{split}.md", report_markdown([("model", report)]))
+    run.run.write_json(f"eval-{split}.json", report)
+    run.run.write_text(f"eval-{split}.md", report_markdown([("model", report)]))
     return report
 
 
@@ -190,30 +166,35 @@ def report_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def baseline_config(cfg: Config, seconds: float, max_steps: int | None = None) -> Config:
+    """The same-budget MONAI baseline of an IDMUNet run: :func:`~idm3d.training.model_factory.baseline_model`,
+    the same data, diffusion and optimiser, ``seconds`` of training and at most ``max_steps`` steps."""
+    return dataclasses.replace(
+        cfg,
+        model=baseline_model(cfg.model),
+        train=dataclasses.replace(cfg.train, max_steps=max_steps, max_seconds=max(float(seconds), 1e-3)),
+    )
+
+
 def train_baseline(run_dir: str | Path, progress: bool = True) -> Path:
     """Train (or reuse) ``<run>/baseline``: a MONAI DiffusionModelUNet with the run's config and time budget."""
     from idm3d.training.trainer import train
 
-    run_dir = Path(run_dir)
-    out = run_dir / BASELINE_DIR
-    if latest_checkpoint(out / runlib.CHECKPOINTS) is not None:
-        return out
-    cfg = runlib.read_run_config(run_dir)
+    run = RunDir(run_dir)
+    base = RunDir(run.path / BASELINE_DIR)
+    if base.latest_checkpoint() is not None:
+        return base.path
+    cfg = run.read_config()
     if cfg.model.name != "idm":
-        raise ConfigError(f"--baseline: run {run_dir} is already a '{cfg.model.name}' model; nothing to compare")
-    state_path = latest_checkpoint(run_dir / runlib.CHECKPOINTS)
-    if state_path is None:
-        raise ConfigError(f"--baseline: run {run_dir} has no checkpoint")
-    elapsed = float(json.loads(state_path.read_text())["elapsed_s"])
-    base_cfg = dataclasses.replace(
-        cfg,
-        model=ModelConfig("monai", baseline_kwargs(cfg.model.kwargs)),
-        train=dataclasses.replace(cfg.train, max_steps=None, max_seconds=max(elapsed, 1e-3), progress=progress),
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    if (run_dir / runlib.SPLIT).is_file():  # same held-out cases
-        shutil.copyfile(run_dir / runlib.SPLIT, out / runlib.SPLIT)
-    return train(base_cfg, out)
+        raise ConfigError(f"--baseline: run {run.path} is already a '{cfg.model.name}' model; nothing to compare")
+    if run.latest_checkpoint() is None:
+        raise ConfigError(f"--baseline: run {run.path} has no checkpoint")
+    base_cfg = baseline_config(cfg, run.read_state().elapsed_s)
+    base_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, progress=progress))
+    split = run.read_split()
+    if split is not None:  # same held-out cases
+        base.write_split(split)
+    return train(base_cfg, base.path)
 
 
 def evaluate(
@@ -229,8 +210,8 @@ def evaluate(
         return report
     base_dir = train_baseline(run_dir, progress=progress)
     base = evaluate_run(base_dir, split, progress=progress, **kwargs)
-    table = report_markdown([("IDM", report), ("baseline", base)])
-    atomic_write_text(Path(run_dir) / f"eval-{split}-vs-baseline.md", table)
+    run = RunDir(run_dir)
+    run.write_text(f"eval-{split}-vs-baseline.md", report_markdown([("IDM", report), ("baseline", base)]))
     both = {"model": report, "baseline": base}
-    atomic_write_text(Path(run_dir) / f"eval-{split}-vs-baseline.json", json.dumps(_json_safe(both), indent=2) + "\n")
+    run.write_json(f"eval-{split}-vs-baseline.json", both)
     return both

@@ -5,6 +5,9 @@ The output NIfTI lies where the input does: a translation is put back on the con
 uses the training data's working grid and affine. Intensities are mapped from [-1, 1] back to the
 typical range of the training cases' target modality (median of their percentile scalings), since a
 synthesised target has no reference scan of its own.
+
+The model, its settings and the chain come from :func:`idm3d.training.run.load_run`; this module only
+reads the inputs and writes the outputs.
 """
 
 from __future__ import annotations
@@ -17,34 +20,17 @@ import numpy as np
 import torch
 
 from idm3d.data.nifti import load_volume, save_volume
-from idm3d.data.preprocess import IntensityScaling, preprocess_case
-from idm3d.diffusion.sampling import denoise_fn
-from idm3d.diffusion.sampling import sample as run_chain
-from idm3d.diffusion.schedule import build_scheduler
+from idm3d.data.preprocess import CaseRecord, IntensityScaling, preprocess_case
 from idm3d.errors import ConfigError, DataError
-from idm3d.training.config import Config, SampleConfig, config_from_dict, config_to_dict
-from idm3d.training.data_source import preprocess_config, read_data_info
+from idm3d.training.config import Config
+from idm3d.training.data_source import preprocess_config
 from idm3d.training.figures import save_mid_slices
 from idm3d.training.model_factory import size_multiple
-from idm3d.training.precision import check_precision, under_autocast
-from idm3d.training.run import load_run, read_run_config, resolve_device
+from idm3d.training.run import BACKGROUND, load_run, mask_background, sample_settings
 
 __all__ = ["BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings"]
 
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
-BACKGROUND = -1.0  # preprocessing clips below-brain intensities and pads with -1
-
-
-def mask_background(volume: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``volume`` with every voxel outside the bool ``mask`` (broadcast over channels) set to the background."""
-    return torch.where(mask.to(volume.device).bool(), volume, torch.full_like(volume, BACKGROUND))
-
-
-def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
-    """The run's ``sample`` section with non-``None`` overrides applied, checked like a config file."""
-    data = config_to_dict(cfg)
-    data["sample"].update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(data).sample
 
 
 def parse_conditions(sources: Sequence[str], conditions: Sequence[str | Path] | Mapping[str, str | Path]) -> dict:
@@ -80,7 +66,7 @@ def output_paths(out: str | Path, targets: Sequence[str]) -> tuple[list[Path], P
     return paths, out.with_name(f"{stem}.png")
 
 
-def _load_condition(files: Mapping[str, Path], cfg: Config):
+def _load_condition(files: Mapping[str, Path], cfg: Config) -> CaseRecord:
     volumes, ref = {}, None
     for modality, path in files.items():
         data, affine = load_volume(path)
@@ -134,23 +120,17 @@ def sample(
     Returns:
         The written NIfTI files, then the PNG.
     """
-    dev = resolve_device(device, "--device")
-    if use_ema is None:
-        use_ema = read_run_config(run_dir).sample.use_ema
-    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=dev)
-    cfg = run.config
-    sc = sample_settings(cfg, sampler=sampler, steps=steps, eta=eta, seed=seed, precision=precision)
-    check_precision(sc.precision, dev, "--precision")
-    info = read_data_info(run_dir)
-    targets = list(cfg.data.targets)
+    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
+                   eta=eta, seed=seed, precision=precision)
+    cfg, sc, targets = run.config, run.settings, run.targets
+    info = run.run.read_data_info()
     nifti_paths, png_path = output_paths(out, targets)
     rows: dict[str, torch.Tensor] = {}
-    condition, record = None, None
-    if cfg.data.task == "translate":
+    record = None
+    if run.sources:
         if not conditions:
             raise ConfigError(f"--condition: this run translates {cfg.data.sources} -> {targets}; give the sources")
         record = _load_condition(parse_conditions(cfg.data.sources, conditions), cfg)
-        condition = record.image[None]
         grid = tuple(record.image.shape[1:])
         rows.update({m: record.image[i] for i, m in enumerate(record.modalities)})
     else:
@@ -162,15 +142,10 @@ def sample(
     multiple = size_multiple(run.model)
     if len(grid) != 3 or any(s < 1 or s % multiple for s in grid):
         raise ConfigError(f"--shape: expected 3 sizes that are multiples of {multiple}, got {list(grid)}")
-    scheduler = build_scheduler(cfg.diffusion, sc.sampler, sc.steps)
-    generator = torch.Generator().manual_seed(sc.seed)
-    denoise = under_autocast(denoise_fn(run.model, sc.roi_size, sc.overlap), sc.precision, dev)
-    volume = run_chain(
-        denoise, scheduler, (1, len(targets), *grid), condition,
-        generator=generator, eta=sc.eta, device=dev, progress=progress,
-    ).cpu()
-    if sc.mask_output and record is not None:  # translation: the condition's brain mask
-        volume = mask_background(volume, record.mask[None])
+    if record is not None:  # translation: masked by the condition's brain mask
+        volume = run.masked(run.infer(condition=record.image[None], progress=progress), record.mask[None])
+    else:
+        volume = run.infer(shape=grid, progress=progress)
     written = []
     for j, (target, path) in enumerate(zip(targets, nifti_paths)):
         vol = volume[0, j]

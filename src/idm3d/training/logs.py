@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from idm3d.jsonio import dumps
 from idm3d.training.checkpoint import atomic_write_text
 
 __all__ = ["MetricsLog", "memory_mb", "plot_loss_curve", "read_metrics"]
@@ -30,12 +30,6 @@ def memory_mb(device: torch.device | None = None) -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -75,7 +69,7 @@ class MetricsLog:
         return read_metrics(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._fh.write(dumps(record) + "\n")
         self._fh.flush()
 
     def close(self) -> None:

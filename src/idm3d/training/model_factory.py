@@ -1,8 +1,9 @@
 """Build the denoiser named in the config, and describe its architecture for checkpoint checks.
 
 ``model.name: idm`` builds :class:`idm3d.nets.idm_unet.IDMUNet` (imported lazily, so a broken or
-missing optional piece of the invertible stack only matters when it is asked for); ``monai`` builds
-MONAI's ``DiffusionModelUNet``. Both share the call ``net(x, timesteps, context=None)``. The channel
+missing optional piece of the invertible stack only matters when it is asked for) with its own signature
+defaults; ``monai`` builds MONAI's ``DiffusionModelUNet`` with the one baseline recipe,
+:func:`idm3d.nets.baselines.monai_kwargs`. Both share the call ``net(x, timesteps, context=None)``. The channel
 counts come from the task: ``in = targets + sources`` (sources are concatenated to the noisy target),
 ``out = targets``.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 from typing import Any
@@ -21,30 +23,13 @@ from idm3d.errors import ConfigError
 
 __all__ = [
     "architecture_signature",
-    "baseline_kwargs",
+    "baseline_model",
     "build_model",
     "model_channels",
     "required_multiple",
     "size_multiple",
 ]
 
-# Defaults chosen so the two models are comparable at the same width and depth.
-IDM_DEFAULTS: dict[str, Any] = {
-    "channels": 32,
-    "levels": 4,
-    "blocks_per_level": 2,
-    "attention_levels": [False, False, True, True],
-    "attention": "channel",
-    "bookends": True,
-    "memory_efficient": True,
-}
-MONAI_DEFAULTS: dict[str, Any] = {
-    "channels": [32, 64, 64, 64],
-    "num_res_blocks": 2,
-    "attention_levels": [False, False, True, True],
-    "norm_num_groups": 32,
-    "num_head_channels": 8,
-}
 _SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")
 
 
@@ -55,14 +40,51 @@ def model_channels(data: Any) -> tuple[int, int]:
     return n_targets + n_sources, n_targets
 
 
+def _idm_class() -> type[nn.Module]:
+    try:
+        return importlib.import_module("idm3d.nets.idm_unet").IDMUNet
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"model.name: 'idm' is unavailable ({err}); use model.name=monai") from None
+
+
+def _monai_defaults() -> dict[str, Any]:
+    from idm3d.nets.baselines import monai_kwargs
+
+    return {k: v for k, v in monai_kwargs().items() if k not in _SET_BY_TASK}
+
+
 def _resolved_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` over the model's defaults: IDMUNet's signature, or the MONAI baseline recipe."""
     for key in _SET_BY_TASK:
         if key in kwargs:
             raise ConfigError(
                 f"model.kwargs.{key}: set by the task (data.targets/data.sources), remove it from model.kwargs"
             )
-    defaults = IDM_DEFAULTS if name == "idm" else MONAI_DEFAULTS
+    if name == "idm":
+        params = inspect.signature(_idm_class()).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not p.empty and p.name not in _SET_BY_TASK}
+    elif name == "monai":
+        return _fit_to_widths({**_monai_defaults(), **kwargs}, given=kwargs)
+    else:
+        raise ConfigError(f"model.name: expected idm|monai, got {name!r}")
     return {**defaults, **kwargs}
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(cap, n) + 1) if n % d == 0)
+
+
+def _fit_to_widths(kw: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's GroupNorm groups and attention head size, or (unless set) the largest that divide every width."""
+    try:
+        g = math.gcd(*(int(c) for c in kw["channels"]))
+    except (TypeError, ValueError):
+        return kw  # MONAI names the bad value
+    for key, default in (("norm_num_groups", 32), ("num_head_channels", 32)):
+        size = kw.get(key, default)
+        if key not in given and isinstance(size, int) and g % size:
+            kw[key] = _largest_divisor(g, size)
+    return kw
 
 
 def build_model(model_cfg: Any, in_channels: int, out_channels: int) -> nn.Module:
@@ -74,14 +96,9 @@ def build_model(model_cfg: Any, in_channels: int, out_channels: int) -> nn.Modul
     name = model_cfg.name
     kwargs = _resolved_kwargs(name, dict(model_cfg.kwargs))
     if name == "idm":
-        try:
-            cls = importlib.import_module("idm3d.nets.idm_unet").IDMUNet
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"model.name: 'idm' is unavailable ({err}); use model.name=monai") from None
-    elif name == "monai":
-        from monai.networks.nets import DiffusionModelUNet as cls
+        cls = _idm_class()
     else:
-        raise ConfigError(f"model.name: expected idm|monai, got {name!r}")
+        from monai.networks.nets import DiffusionModelUNet as cls
     try:
         return cls(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
     except TypeError as err:
@@ -127,22 +144,26 @@ def architecture_signature(model: nn.Module, model_cfg: Any | None = None) -> di
     return sig
 
 
-def baseline_kwargs(idm_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """MONAI ``DiffusionModelUNet`` kwargs matching an IDMUNet's width, depth, blocks and attention levels.
+def baseline_model(idm: Any) -> Any:
+    """The MONAI baseline matching an IDMUNet ``ModelConfig``: the baseline recipe at its width and depth.
 
-    IDMUNet doubles its width per level by default (``down_fraction=0.25``); the baseline does the same.
-    Group norm and attention heads use the largest sizes that divide every level's width.
+    :func:`idm3d.nets.baselines.monai_kwargs` with the IDMUNet's widths per level (it doubles its width per
+    level by default, ``down_fraction=0.25``), blocks per level and attention levels.
     """
-    kw = {**IDM_DEFAULTS, **idm_kwargs}
+    from idm3d.nets.baselines import monai_kwargs
+    from idm3d.training.config import ModelConfig
+
+    kw = _resolved_kwargs("idm", dict(idm.kwargs))
     c, levels = int(kw["channels"]), int(kw["levels"])
-    growth = 8 * float(kw.get("down_fraction", 0.25))
-    widths = [round(c * growth**level) for level in range(levels)]
-    g = math.gcd(*widths)
+    growth = 8 * float(kw["down_fraction"])
+    widths = tuple(round(c * growth**level) for level in range(levels))
+    recipe = {k: v for k, v in monai_kwargs(widths).items() if k not in _SET_BY_TASK}
     attention = kw["attention"] != "none"
-    return {
-        "channels": widths,
-        "num_res_blocks": int(kw["blocks_per_level"]),
-        "attention_levels": [bool(a) and attention for a in kw["attention_levels"]],
-        "norm_num_groups": max(d for d in range(1, min(32, g) + 1) if g % d == 0),
-        "num_head_channels": max(d for d in range(1, min(8, g) + 1) if g % d == 0),
-    }
+    recipe.update(
+        channels=list(widths),
+        num_res_blocks=int(kw["blocks_per_level"]),
+        attention_levels=[bool(a) and attention for a in kw["attention_levels"]],
+    )
+    recipe = _fit_to_widths(recipe, given={})
+    recipe.setdefault("norm_num_groups", 32)
+    return ModelConfig("monai", recipe)

@@ -1,145 +1,193 @@
-"""The run folder: its layout, and loading a trained model back from it (for sampling and evaluation).
+"""From a configuration to ready objects, and a trained run loaded back for inference.
 
-::
-
-    <run>/config.yaml           the resolved configuration
-    <run>/run.json              architecture signature, library versions
-    <run>/split.json            train/val/test case ids (real data)
-    <run>/data.json             reference affine and per-modality intensity scaling of the training cases
-    <run>/checkpoints/          step-XXXXXXXX.{safetensors,json}
-    <run>/metrics.jsonl         per-step records; <run>/loss.png the curve
+The config layer of the diffusion stack: :func:`build_scheduler` and :func:`build_pipeline` turn the
+``diffusion`` / ``sample`` sections into MONAI schedulers and a
+:class:`~idm3d.diffusion.pipeline.DiffusionPipeline`, turning the lower layers' ``ValueError`` into
+messages that name the key. :func:`load_run` rebuilds a run's model, loads a checkpoint and returns a
+:class:`LoadedRun` whose :meth:`~LoadedRun.infer` is what ``idm3d sample``, ``idm3d evaluate`` and the demo
+call.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from torch import nn
+from monai.networks.schedulers import Scheduler
+from torch import Tensor, nn
 
+from idm3d import devices
+from idm3d.diffusion import schedule
+from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import CheckpointError, ConfigError
-from idm3d.training.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_state_strict
-from idm3d.training.config import Config, config_from_dict, config_to_dict
+from idm3d.training.checkpoint import TrainState, load_state_strict
+from idm3d.training.config import Config, SampleConfig, config_from_dict, config_to_dict
 from idm3d.training.model_factory import architecture_signature, build_model, model_channels
+from idm3d.training.precision import autocast, check_precision
+from idm3d.training.rundir import RunDir
 
 __all__ = [
-    "CHECKPOINTS",
-    "CONFIG",
-    "DATA_INFO",
-    "LOSS_PNG",
-    "METRICS",
-    "SPLIT",
+    "BACKGROUND",
     "LoadedRun",
+    "build_pipeline",
+    "build_scheduler",
     "load_run",
-    "read_run_config",
+    "mask_background",
     "resolve_device",
-    "versions",
-    "write_run_info",
+    "sample_settings",
 ]
 
-CHECKPOINTS = "checkpoints"
-CONFIG = "config.yaml"
-RUN_INFO = "run.json"
-SPLIT = "split.json"
-DATA_INFO = "data.json"
-METRICS = "metrics.jsonl"
-LOSS_PNG = "loss.png"
+BACKGROUND = -1.0  # preprocessing clips below-brain intensities and pads with -1
 
 
 def resolve_device(name: str | torch.device, option: str = "train.device") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else must be a valid, available torch device."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """:func:`idm3d.devices.resolve_device`, with an error naming ``option``."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"{option}: expected auto, cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{option}: {name!r} requested but CUDA is not available")
-    return device
+        return devices.resolve_device(name)
+    except ValueError as err:
+        raise ConfigError(f"{option}: {err}") from None
 
 
-def versions() -> dict[str, str]:
-    import monai
-
-    import idm3d
-
-    return {
-        "idm3d": getattr(idm3d, "__version__", "0"),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def write_run_info(run_dir: Path, cfg: Config, signature: dict[str, Any]) -> None:
-    """Write ``config.yaml`` and ``run.json`` (atomically)."""
-    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    atomic_write_text(run_dir / RUN_INFO, json.dumps({"signature": signature, "versions": versions()}, indent=2) + "\n")
-
-
-def read_run_config(run_dir: str | Path) -> Config:
-    """The configuration a run was trained with (``config.yaml``)."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise ConfigError(f"--run {run_dir}: not a run folder ({CONFIG} not found)")
+def build_scheduler(cfg: Config, kind: str = "ddpm", steps: int | None = None) -> Scheduler:
+    """The MONAI scheduler of ``cfg.diffusion``: ``ddpm`` for training, or a sampler with ``steps`` set."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    try:
-        return config_from_dict(data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        return schedule.build_scheduler(cfg.diffusion, kind, steps)  # type: ignore[arg-type]
+    except ValueError as err:
+        key = {"kind": "sample.sampler", "num_inference_steps": "sample.steps", "schedule": "diffusion.schedule"}
+        arg, _, detail = str(err).partition(": ")
+        raise ConfigError(f"{key.get(arg, 'diffusion')}: {detail or err}") from None
+
+
+def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
+    """The run's ``sample`` section with non-``None`` overrides applied, checked like a config file."""
+    data = config_to_dict(cfg)
+    data["sample"].update({k: v for k, v in overrides.items() if v is not None})
+    return config_from_dict(data).sample
+
+
+def build_pipeline(
+    cfg: Config, model: nn.Module, device: torch.device, settings: SampleConfig | None = None, precision: str = "fp32"
+) -> DiffusionPipeline:
+    """The run's pipeline: its model, training scheduler, loss and (with ``settings``) sampling window/precision."""
+    precision = settings.precision if settings is not None else precision
+    return DiffusionPipeline(
+        model,
+        build_scheduler(cfg, "ddpm"),
+        loss=cfg.diffusion.loss,
+        roi_size=None if settings is None else settings.roi_size,
+        overlap=0.25 if settings is None else settings.overlap,
+        autocast=lambda: autocast(precision, device),
+    )
+
+
+def mask_background(volume: Tensor, mask: Tensor) -> Tensor:
+    """``volume`` with every voxel outside the bool ``mask`` (broadcast over channels) set to the background."""
+    return torch.where(mask.to(volume.device).bool(), volume, torch.full_like(volume, BACKGROUND))
 
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A trained run ready for inference."""
+    """A trained run ready for inference: its model, settings and pipeline."""
 
-    run_dir: Path
+    run: RunDir
     config: Config
     model: nn.Module
     checkpoint: Path
-    state: dict[str, Any]
+    state: TrainState
     weights: str  # "ema" or "model"
+    settings: SampleConfig
+    device: torch.device
+    pipeline: DiffusionPipeline
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self.config.data.sources) if self.config.data.task == "translate" else []
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.config.data.targets)
+
+    def scheduler(self) -> Scheduler:
+        """A fresh sampling scheduler of the run's settings (``sample.sampler``, ``sample.steps``)."""
+        return build_scheduler(self.config, self.settings.sampler, self.settings.steps)
+
+    @property
+    def start_timestep(self) -> int:
+        """Where an unconditional run's SDEdit reconstruction starts (``sample.strength`` of the chain)."""
+        return round(self.settings.strength * (self.config.diffusion.num_train_timesteps - 1))
+
+    def infer(
+        self,
+        *,
+        condition: Tensor | None = None,
+        target: Tensor | None = None,
+        shape: Sequence[int] | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """One ``(1, targets, X, Y, Z)`` volume on CPU, in the preprocessed intensity range.
+
+        Translation runs take the sources' ``condition`` (1, sources, X, Y, Z). Unconditional runs take
+        ``target`` (1, targets, X, Y, Z), noised to :attr:`start_timestep` and denoised back (SDEdit), or a
+        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``.
+        """
+        sc = self.settings
+        grid = (condition if condition is not None else target).shape[2:] if shape is None else tuple(shape)
+        start = {} if target is None else {"x_start": target, "start_timestep": self.start_timestep}
+        return self.pipeline.sample(
+            (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
+            generator=torch.Generator().manual_seed(sc.seed if seed is None else seed), eta=sc.eta,
+            device=self.device, progress=progress, **start,
+        ).cpu()
+
+    def masked(self, volume: Tensor, mask: Tensor) -> Tensor:
+        """``volume`` outside ``mask`` set to the background when the run says so (``sample.mask_output``)."""
+        return mask_background(volume, mask) if self.settings.mask_output and self.sources else volume
 
 
 def load_run(
     run_dir: str | Path,
+    *,
     checkpoint: str | Path | None = None,
-    use_ema: bool = True,
-    device: str | torch.device = "cpu",
+    use_ema: bool | None = None,
+    device: str | torch.device = "auto",
+    **overrides: Any,
 ) -> LoadedRun:
-    """Rebuild a run's model from its config and load a checkpoint's weights (EMA by default).
+    """Rebuild a run's model from its config and load a checkpoint's weights (EMA unless ``sample.use_ema`` false).
 
     Args:
         run_dir: the run folder.
         checkpoint: a checkpoint JSON/safetensors path; the newest committed one when ``None``.
-        use_ema: load the EMA weights (``ema/``) instead of the raw ones (``model/``).
-        device: where to put the model.
+        use_ema: EMA weights (``ema/``) or the raw ones (``model/``); default the run's ``sample.use_ema``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` (``--device``).
+        overrides: ``sample`` settings to change (``sampler``, ``steps``, ``eta``, ``seed``, ``precision``...);
+            ``None`` values keep the run's.
 
     Raises:
-        ConfigError: not a run folder. CheckpointError: no checkpoint, tampered, other architecture.
+        ConfigError: not a run folder, bad device or settings. CheckpointError: no checkpoint, tampered,
+            another architecture, no weights of the asked kind.
     """
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir / CHECKPOINTS)
-    if path is None:
-        raise CheckpointError(f"{run_dir / CHECKPOINTS}: no complete checkpoint")
+    run = RunDir(run_dir)
+    cfg = run.read_config()
+    dev = resolve_device(device, "--device")
+    settings = sample_settings(cfg, **overrides)
+    check_precision(settings.precision, dev, "--precision")
+    if use_ema is None:
+        use_ema = settings.use_ema
     in_ch, out_ch = model_channels(cfg.data)
     model = build_model(cfg.model, in_ch, out_ch)
-    tensors, state = load_checkpoint(path, expected_signature=architecture_signature(model, cfg.model))
+    tensors, state, path = run.load_checkpoint(checkpoint, expected_signature=architecture_signature(model, cfg.model))
     prefix = "ema/" if use_ema else "model/"
     if not any(k.startswith(prefix) for k in tensors):
         raise CheckpointError(f"{path}: holds no {prefix[:-1]} weights")
     load_state_strict(model, tensors, prefix, path)
-    model.to(resolve_device(device, "--device")).eval()
-    return LoadedRun(run_dir, cfg, model, path, state, "ema" if use_ema else "model")
+    model.to(dev).eval()
+    pipeline = build_pipeline(cfg, model, dev, settings)
+    return LoadedRun(run, cfg, model, path, state, "ema" if use_ema else "model", settings, dev, pipeline)

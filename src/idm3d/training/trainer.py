@@ -12,7 +12,6 @@ Under torchrun every process runs a Trainer on its share of each step's global b
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -22,33 +21,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import DiffusionInferer
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from idm3d.diffusion.schedule import build_scheduler, diffusion_loss, sample_timesteps, training_target
+from idm3d.diffusion.schedule import sample_timesteps
 from idm3d.errors import CheckpointError, ConfigError, IDM3DError, NonFiniteError
+from idm3d.jsonio import json_safe
 from idm3d.training import distributed
 from idm3d.training import precision as mixed
-from idm3d.training import run as runlib
 from idm3d.training.checkpoint import (
-    checkpoint_paths,
-    finite_or_none,
-    latest_checkpoint,
-    load_checkpoint,
+    TrainState,
     load_state_strict,
     optimizer_from_flat,
     optimizer_to_flat,
-    remove_stale_files,
-    save_checkpoint,
 )
 from idm3d.training.config import Config, config_to_dict
-from idm3d.training.data_source import TrainingData, build_training_data
+from idm3d.training.data_source import PreparedData, TrainingData, data_source
 from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite
-from idm3d.training.logs import MetricsLog, memory_mb, plot_loss_curve
+from idm3d.training.logs import memory_mb
 from idm3d.training.model_factory import architecture_signature, build_model, model_channels
-from idm3d.training.run import resolve_device
+from idm3d.training.run import build_pipeline, resolve_device
+from idm3d.training.rundir import RunDir, versions
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
@@ -72,12 +66,36 @@ class StepResult:
     overflow: bool = False  # skipped on an fp16 gradient overflow at a loss scale > 1 (not a fault)
 
 
+@dataclasses.dataclass
+class _Clock:
+    """Training time of this session on top of what earlier sessions used, and the logging window."""
+
+    base: float
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    window_start: float = dataclasses.field(default_factory=time.monotonic)
+    window_steps: int = 0
+
+    def elapsed(self) -> float:
+        return self.base + (time.monotonic() - self.started)
+
+    def steps_per_s(self) -> float:
+        now = time.monotonic()
+        rate = self.window_steps / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_steps = now, 0
+        return rate
+
+
 class Trainer:
-    """Owns the model, EMA, optimizer, data and run folder of one training run.
+    """Owns the model, EMA, optimizer, pipeline and data of one training run.
+
+    Building a Trainer writes nothing: it reads the run folder (the checkpoint to resume, the saved
+    split) through :class:`~idm3d.training.rundir.RunDir` and the data through its
+    :class:`~idm3d.training.data_source.DataSource`. :meth:`run` opens the run folder (rank 0 writes the
+    config, split and data summary) and trains.
 
     Args:
         cfg: the run configuration.
-        run_dir: the run folder (created).
+        run_dir: the run folder.
         resume: continue from the newest checkpoint in ``run_dir``; otherwise ``run_dir`` must not
             already hold checkpoints.
         data: training data; built from ``cfg.data`` (with the dataset checks) when ``None``.
@@ -87,28 +105,24 @@ class Trainer:
         self, cfg: Config, run_dir: str | Path, resume: bool = False, data: TrainingData | None = None
     ) -> None:
         self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / runlib.CHECKPOINTS
-        existing = latest_checkpoint(self.ckpt_dir)
-        if existing is not None and not resume:
-            raise ConfigError(f"--out {self.run_dir}: holds checkpoints already; pass --resume or choose a new folder")
-        if resume and existing is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        self.folder = RunDir(run_dir)
+        self.resume = resume
+        existing = self._resume_point(resume)
         self.dist = distributed.setup(cfg.train.device)
         self.dist.check_batch(cfg.data.batch_size)
         self.device = self.dist.device
         mixed.check_precision(cfg.train.precision, self.device)
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         in_ch, out_ch = model_channels(cfg.data)
         torch.manual_seed(step_seed(cfg.train.seed, 0, _STREAM_INIT))  # same seed, same initial weights
         self.model = build_model(cfg.model, in_ch, out_ch).to(self.device)  # before the (slow) data
-        self.data = data if data is not None else distributed.build_on_main_first(
-            self.dist, lambda folder: build_training_data(cfg, folder), self.run_dir
-        )
+        self.prepared: PreparedData | None = None
+        if data is None:
+            self.prepared = data_source(cfg).prepare(self.folder.read_split())
+            data = self.prepared.data
+        self.data = data
         self.signature = architecture_signature(self.model, cfg.model)
-        self.scheduler = build_scheduler(cfg.diffusion, "ddpm")
-        self.inferer = DiffusionInferer(self.scheduler)
+        self.pipeline = build_pipeline(cfg, self.model, self.device, precision=cfg.train.precision)
+        self.scheduler = self.pipeline.scheduler
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
@@ -121,85 +135,99 @@ class Trainer:
         self.last_loss: float | None = None
         self.on_step: list[Callable[[Trainer, StepResult], None]] = []
         self._saved_step: int | None = None
-        if resume:
-            removed = remove_stale_files(self.ckpt_dir) if self.dist.is_main else []
-            self._load(existing)
+        self._resumed_from = existing
+        if existing is not None:
+            self._restore(existing)
             self._saved_step = self.step
-            note = f" (removed {len(removed)} incomplete file(s))" if removed else ""
-            if self.dist.is_main:
-                tqdm.write(f"idm3d: resuming from {existing.name} at step {self.step}{note}", file=sys.stderr)
         # The training forward goes through DDP when distributed; checks and diagnoses use self.model.
         self.net = self.dist.wrap(self.model)
-        if self.dist.is_main:
-            runlib.write_run_info(self.run_dir, cfg, self.signature)
-        self.log: MetricsLog | distributed.NullLog = (
-            MetricsLog(self.run_dir / runlib.METRICS, resume_step=self.step if resume else None)
-            if self.dist.is_main else distributed.NullLog()
-        )
+        self.log: Any = distributed.NullLog()  # the metrics log, opened by run()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.folder.checkpoints
 
     # ------------------------------------------------------------------------------------ state
 
-    def _load(self, path: Path) -> None:
-        tensors, state = load_checkpoint(path, expected_signature=self.signature, device="cpu")
+    def _resume_point(self, resume: bool) -> Path | None:
+        existing = self.folder.latest_checkpoint()
+        if existing is not None and not resume:
+            raise ConfigError(f"--out {self.run_dir}: holds checkpoints already; pass --resume or choose a new folder")
+        if resume and existing is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        return existing
+
+    def _restore(self, path: Path) -> None:
+        tensors, state, _ = self.folder.load_checkpoint(path, expected_signature=self.signature)
         load_state_strict(self.model, tensors, "model/", path)
         ema_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
         try:
-            self.ema.load_state_dict(ema_tensors, int(state.get("ema_updates", 0)))
+            self.ema.load_state_dict(ema_tensors, state.ema_updates)
         except KeyError as err:
             raise CheckpointError(f"{path}: EMA weights do not fit the model ({err})") from None
         # Left on CPU: Optimizer.load_state_dict moves moments to their parameter's device and keeps
         # "step" where the optimizer wants it.
         optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
         try:
-            optimizer_from_flat(self.optimizer, optim, state["optimizer"])
+            optimizer_from_flat(self.optimizer, optim, state.optimizer or {})
         except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
             raise CheckpointError(f"{path}: optimizer state does not fit the model ({err})") from None
-        self.step = int(state["step"])
-        self.elapsed = float(state.get("elapsed_s", 0.0))
-        self.skipped_total = int(state.get("skipped_total", 0))
-        if self.scaler is not None and isinstance(state.get("grad_scaler"), dict):
+        self.step = state.step
+        self.elapsed = float(state.elapsed_s)
+        self.skipped_total = state.skipped_total
+        if self.scaler is not None and isinstance(state.grad_scaler, dict):
             try:
-                self.scaler.load_state_dict(state["grad_scaler"])
+                self.scaler.load_state_dict(state.grad_scaler)
             except (KeyError, ValueError, TypeError, RuntimeError) as err:
                 raise CheckpointError(f"{path}: fp16 loss-scaler state is unreadable ({err})") from None
-        if int(state.get("seed", self.cfg.train.seed)) != self.cfg.train.seed:
+        if state.seed is not None and state.seed != self.cfg.train.seed:
             raise ConfigError(
-                f"train.seed: {self.cfg.train.seed} differs from the checkpoint's {state.get('seed')} "
+                f"train.seed: {self.cfg.train.seed} differs from the checkpoint's {state.seed} "
                 "(the data order would change); keep the seed when resuming"
             )
 
+    def train_state(self) -> TrainState:
+        """The checkpoint's JSON half at the current step."""
+        _, opt_meta = optimizer_to_flat(self.optimizer)
+        return TrainState(
+            step=self.step, seed=self.cfg.train.seed, config=config_to_dict(self.cfg), signature=self.signature,
+            optimizer=opt_meta, ema_updates=self.ema.num_updates, elapsed_s=self.elapsed,
+            skipped_total=self.skipped_total, last_loss=self.last_loss, precision=self.cfg.train.precision,
+            grad_scaler=mixed.scaler_state(self.scaler), world_size=self.dist.world_size, versions=versions(),
+        )
+
     def save(self) -> Path:
         """Write a checkpoint at the current step (keeps the newest ``train.keep_checkpoints``)."""
+        self._saved_step = self.step
         if not self.dist.is_main:  # every process holds the same state: rank 0 writes it
-            self._saved_step = self.step
-            return checkpoint_paths(self.ckpt_dir, self.step)[1]
-        opt_tensors, opt_meta = optimizer_to_flat(self.optimizer)
+            return self.ckpt_dir / f"step-{self.step:08d}.json"
+        opt_tensors, _ = optimizer_to_flat(self.optimizer)
         tensors: dict[str, Tensor] = {f"model/{k}": v for k, v in self.model.state_dict().items()}
         tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         tensors.update(opt_tensors)
-        state = {
-            "seed": self.cfg.train.seed,
-            "rng": "per-step generators seeded from (seed, step); no RNG state carried",
-            "config": config_to_dict(self.cfg),
-            "signature": self.signature,
-            "optimizer": opt_meta,
-            "ema_updates": self.ema.num_updates,
-            "elapsed_s": self.elapsed,
-            "skipped_total": self.skipped_total,
-            "precision": self.cfg.train.precision,
-            "grad_scaler": mixed.scaler_state(self.scaler),
-            "world_size": self.dist.world_size,
-            "last_loss": finite_or_none(self.last_loss) if self.last_loss is not None else None,
-            "versions": runlib.versions(),
-        }
-        path = save_checkpoint(self.ckpt_dir, self.step, tensors, state, keep=self.cfg.train.keep_checkpoints)
-        self._saved_step = self.step
-        return path
+        return self.folder.save_checkpoint(self.train_state(), tensors, keep=self.cfg.train.keep_checkpoints)
+
+    def _open(self) -> None:
+        """Rank 0 writes the run folder's config, split and data summary and opens the metrics log."""
+        if not self.dist.is_main:
+            return
+        run = self.folder
+        removed = run.remove_stale_files() if self._resumed_from is not None else []
+        run.write_config(self.cfg, self.signature)
+        if self.prepared is not None:
+            if self.prepared.split is not None:
+                run.write_split(self.prepared.split)
+            run.write_data_info(self.prepared.info)
+        self.log = run.metrics_log(resume_step=self.step if self.resume else None)
+        if self._resumed_from is not None:
+            note = f" (removed {len(removed)} incomplete file(s))" if removed else ""
+            tqdm.write(f"idm3d: resuming from {self._resumed_from.name} at step {self.step}{note}", file=sys.stderr)
 
     # ------------------------------------------------------------------------------------ one step
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        return mixed.autocast(self.cfg.train.precision, self.device)
 
     def _inputs(self, step: int) -> dict[str, Tensor | None]:
         target, source = self.data.batch(step)
@@ -215,20 +243,6 @@ class Trainer:
             "timesteps": share(timesteps).to(dev),
         }
 
-    def _forward(self, b: dict[str, Tensor | None], module: nn.Module | None = None) -> Tensor:
-        model = self.net if module is None else module
-        with self._autocast():
-            if b["source"] is None:
-                return self.inferer(b["target"], model, b["noise"], b["timesteps"])
-            return self.inferer(
-                b["target"], model, b["noise"], b["timesteps"], condition=b["source"], mode="concat"
-            )
-
-    def _loss(self, b: dict[str, Tensor | None], prediction: Tensor) -> Tensor:
-        target = training_target(self.scheduler, b["target"], b["noise"], b["timesteps"],
-                                 self.cfg.diffusion.prediction_type)
-        return diffusion_loss(prediction, target, self.cfg.diffusion.loss)
-
     def train_step(self, step: int, batch: dict[str, Tensor | None] | None = None) -> StepResult:
         """Run optimisation step ``step`` (0-based); non-finite loss or gradients skip the update."""
         b = batch if batch is not None else self._inputs(step)
@@ -239,7 +253,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(b, self._forward(b))
+        loss = self.pipeline.loss(b, self.net)
         # The global batch's mean loss: every process takes the same skip decision from it.
         loss_value = self.dist.mean(float(loss.detach()))
         if not np.isfinite(loss_value):
@@ -269,29 +283,53 @@ class Trainer:
         self.ema.update(self.model)
         return StepResult(loss_value, grad_norm, False)
 
+    # ------------------------------------------------------------------------------------ guards
+
     def _diagnose(self, step: int) -> str:
         b = self._inputs(step)
         torch.manual_seed(step_seed(self.cfg.train.seed, step, _STREAM_TORCH))
 
         def loss_and_backward() -> Tensor:
-            loss = self._loss(b, self._forward(b, self.model))
+            loss = self.pipeline.loss(b, self.model)
             loss.backward()
             return loss
 
-        message = diagnose_nonfinite(self.model, b, lambda: self._forward(b, self.model), loss_and_backward)
+        message = diagnose_nonfinite(self.model, b, lambda: self.pipeline.forward(b, self.model), loss_and_backward)
         found = self.dist.gather(message)  # each process diagnosed its own share of the batch
         if len(set(found)) > 1:
             message = "; ".join(f"process {rank}: {m}" for rank, m in enumerate(found))
         return message
+
+    def _guard_nonfinite(self, step: int, result: StepResult) -> None:
+        """Count skipped steps; stop with a diagnosis after ``train.nonfinite_patience`` in a row."""
+        if not result.skipped:
+            self.nonfinite_streak = 0
+            self.last_loss = result.loss
+            return
+        # An fp16 overflow at a loss scale > 1 is the scaler probing its range, not a fault.
+        self.nonfinite_streak += 0 if result.overflow else 1
+        self.skipped_total += 1
+        record = {**self._record(result), "skipped": True, **({"overflow": True} if result.overflow else {})}
+        self.log.write(record)
+        if self.dist.is_main and result.overflow:
+            tqdm.write(f"idm3d: warning: step {self.step}: fp16 gradient overflow, update skipped "
+                       f"(loss scale lowered to {self.scaler.get_scale():g})", file=sys.stderr)
+        elif self.dist.is_main:
+            tqdm.write(f"idm3d: warning: step {self.step}: non-finite loss/gradient, update skipped "
+                       f"({self.nonfinite_streak} in a row)", file=sys.stderr)
+        patience = self.cfg.train.nonfinite_patience
+        if self.nonfinite_streak >= patience:
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} steps in a row (up to step {self.step}) had a non-finite loss or "
+                f"gradient (train.nonfinite_patience={patience}); {self._diagnose(step)}"
+            )
 
     def _drift_check(self, step: int) -> dict[str, float] | None:
         check = getattr(self.model, "reconstruction_error", None)
         if check is None:
             return None
         b = self._inputs(step)
-        x_t = self.scheduler.add_noise(b["target"], b["noise"], b["timesteps"])
-        x_in = x_t if b["source"] is None else torch.cat([x_t, b["source"]], dim=1)
-        errors = {k: float(v) for k, v in check(x_in, b["timesteps"], None).items()}
+        errors = {k: float(v) for k, v in check(self.pipeline.noisy_input(b), b["timesteps"], None).items()}
         if self.dist.enabled:  # each process checked its own share; all must take the same decision
             errors = dict(zip(errors, self.dist.max([v if np.isfinite(v) else float("inf") for v in errors.values()])))
         worst = _drift_fields(errors)["drift_op"] if errors else None  # a NaN error counts as the worst
@@ -305,85 +343,79 @@ class Trainer:
                 tqdm.write(f"idm3d: warning: {msg}", file=sys.stderr)
         return errors
 
+    def _guard_drift(self, step: int, record: dict[str, Any]) -> None:
+        """Every ``train.drift_check_every`` steps: the invertible core's rebuild errors, into ``record``."""
+        every = self.cfg.train.drift_check_every
+        if every and self.step % every == 0:
+            errors = self._drift_check(step)
+            if errors:
+                record.update(_drift_fields(errors))
+
     # ------------------------------------------------------------------------------------ loop
 
-    def _budget_left(self, started: float, base_elapsed: float) -> bool:
+    def _budget_left(self, clock: _Clock) -> bool:
         tc = self.cfg.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return False
         if tc.max_seconds is None:
             return True
         # Rank 0's clock decides for all: processes that disagreed would wait on each other forever.
-        return self.dist.agree(base_elapsed + (time.monotonic() - started) < tc.max_seconds)
+        return self.dist.agree(clock.elapsed() < tc.max_seconds)
+
+    def _record(self, result: StepResult) -> dict[str, Any]:
+        return {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _log(self, record: dict[str, Any], result: StepResult, clock: _Clock, bar: tqdm) -> None:
+        """Every ``train.log_every`` steps, at drift checks and at the last step: a metrics record."""
+        # Drift-check steps are always logged: the per-op errors are the point of the check.
+        if self.step % self.cfg.train.log_every == 0 or "drift" in record or not self._budget_left(clock):
+            record.update(steps_per_s=clock.steps_per_s(), mem_mb=memory_mb(self.device), elapsed_s=self.elapsed)
+            if not result.skipped:
+                self.log.write(record)
+            bar.set_postfix(loss=f"{result.loss:.4g}", mem=f"{record['mem_mb']:.0f}MiB", refresh=False)
+        bar.update(1)
+
+    def _checkpoint(self, final: bool = False) -> None:
+        """Every ``train.checkpoint_every`` steps (and at the end, unless just saved): a checkpoint and the curve."""
+        due = self.step % self.cfg.train.checkpoint_every == 0
+        if (due and not final) or (final and self._saved_step != self.step):
+            self.save()
+            if not final and self.dist.is_main:
+                self.folder.plot_loss()
 
     def run(self) -> Path:
         """Train until ``train.max_steps`` and/or ``train.max_seconds``; return the run folder."""
-        tc = self.cfg.train
-        started = time.monotonic()
-        base_elapsed = self.elapsed
-        bar = tqdm(total=tc.max_steps, initial=self.step, unit="step", disable=not tc.progress or not self.dist.is_main,
-                   dynamic_ncols=True)
-        window_start, window_steps = time.monotonic(), 0
+        self._open()
+        clock = _Clock(self.elapsed)
+        bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.cfg.train.progress or not self.dist.is_main)
         try:
-            while self._budget_left(started, base_elapsed):
+            while self._budget_left(clock):
                 step = self.step
                 result = self.train_step(step)
-                self.step = step + 1
-                self.elapsed = base_elapsed + (time.monotonic() - started)
-                window_steps += 1
-                record: dict[str, Any] = {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm,
-                                          "lr": self.optimizer.param_groups[0]["lr"]}
-                if result.skipped:
-                    # An fp16 overflow at a loss scale > 1 is the scaler probing its range, not a fault.
-                    self.nonfinite_streak += 0 if result.overflow else 1
-                    self.skipped_total += 1
-                    self.log.write({**record, "skipped": True, **({"overflow": True} if result.overflow else {})})
-                    if self.dist.is_main and result.overflow:
-                        tqdm.write(f"idm3d: warning: step {self.step}: fp16 gradient overflow, update skipped "
-                                   f"(loss scale lowered to {self.scaler.get_scale():g})", file=sys.stderr)
-                    elif self.dist.is_main:
-                        tqdm.write(f"idm3d: warning: step {self.step}: non-finite loss/gradient, update skipped "
-                                   f"({self.nonfinite_streak} in a row)", file=sys.stderr)
-                    if self.nonfinite_streak >= tc.nonfinite_patience:
-                        raise NonFiniteError(
-                            f"{self.nonfinite_streak} steps in a row (up to step {self.step}) had a non-finite loss or "
-                            f"gradient (train.nonfinite_patience={tc.nonfinite_patience}); {self._diagnose(step)}"
-                        )
-                else:
-                    self.nonfinite_streak = 0
-                    self.last_loss = result.loss
+                self.step, self.elapsed = step + 1, clock.elapsed()
+                clock.window_steps += 1
+                self._guard_nonfinite(step, result)
+                record = self._record(result)
                 for hook in self.on_step:
                     hook(self, result)
-                if tc.drift_check_every and self.step % tc.drift_check_every == 0:
-                    errors = self._drift_check(step)
-                    if errors:
-                        record.update(_drift_fields(errors))
-                # Drift-check steps are always logged: the per-op errors are the point of the check.
-                if self.step % tc.log_every == 0 or "drift" in record or not self._budget_left(started, base_elapsed):
-                    now = time.monotonic()
-                    record.update(steps_per_s=window_steps / max(now - window_start, 1e-9),
-                                  mem_mb=memory_mb(self.device), elapsed_s=self.elapsed)
-                    window_start, window_steps = now, 0
-                    if not result.skipped:
-                        self.log.write(record)
-                    bar.set_postfix(loss=f"{result.loss:.4g}", mem=f"{record['mem_mb']:.0f}MiB", refresh=False)
-                bar.update(1)
-                if self.step % tc.checkpoint_every == 0:
-                    self.save()
-                    plot_loss_curve(self.log.read(), self.run_dir / runlib.LOSS_PNG)
-            if self._saved_step != self.step:
-                self.save()
+                self._guard_drift(step, record)
+                self._log(record, result, clock, bar)
+                self._checkpoint()
+            self._checkpoint(final=True)
         finally:
             bar.close()
             self.log.close()
-        plot_loss_curve(self.log.read(), self.run_dir / runlib.LOSS_PNG)
+        if self.dist.is_main:
+            self.folder.plot_loss()
         return self.run_dir
 
 
 def _drift_fields(errors: dict[str, float]) -> dict[str, Any]:
     """Metrics-log fields of a drift check: every op's max abs rebuild error, the worst op and its error."""
     worst = max(errors, key=lambda k: errors[k] if np.isfinite(errors[k]) else float("inf"))
-    return {"drift": {k: finite_or_none(v) for k, v in errors.items()}, "drift_max": errors[worst], "drift_op": worst}
+    return {"drift": json_safe(errors), "drift_max": errors[worst], "drift_op": worst}
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> Path:

@@ -1,0 +1,223 @@
+"""``RunDir``: the run folder, and the only code that reads or writes one.
+
+::
+
+    <run>/config.yaml           the resolved configuration
+    <run>/run.json              architecture signature, library versions
+    <run>/split.json            train/val/test case ids (folder data)
+    <run>/data.json             reference affine and per-modality intensity scaling of the training cases
+    <run>/checkpoints/          step-XXXXXXXX.{safetensors,json}: tensors + a TrainState
+    <run>/metrics.jsonl         per-step records; <run>/loss.png the curve
+    <run>/eval-<split>.{json,md} evaluation reports; other figures and reports by name
+
+Every write is atomic (temporary file, fsync, rename), so a crash leaves the previous file or the new one.
+Readers check what they read and fail with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from idm3d.data.split import Split, load_split, save_split
+from idm3d.errors import CheckpointError, ConfigError, DataError
+from idm3d.jsonio import dumps
+from idm3d.training import checkpoint as ckpt
+from idm3d.training.checkpoint import TrainState, atomic_write_text
+from idm3d.training.config import Config, config_from_dict, config_to_dict
+from idm3d.training.logs import MetricsLog, plot_loss_curve, read_metrics
+
+__all__ = ["RunDir", "versions"]
+
+CHECKPOINTS = "checkpoints"
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+SPLIT = "split.json"
+DATA_INFO = "data.json"
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
+
+
+def versions() -> dict[str, str]:
+    """Versions of idm3d, torch, MONAI and Python (recorded with every run and checkpoint)."""
+    import monai
+
+    import idm3d
+
+    return {
+        "idm3d": getattr(idm3d, "__version__", "0"),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class RunDir:
+    """One run folder (``path``); nothing is created until something is written.
+
+    Args:
+        path: the folder.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    # ----------------------------------------------------------------------------- config
+
+    def write_config(self, cfg: Config, signature: Mapping[str, Any]) -> None:
+        """``config.yaml`` and ``run.json`` (architecture signature, versions)."""
+        self.create()
+        atomic_write_text(self.path / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self.write_json(RUN_INFO, {"signature": dict(signature), "versions": versions()})
+
+    def read_config(self) -> Config:
+        """The configuration the run was trained with (``config.yaml``)."""
+        path = self.path / CONFIG
+        if not path.is_file():
+            raise ConfigError(f"--run {self.path}: not a run folder ({CONFIG} not found)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        try:
+            return config_from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    # ----------------------------------------------------------------------------- data
+
+    def read_split(self) -> Split | None:
+        """The saved ``split.json``, or ``None`` (demo data, or a run not started yet)."""
+        path = self.path / SPLIT
+        return load_split(path) if path.is_file() else None
+
+    def write_split(self, split: Split) -> None:
+        self.create()
+        save_split(self.path / SPLIT, split)
+
+    def write_data_info(self, info: Mapping[str, Any]) -> None:
+        """``data.json``: what sampling needs to know of the training data (see :meth:`read_data_info`)."""
+        self.create()
+        self.write_json(DATA_INFO, info)
+
+    def read_data_info(self) -> dict[str, Any] | None:
+        """``data.json`` (reference affine, working grid, typical intensity scaling), or ``None``."""
+        path = self.path / DATA_INFO
+        if not path.is_file():
+            return None
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise DataError(f"{path}: not valid JSON ({err})") from None
+        _check_data_info(info, path)
+        return info
+
+    # ----------------------------------------------------------------------------- checkpoints
+
+    def latest_checkpoint(self) -> Path | None:
+        """The state JSON of the newest committed checkpoint, or ``None``."""
+        return ckpt.latest_checkpoint(self.checkpoints)
+
+    def checkpoint(self, path: str | Path | None = None) -> Path:
+        """``path`` (a checkpoint of this or another run), or the newest one of this run."""
+        found = Path(path) if path is not None else self.latest_checkpoint()
+        if found is None:
+            raise CheckpointError(f"{self.checkpoints}: no complete checkpoint")
+        return found
+
+    def remove_stale_files(self) -> list[Path]:
+        """Delete what a crash left in ``checkpoints/`` (temporary files, uncommitted weights)."""
+        return ckpt.remove_stale_files(self.checkpoints)
+
+    def save_checkpoint(self, state: TrainState, tensors: Mapping[str, Tensor], keep: int | None = None) -> Path:
+        """Write checkpoint ``state.step`` atomically, keeping the newest ``keep``; return its JSON path."""
+        return ckpt.save_checkpoint(self.checkpoints, state.step, tensors, state.to_json(), keep=keep)
+
+    def load_checkpoint(
+        self,
+        path: str | Path | None = None,
+        expected_signature: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> tuple[dict[str, Tensor], TrainState, Path]:
+        """Read and verify a checkpoint (default: the newest); return ``(tensors, state, path)``."""
+        found = self.checkpoint(path)
+        tensors, doc = ckpt.load_checkpoint(found, expected_signature=expected_signature, device=device)
+        return tensors, TrainState.from_json(doc, found), found
+
+    def read_state(self, path: str | Path | None = None) -> TrainState:
+        """The :class:`TrainState` of a checkpoint (default: the newest), without reading its weights."""
+        found, doc = ckpt.read_state_json(self.checkpoint(path))
+        return TrainState.from_json(doc, found)
+
+    # ----------------------------------------------------------------------------- metrics, reports
+
+    def metrics_log(self, resume_step: int | None = None) -> MetricsLog:
+        """The open ``metrics.jsonl`` (emptied for a new run; cut after ``resume_step`` on resume)."""
+        self.create()
+        return MetricsLog(self.path / METRICS, resume_step=resume_step)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path / METRICS)
+
+    def plot_loss(self) -> Path | None:
+        """``loss.png`` from the metrics log (``None`` before any loss is logged)."""
+        return plot_loss_curve(self.read_metrics(), self.path / LOSS_PNG)
+
+    def write_json(self, name: str, value: Any) -> Path:
+        """``<run>/<name>`` as strict, indented JSON (NaN/Inf as null), atomically."""
+        path = self.path / name
+        atomic_write_text(path, dumps(value, indent=2))
+        return path
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        atomic_write_text(path, text)
+        return path
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_data_info(info: Any, path: Path) -> None:
+    """The fields sampling reads must have the expected types: a hand-edited data.json fails here, in one line."""
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    scalings = info.get("scalings", {})
+    if not isinstance(scalings, dict) or not all(
+        isinstance(s, dict) and _is_number(s.get("lo")) and _is_number(s.get("hi")) for s in scalings.values()
+    ):
+        raise DataError(f"{path}: 'scalings' must map each modality to {{\"lo\": number, \"hi\": number}}")
+    shape = info.get("grid_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)
+    ):
+        raise DataError(f"{path}: 'grid_shape' must be 3 positive integers, got {shape!r}")
+    for key in ("grid_affine", "reference_affine"):
+        a = info.get(key)
+        if a is not None and not (
+            isinstance(a, list) and len(a) == 4
+            and all(isinstance(row, list) and len(row) == 4 and all(map(_is_number, row)) for row in a)
+        ):
+            raise DataError(f"{path}: '{key}' must be a 4x4 list of numbers")
