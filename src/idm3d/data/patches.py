@@ -4,6 +4,9 @@ Source and target modalities are channels of one (C, X, Y, Z) tensor, so one cro
 Each training step ``s`` draws from a ``torch.Generator`` seeded by ``(seed, s)``: a run resumed at step
 ``s`` sees exactly the patches it would have seen without the interruption, whatever happened before.
 
+Errors are ``ValueError`` naming this module's own arguments (``patch_size``, ``batch_size``...); the
+training layer names the config key (``data.patch_size``).
+
 Whole-volume inference is left to :func:`monai.inferers.sliding_window_inference` (or a single pass
 when the volume fits), which needs nothing from this module.
 """
@@ -14,8 +17,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from idm3d.errors import ConfigError
 
 __all__ = ["PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"]
 
@@ -31,13 +32,13 @@ def generator_for_step(seed: int, step: int) -> torch.Generator:
 
 def _bounds(shape: Sequence[int], patch: Sequence[int], region: Region | None) -> list[tuple[int, int]]:
     if len(patch) != len(shape):
-        raise ConfigError(f"patch_size: expected {len(shape)} sizes, got {tuple(patch)}")
+        raise ValueError(f"patch_size: expected {len(shape)} sizes, got {tuple(patch)}")
     region = list(region) if region is not None else [None] * len(shape)
     bounds = []
     for axis, (size, p, r) in enumerate(zip(shape, patch, region)):
         lo, hi = (0, size) if r is None else (max(0, int(r[0])), min(size, int(r[1])))
         if p < 1 or p > hi - lo:
-            raise ConfigError(
+            raise ValueError(
                 f"patch_size: {p} voxels along axis {axis} does not fit the allowed extent {lo}..{hi} "
                 f"(volume size {size})"
             )
@@ -163,11 +164,11 @@ class PatchSampler:
         target_channels: Sequence[int] | None = None,
     ) -> None:
         if not volumes:
-            raise ConfigError("patch sampler: no volumes to sample from")
+            raise ValueError("volumes: no volumes to sample from")
         if batch_size < 1:
-            raise ConfigError(f"batch_size: expected >= 1, got {batch_size}")
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if not 0.0 <= foreground_prob <= 1.0:
-            raise ConfigError(f"foreground_prob: expected a probability in [0, 1], got {foreground_prob}")
+            raise ValueError(f"foreground_prob: expected a probability in [0, 1], got {foreground_prob}")
         self.volumes = list(volumes)
         self.masks = list(masks) if masks is not None else [None] * len(self.volumes)
         self.regions = list(regions) if regions is not None else [None] * len(self.volumes)
@@ -238,6 +239,6 @@ class PatchSampler:
         for key in ("patch_size", "batch_size", "foreground_prob"):
             mine = list(self.patch_size) if key == "patch_size" else getattr(self, key)
             if key in state and state[key] != mine:
-                raise ConfigError(f"patch sampler state: {key} is {state[key]} in the checkpoint, {mine} now")
+                raise ValueError(f"patch sampler state: {key} is {state[key]} in the checkpoint, {mine} now")
         self.seed = int(state["seed"])
         self.step = int(state["step"])

@@ -2,7 +2,8 @@
 
 The measurement is the one ``idm3d bench memory`` makes (:func:`idm3d.bench.harness.measure_training_step`
 inside :func:`idm3d.bench.harness.run_config`), applied to the networks and the patch size the demo
-actually trains: the peak memory growth of one training step (forward, loss, backward) over what the
+actually trains, through the run's :class:`~idm3d.diffusion.pipeline.DiffusionPipeline` (noising, concat
+conditioning, the loss): the peak memory growth of one training step (forward, loss, backward) over what the
 process held once model and inputs existed, the parameter count, and the median step time.
 """
 
@@ -14,26 +15,31 @@ from typing import Any
 import torch
 
 from idm3d.bench.harness import measure_training_step, run_config
-from idm3d.diffusion.schedule import diffusion_loss
-from idm3d.training.config import Config, ModelConfig
+from idm3d.training.config import Config, ModelConfig, config_from_dict, config_to_dict
 from idm3d.training.model_factory import build_model, model_channels
+from idm3d.training.run import build_pipeline
 
 __all__ = ["child", "measure_nets"]
 
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
-    """Build one denoiser and measure one training step on a random batch (runs in a fresh process)."""
+    """Build one denoiser and measure one training step (the pipeline's loss) on a random batch (fresh process)."""
     device = torch.device(config["device"])
+    cfg = config_from_dict(config["run"])
     torch.manual_seed(0)
-    net = build_model(ModelConfig(config["name"], dict(config["kwargs"])), config["in_channels"],
-                      config["out_channels"]).to(device)
-    batch, patch = int(config["batch"]), [int(s) for s in config["patch_size"]]
-    x = torch.randn(batch, config["in_channels"], *patch, device=device)
-    target = torch.randn(batch, config["out_channels"], *patch, device=device)
-    timesteps = torch.randint(0, int(config["num_train_timesteps"]), (batch,), device=device)
+    in_ch, out_ch = model_channels(cfg.data)
+    net = build_model(ModelConfig(config["name"], dict(config["kwargs"])), in_ch, out_ch).to(device)
+    pipeline = build_pipeline(cfg, net, device)
+    batch, patch = cfg.data.batch_size, cfg.data.patch_size
+    inputs = {
+        "target": torch.randn(batch, out_ch, *patch, device=device),
+        "noise": torch.randn(batch, out_ch, *patch, device=device),
+        "source": torch.randn(batch, in_ch - out_ch, *patch, device=device) if in_ch > out_ch else None,
+        "timesteps": torch.randint(0, cfg.diffusion.num_train_timesteps, (batch,), device=device),
+    }
 
     def step() -> None:
-        diffusion_loss(net(x, timesteps), target, config.get("loss", "mse")).backward()
+        pipeline.loss(inputs).backward()
 
     result = measure_training_step(net, step, device, warmup=config.get("warmup", 1),
                                    repeats=config.get("repeats", 3), count_flops=False)
@@ -55,18 +61,12 @@ def measure_nets(
         label -> the :func:`child` result (``parameters``, ``peak_growth_mib``, ``step_s``, ``memory_method``,
         ...) plus ``status`` (``ok``, ``oom``, ``error`` or ``timeout``) and, on failure, ``error``.
     """
-    in_ch, out_ch = model_channels(cfg.data)
     out: dict[str, dict[str, Any]] = {}
     for label, model_cfg in models:
         config = {
             "name": model_cfg.name,
             "kwargs": dict(model_cfg.kwargs),
-            "in_channels": in_ch,
-            "out_channels": out_ch,
-            "batch": cfg.data.batch_size,
-            "patch_size": list(cfg.data.patch_size),
-            "num_train_timesteps": cfg.diffusion.num_train_timesteps,
-            "loss": cfg.diffusion.loss,
+            "run": config_to_dict(cfg),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "repeats": repeats,

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idm3d.diffusion.sampling import denoise_fn
-from idm3d.diffusion.schedule import PREDICTION_TYPES, diffusion_loss, predict_epsilon, training_target
+from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, training_target
 
 __all__ = ["Denoiser", "DiffusionPipeline"]
 
@@ -49,7 +49,7 @@ class DiffusionPipeline:
         autocast: a context manager factory wrapped around every network call (mixed precision).
 
     Raises:
-        ValueError: an unknown loss or prediction type.
+        ValueError: an unknown loss (MONAI's schedulers refuse an unknown prediction type).
     """
 
     def __init__(
@@ -64,9 +64,6 @@ class DiffusionPipeline:
     ) -> None:
         if loss not in ("mse", "l1"):
             raise ValueError(f"loss: expected mse|l1, got {loss!r}")
-        if scheduler.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler.prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, "
-                             f"got {scheduler.prediction_type!r}")
         self.model = model
         self.scheduler = scheduler
         self.loss_kind = loss

@@ -47,7 +47,6 @@ __all__ = [
     "check_data",
     "data_modalities",
     "data_source",
-    "load_demo_data",
     "preprocess_config",
 ]
 
@@ -67,22 +66,8 @@ def data_modalities(cfg: Config) -> tuple[str, ...]:
 
 
 def preprocess_config(cfg: Config) -> PreprocessConfig:
-    """The preprocessing every part of a run uses; volumes come out a multiple of the model's size step."""
-    d = cfg.data
-    spacing = None if d.spacing is None else (d.spacing[0] if len(d.spacing) == 1 else tuple(d.spacing))
-    multiple = required_multiple(cfg.model)
-    if d.root is None:  # match load_demo_data, so a demo-trained model sees inputs prepared the same way
-        spacing = 2.0 if spacing is None else spacing
-        multiple = math.lcm(16, multiple)
-    return PreprocessConfig(
-        spacing=spacing,
-        margin=d.margin,
-        spatial_size=None if d.spatial_size is None else tuple(d.spatial_size),
-        divisible_by=multiple,
-        percentiles=(d.percentiles[0], d.percentiles[1]),
-        # Translation crops/masks by the sources: at sampling time they are all there is.
-        mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
-    )
+    """The preprocessing every part of a run uses (:meth:`DataSource.preprocess_config` of its source)."""
+    return data_source(cfg).preprocess_config()
 
 
 def data_root(cfg: Config) -> Path:
@@ -90,16 +75,6 @@ def data_root(cfg: Config) -> Path:
     if cfg.data.root is None:
         raise DataError("data.root: this run uses the embedded demo data, not a data folder")
     return Path(cfg.data.root)
-
-
-def load_demo_data(cfg: Config) -> DemoData:
-    """The MNI demo templates preprocessed like the config says (2 mm unless ``data.spacing``)."""
-    d = cfg.data
-    spacing = 2.0 if d.spacing is None else float(d.spacing[0])
-    if d.spacing is not None and len(set(d.spacing)) != 1:
-        raise ConfigError(f"data.spacing: the demo data takes one isotropic spacing, got {d.spacing}")
-    multiple = required_multiple(cfg.model)
-    return _load_demo_cached(spacing, max(16, multiple), math.lcm(16, multiple), (d.percentiles[0], d.percentiles[1]))
 
 
 @functools.lru_cache(maxsize=2)
@@ -168,6 +143,26 @@ class DataSource:
         self.cfg = cfg
         self.modalities = data_modalities(cfg)
 
+    def grid(self) -> tuple[float | tuple[float, ...] | None, int]:
+        """``(spacing in mm or None, size multiple)`` of the working grid: ``data.spacing``, the model's step."""
+        d = self.cfg.data
+        spacing = None if d.spacing is None else (d.spacing[0] if len(d.spacing) == 1 else tuple(d.spacing))
+        return spacing, required_multiple(self.cfg.model)
+
+    def preprocess_config(self) -> PreprocessConfig:
+        """The preprocessing every part of a run uses; volumes come out a multiple of the model's size step."""
+        d = self.cfg.data
+        spacing, multiple = self.grid()
+        return PreprocessConfig(
+            spacing=spacing,
+            margin=d.margin,
+            spatial_size=None if d.spatial_size is None else tuple(d.spatial_size),
+            divisible_by=multiple,
+            percentiles=(d.percentiles[0], d.percentiles[1]),
+            # Translation crops/masks by the sources: at sampling time they are all there is.
+            mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
+        )
+
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         """Check the data, split it (keeping ``saved_split``, a resumed run's), preprocess, sample patches."""
         raise NotImplementedError
@@ -185,8 +180,10 @@ class DataSource:
                 foreground_prob=d.foreground_prob, regions=regions,
                 target_channels=list(range(n_src, len(self.modalities))),
             )
-        except ValueError as err:  # the sampler names its argument: patch_size, batch_size, foreground_prob
-            raise ConfigError(f"data.{err}") from None
+        except ValueError as err:  # the sampler names its own argument; the key is data.<argument>
+            arg, _, detail = str(err).partition(": ")
+            key = f"data.{arg}" if arg in ("patch_size", "batch_size", "foreground_prob") else "data"
+            raise ConfigError(f"{key}: {detail}") from None
         return PatchData(sampler, has_source=n_src > 0)
 
     def _info(self, records: list[CaseRecord], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -212,9 +209,20 @@ class DataSource:
 class DemoSource(DataSource):
     """The MNI demo templates: patches from the training slabs, the held-out axial band as the one test case."""
 
+    def grid(self) -> tuple[float, int]:
+        """2 mm isotropic unless ``data.spacing``; a multiple of 16 (the held-out band's depth)."""
+        d = self.cfg.data
+        if d.spacing is not None and len(set(d.spacing)) != 1:
+            raise ConfigError(f"data.spacing: the demo data takes one isotropic spacing, got {d.spacing}")
+        return (2.0 if d.spacing is None else float(d.spacing[0])), math.lcm(16, required_multiple(self.cfg.model))
+
     @property
     def demo(self) -> DemoData:
-        return load_demo_data(self.cfg)
+        """The MNI templates, preprocessed as :meth:`grid` says (loaded once per process and setting)."""
+        spacing, multiple = self.grid()
+        d = self.cfg.data
+        return _load_demo_cached(spacing, max(16, required_multiple(self.cfg.model)), multiple,
+                                 (d.percentiles[0], d.percentiles[1]))
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         demo = self.demo
