@@ -1,0 +1,52 @@
+"""The import arrows of docs/architecture.md, checked on the source: cli -> demo -> training -> {diffusion, data,
+nets} -> invertible, with the single-definition helpers (errors, devices, jsonio, metrics) below everything."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "idm3d"
+LEAVES = {"errors", "devices", "jsonio", "metrics"}  # import nothing of idm3d
+# package -> the idm3d packages and modules it may import (besides itself and the leaves)
+ALLOWED: dict[str, set[str]] = {
+    "invertible": set(),
+    "nets": {"invertible"},
+    "diffusion": set(),
+    "data": set(),
+    "training": {"diffusion", "data", "nets", "invertible", "idm3d"},  # idm3d: __version__ for run records
+    "bench": {"training", "diffusion", "data", "nets", "invertible", "idm3d"},
+    "demo": {"training", "diffusion", "data", "nets", "invertible", "bench"},
+    "cli": {"demo", "bench", "training", "diffusion", "data", "nets", "invertible"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """The idm3d packages and root modules a file imports (``from idm3d import devices`` counts as ``devices``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module == "idm3d" and not node.level:
+            found.update(a.name if a.name in LEAVES else "idm3d" for a in node.names)
+            continue
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found.update(n.split(".")[1] if "." in n else "idm3d" for n in names if n.split(".")[0] == "idm3d")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_a_package_imports_only_the_layers_below_it(package: str):
+    bad = {}
+    for path in sorted((SRC / package).rglob("*.py")):
+        extra = _imports(path) - ALLOWED[package] - LEAVES - {package}
+        if extra:
+            bad[str(path.relative_to(SRC))] = sorted(extra)
+    assert not bad, f"imports against the arrows of docs/architecture.md: {bad}"
+
+
+@pytest.mark.parametrize("leaf", sorted(LEAVES))
+def test_the_single_definition_modules_import_no_other_idm3d_module(leaf: str):
+    assert _imports(SRC / f"{leaf}.py") <= {leaf}
