@@ -13,7 +13,7 @@ from helpers import BRATS_AFFINE, phantom
 from idm3d.data.dataset import VolumeDataset
 from idm3d.data.nifti import load_volume
 from idm3d.data.preprocess import IntensityScaling, PreprocessConfig, preprocess_case
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import DataError
 
 SHAPE = (20, 24, 16)
 
@@ -107,10 +107,10 @@ def test_mask_from_and_threshold() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"percentiles": (50.0, 10.0)}, ConfigError),
-        ({"divisible_by": 0}, ConfigError),
-        ({"spacing": -1.0}, ConfigError),
-        ({"spatial_size": (16, 16)}, ConfigError),
+        ({"percentiles": (50.0, 10.0)}, ValueError),
+        ({"divisible_by": 0}, ValueError),
+        ({"spacing": -1.0}, ValueError),
+        ({"spatial_size": (16, 16)}, ValueError),
     ],
 )
 def test_config_validation(kwargs: dict, error: type) -> None:
@@ -119,11 +119,11 @@ def test_config_validation(kwargs: dict, error: type) -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    with pytest.raises(ConfigError, match="label maps"):
+    with pytest.raises(ValueError, match="label maps"):
         preprocess_case({"t1": phantom(SHAPE, "t1"), "seg": phantom(SHAPE, "seg")}, BRATS_AFFINE)
     with pytest.raises(DataError, match="brain mask is empty"):
         preprocess_case(_case(), BRATS_AFFINE, PreprocessConfig(foreground_threshold=1e6), case_id="c9")
-    with pytest.raises(ConfigError, match="mask_from"):
+    with pytest.raises(ValueError, match="mask_from"):
         preprocess_case(_case(), BRATS_AFFINE, PreprocessConfig(mask_from=("flair",)))
 
 

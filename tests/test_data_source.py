@@ -50,3 +50,9 @@ def test_sampler_errors_name_the_config_key(tmp_path: Path):
     root = write_brats_folder(tmp_path / "data", n_cases=3, modalities=("t1", "t2"))
     with pytest.raises(ConfigError, match=r"^data\.patch_size: 512 voxels along axis 0"):
         data_source(_config(root, patch_size=[512, 8, 8])).prepare()
+
+
+def test_preprocessing_errors_name_the_config_key(tmp_path: Path):
+    root = write_brats_folder(tmp_path / "data", n_cases=3, modalities=("t1", "t2", "seg"))
+    with pytest.raises(ConfigError, match=r"^data\.sources/data\.targets: \['seg'\] are label maps"):
+        data_source(_config(root, targets=["seg"])).prepare()

@@ -15,6 +15,7 @@ and one :class:`~idm3d.data.preprocess.PreprocessConfig` serves training, sampli
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from idm3d.data.demo import DemoData, load_demo
 from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
 from idm3d.data.split import Split, split_cases
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import ConfigError, DataError, IDM3DError
 from idm3d.training.config import Config
 from idm3d.training.model_factory import required_multiple
 
@@ -47,10 +48,30 @@ __all__ = [
     "check_data",
     "data_modalities",
     "data_source",
+    "naming_keys",
     "preprocess_config",
 ]
 
 _MAX_LISTED = 10
+# The data layer's argument names (the first word of its ValueError messages) and the config keys they
+# come from; any other ValueError is a bug, not bad input, and keeps its traceback.
+_KEYS = {name: f"data.{name}" for name in ("patch_size", "batch_size", "foreground_prob", "percentiles", "margin",
+                                           "spacing", "spatial_size")}
+_KEYS["modalities"] = "data.sources/data.targets"
+
+
+@contextlib.contextmanager
+def naming_keys() -> Iterator[None]:
+    """Turn the data layer's ``ValueError`` about one of its arguments into a ConfigError naming the key."""
+    try:
+        yield
+    except IDM3DError:
+        raise
+    except ValueError as err:
+        arg, _, detail = str(err).partition(": ")
+        if arg not in _KEYS:
+            raise
+        raise ConfigError(f"{_KEYS[arg]}: {detail}") from None
 
 
 class TrainingData(Protocol):
@@ -153,15 +174,16 @@ class DataSource:
         """The preprocessing every part of a run uses; volumes come out a multiple of the model's size step."""
         d = self.cfg.data
         spacing, multiple = self.grid()
-        return PreprocessConfig(
-            spacing=spacing,
-            margin=d.margin,
-            spatial_size=None if d.spatial_size is None else tuple(d.spatial_size),
-            divisible_by=multiple,
-            percentiles=(d.percentiles[0], d.percentiles[1]),
-            # Translation crops/masks by the sources: at sampling time they are all there is.
-            mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
-        )
+        with naming_keys():
+            return PreprocessConfig(
+                spacing=spacing,
+                margin=d.margin,
+                spatial_size=None if d.spatial_size is None else tuple(d.spatial_size),
+                divisible_by=multiple,
+                percentiles=(d.percentiles[0], d.percentiles[1]),
+                # Translation crops/masks by the sources: at sampling time they are all there is.
+                mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
+            )
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         """Check the data, split it (keeping ``saved_split``, a resumed run's), preprocess, sample patches."""
@@ -174,16 +196,12 @@ class DataSource:
     def _sampler(self, volumes: list[Tensor], masks: list[Tensor | None], regions: list | None) -> PatchData:
         d = self.cfg.data
         n_src = len(self.modalities) - len(d.targets)
-        try:
+        with naming_keys():
             sampler = PatchSampler(
                 volumes, masks, d.patch_size, batch_size=d.batch_size, seed=self.cfg.train.seed,
                 foreground_prob=d.foreground_prob, regions=regions,
                 target_channels=list(range(n_src, len(self.modalities))),
             )
-        except ValueError as err:  # the sampler names its own argument; the key is data.<argument>
-            arg, _, detail = str(err).partition(": ")
-            key = f"data.{arg}" if arg in ("patch_size", "batch_size", "foreground_prob") else "data"
-            raise ConfigError(f"{key}: {detail}") from None
         return PatchData(sampler, has_source=n_src > 0)
 
     def _info(self, records: list[CaseRecord], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -221,8 +239,9 @@ class DemoSource(DataSource):
         """The MNI templates, preprocessed as :meth:`grid` says (loaded once per process and setting)."""
         spacing, multiple = self.grid()
         d = self.cfg.data
-        return _load_demo_cached(spacing, max(16, required_multiple(self.cfg.model)), multiple,
-                                 (d.percentiles[0], d.percentiles[1]))
+        with naming_keys():
+            return _load_demo_cached(spacing, max(16, required_multiple(self.cfg.model)), multiple,
+                                     (d.percentiles[0], d.percentiles[1]))
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         demo = self.demo
@@ -260,8 +279,9 @@ class FolderSource(DataSource):
         root = check_data(self.cfg)
         cases = find_cases(root, self.modalities)
         split = self.split([c.case_id for c in cases], saved_split)
-        dataset = VolumeDataset(cases, self.modalities, preprocess_config(self.cfg), case_ids=split.train)
-        records = [dataset[i] for i in range(len(dataset))]
+        dataset = VolumeDataset(cases, self.modalities, self.preprocess_config(), case_ids=split.train)
+        with naming_keys():
+            records = [dataset[i] for i in range(len(dataset))]
         data = self._sampler([r.image for r in records], [r.mask for r in records], None)
         return PreparedData(data, self._info(records), split)
 
@@ -273,10 +293,11 @@ class FolderSource(DataSource):
         ids = list(getattr(split, part))
         if not ids:
             raise DataError(f"split.json: the '{part}' part of the split is empty")
-        dataset = VolumeDataset(data_root(self.cfg), self.modalities, preprocess_config(self.cfg), case_ids=ids,
+        dataset = VolumeDataset(data_root(self.cfg), self.modalities, self.preprocess_config(), case_ids=ids,
                                 cache=False)
         for i in range(len(dataset)):
-            r = dataset[i]
+            with naming_keys():
+                r = dataset[i]
             yield HeldoutCase(r.case_id, r.image, r.mask, r.affine, tuple(r.modalities))
 
 

@@ -23,7 +23,7 @@ from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import CaseRecord, IntensityScaling, preprocess_case
 from idm3d.errors import ConfigError, DataError
 from idm3d.training.config import Config
-from idm3d.training.data_source import preprocess_config
+from idm3d.training.data_source import naming_keys, preprocess_config
 from idm3d.training.figures import save_mid_slices
 from idm3d.training.model_factory import size_multiple
 from idm3d.training.run import BACKGROUND, load_run, mask_background, sample_settings
@@ -76,7 +76,8 @@ def _load_condition(files: Mapping[str, Path], cfg: Config) -> CaseRecord:
             raise DataError(f"{path}: grid (shape {data.shape}) differs from {ref[0]} (shape {ref[1]}); "
                             "condition volumes must be co-registered")
         volumes[modality] = data
-    return preprocess_case(volumes, ref[2], preprocess_config(cfg), case_id=ref[0].name)
+    with naming_keys():
+        return preprocess_case(volumes, ref[2], preprocess_config(cfg), case_id=ref[0].name)
 
 
 def _scaling(info: Mapping | None, modality: str) -> IntensityScaling | None:
