@@ -13,7 +13,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["all_finite", "diagnose_nonfinite", "first_nonfinite_output", "nonfinite_gradients"]
+from idm3d.jsonio import json_safe
+
+__all__ = [
+    "all_finite",
+    "diagnose_nonfinite",
+    "drift_fields",
+    "drift_verdict",
+    "first_nonfinite_output",
+    "nonfinite_gradients",
+]
 
 
 def all_finite(*tensors: Tensor | None) -> bool:
@@ -113,3 +122,20 @@ def diagnose_nonfinite(
         return (f"gradients are finite but their norm overflows; largest in module {name.rsplit('.', 1)[0]} "
                 f"(parameter {name}, max |grad| {peak:.3g}; lower train.lr?)")
     return "forward and backward are finite when rerun (non-determinism or a transient overflow)"
+
+
+def drift_fields(errors: dict[str, float]) -> dict[str, Any]:
+    """Metrics-log fields of a drift check: every op's max abs rebuild error, the worst op and its error."""
+    worst = max(errors, key=lambda k: errors[k] if np.isfinite(errors[k]) else float("inf"))
+    return {"drift": json_safe(errors), "drift_max": errors[worst], "drift_op": worst}
+
+
+def drift_verdict(errors: dict[str, float], threshold: float, step: int) -> str | None:
+    """What is wrong when the worst rebuild error (a NaN counts as the worst) exceeds ``threshold``, else ``None``."""
+    if not errors:
+        return None
+    worst = drift_fields(errors)["drift_op"]
+    if errors[worst] <= threshold:
+        return None
+    return (f"reconstruction drift at step {step}: segment {worst} rebuilds its input with max abs error "
+            f"{errors[worst]:.3g} > train.drift_threshold {threshold:g}")

@@ -25,24 +25,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from idm3d.diffusion.schedule import sample_timesteps
-from idm3d.errors import CheckpointError, ConfigError, IDM3DError, NonFiniteError
-from idm3d.jsonio import json_safe
+from idm3d.errors import ConfigError, IDM3DError, NonFiniteError
 from idm3d.training import distributed
 from idm3d.training import precision as mixed
-from idm3d.training.checkpoint import (
-    TrainState,
-    load_state_strict,
-    optimizer_from_flat,
-    optimizer_to_flat,
-)
+from idm3d.training.checkpoint import TrainState, optimizer_to_flat
 from idm3d.training.config import Config, config_to_dict
 from idm3d.training.data_source import PreparedData, TrainingData, data_source
 from idm3d.training.ema import EMA
-from idm3d.training.guards import diagnose_nonfinite
+from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.logs import memory_mb
 from idm3d.training.model_factory import architecture_signature, build_model, model_channels
 from idm3d.training.run import build_pipeline, resolve_device
 from idm3d.training.rundir import RunDir, versions
+from idm3d.training.state import restore_tensors, training_tensors
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
@@ -163,27 +158,8 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         tensors, state, _ = self.folder.load_checkpoint(path, expected_signature=self.signature)
-        load_state_strict(self.model, tensors, "model/", path)
-        ema_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}
-        try:
-            self.ema.load_state_dict(ema_tensors, state.ema_updates)
-        except KeyError as err:
-            raise CheckpointError(f"{path}: EMA weights do not fit the model ({err})") from None
-        # Left on CPU: Optimizer.load_state_dict moves moments to their parameter's device and keeps
-        # "step" where the optimizer wants it.
-        optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
-        try:
-            optimizer_from_flat(self.optimizer, optim, state.optimizer or {})
-        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
-            raise CheckpointError(f"{path}: optimizer state does not fit the model ({err})") from None
-        self.step = state.step
-        self.elapsed = float(state.elapsed_s)
-        self.skipped_total = state.skipped_total
-        if self.scaler is not None and isinstance(state.grad_scaler, dict):
-            try:
-                self.scaler.load_state_dict(state.grad_scaler)
-            except (KeyError, ValueError, TypeError, RuntimeError) as err:
-                raise CheckpointError(f"{path}: fp16 loss-scaler state is unreadable ({err})") from None
+        restore_tensors(path, tensors, state, self.model, self.ema, self.optimizer, self.scaler)
+        self.step, self.elapsed, self.skipped_total = state.step, float(state.elapsed_s), state.skipped_total
         if state.seed is not None and state.seed != self.cfg.train.seed:
             raise ConfigError(
                 f"train.seed: {self.cfg.train.seed} differs from the checkpoint's {state.seed} "
@@ -205,10 +181,7 @@ class Trainer:
         self._saved_step = self.step
         if not self.dist.is_main:  # every process holds the same state: rank 0 writes it
             return self.ckpt_dir / f"step-{self.step:08d}.json"
-        opt_tensors, _ = optimizer_to_flat(self.optimizer)
-        tensors: dict[str, Tensor] = {f"model/{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
-        tensors.update(opt_tensors)
+        tensors = training_tensors(self.model, self.ema, self.optimizer)
         return self.folder.save_checkpoint(self.train_state(), tensors, keep=self.cfg.train.keep_checkpoints)
 
     def _open(self) -> None:
@@ -332,12 +305,10 @@ class Trainer:
         errors = {k: float(v) for k, v in check(self.pipeline.noisy_input(b), b["timesteps"], None).items()}
         if self.dist.enabled:  # each process checked its own share; all must take the same decision
             errors = dict(zip(errors, self.dist.max([v if np.isfinite(v) else float("inf") for v in errors.values()])))
-        worst = _drift_fields(errors)["drift_op"] if errors else None  # a NaN error counts as the worst
-        if worst is not None and not errors[worst] <= self.cfg.train.drift_threshold:
-            msg = (f"reconstruction drift at step {step + 1}: segment {worst} rebuilds its input with max abs error "
-                   f"{errors[worst]:.3g} > train.drift_threshold {self.cfg.train.drift_threshold:g}")
+        msg = drift_verdict(errors, self.cfg.train.drift_threshold, step + 1)
+        if msg is not None:
             if self.cfg.train.drift_action == "stop":
-                self.log.write({"step": step + 1, **_drift_fields(errors), "drift_stop": True})
+                self.log.write({"step": step + 1, **drift_fields(errors), "drift_stop": True})
                 raise IDM3DError(msg)
             if self.dist.is_main:
                 tqdm.write(f"idm3d: warning: {msg}", file=sys.stderr)
@@ -349,7 +320,7 @@ class Trainer:
         if every and self.step % every == 0:
             errors = self._drift_check(step)
             if errors:
-                record.update(_drift_fields(errors))
+                record.update(drift_fields(errors))
 
     # ------------------------------------------------------------------------------------ loop
 
@@ -410,12 +381,6 @@ class Trainer:
         if self.dist.is_main:
             self.folder.plot_loss()
         return self.run_dir
-
-
-def _drift_fields(errors: dict[str, float]) -> dict[str, Any]:
-    """Metrics-log fields of a drift check: every op's max abs rebuild error, the worst op and its error."""
-    worst = max(errors, key=lambda k: errors[k] if np.isfinite(errors[k]) else float("inf"))
-    return {"drift": json_safe(errors), "drift_max": errors[worst], "drift_op": worst}
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> Path:
