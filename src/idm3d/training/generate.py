@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import CaseRecord, IntensityScaling, preprocess_case
@@ -26,7 +25,7 @@ from idm3d.training.config import Config
 from idm3d.training.data_source import naming_keys, preprocess_config
 from idm3d.training.figures import save_mid_slices
 from idm3d.training.model_factory import size_multiple
-from idm3d.training.run import BACKGROUND, load_run, mask_background, sample_settings
+from idm3d.training.run import BACKGROUND, LoadedRun, load_run, mask_background, sample_settings
 
 __all__ = ["BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings"]
 
@@ -123,44 +122,52 @@ def sample(
     """
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
                    eta=eta, seed=seed, precision=precision)
-    cfg, sc, targets = run.config, run.settings, run.targets
     info = run.run.read_data_info()
-    nifti_paths, png_path = output_paths(out, targets)
-    rows: dict[str, torch.Tensor] = {}
-    record = None
-    if run.sources:
-        if not conditions:
-            raise ConfigError(f"--condition: this run translates {cfg.data.sources} -> {targets}; give the sources")
-        record = _load_condition(parse_conditions(cfg.data.sources, conditions), cfg)
-        grid = tuple(record.image.shape[1:])
-        rows.update({m: record.image[i] for i, m in enumerate(record.modalities)})
-    else:
-        if conditions:
-            raise ConfigError("--condition: this run generates unconditionally; it takes no condition")
-        if shape is None and (not info or "grid_shape" not in info):
-            raise ConfigError("--shape: the run has no data.json with a working grid; give the shape")
-        grid = tuple(int(s) for s in (shape if shape is not None else info["grid_shape"]))
-    multiple = size_multiple(run.model)
-    if len(grid) != 3 or any(s < 1 or s % multiple for s in grid):
-        raise ConfigError(f"--shape: expected 3 sizes that are multiples of {multiple}, got {list(grid)}")
-    if record is not None:  # translation: masked by the condition's brain mask
+    nifti_paths, png_path = output_paths(out, run.targets)
+    record = _condition(run, conditions)
+    if record is not None:  # translation: on the condition's grid, masked by its brain mask
         volume = run.masked(run.infer(condition=record.image[None], progress=progress), record.mask[None])
     else:
-        volume = run.infer(shape=grid, progress=progress)
-    written = []
-    for j, (target, path) in enumerate(zip(targets, nifti_paths)):
-        vol = volume[0, j]
-        rows[f"{target} (sampled)"] = vol
+        volume = run.infer(shape=_unconditional_grid(run, shape, info), progress=progress)
+    rows = {} if record is None else {m: record.image[i] for i, m in enumerate(record.modalities)}
+    for j, (target, path) in enumerate(zip(run.targets, nifti_paths)):
+        rows[f"{target} (sampled)"] = volume[0, j]
         scaling = _scaling(info, target)
-        mapped = scaling.inverse(vol) if scaling is not None else vol
+        mapped = scaling.inverse(volume[0, j]) if scaling is not None else volume[0, j]
         if record is not None:
             save_volume(path, record.to_original(mapped), record.original_affine)
         else:
             affine = np.asarray(info["grid_affine"]) if info and "grid_affine" in info else np.eye(4)
             save_volume(path, mapped.numpy(), affine)
-        written.append(path)
+    sc = run.settings
     title = f"{Path(run_dir).name}: {sc.sampler} {sc.steps} steps, seed {sc.seed}, {run.weights} weights"
     if sc.precision != "fp32":
         title += f", {sc.precision}"
-    written.append(save_mid_slices(rows, png_path, title=title))
-    return written
+    return [*nifti_paths, save_mid_slices(rows, png_path, title=title)]
+
+
+def _condition(run: LoadedRun, conditions: Sequence[str | Path] | Mapping[str, str | Path] | None) -> CaseRecord | None:
+    """Translation: the sources read and preprocessed as in training; unconditional runs take none."""
+    cfg = run.config
+    if not run.sources:
+        if conditions:
+            raise ConfigError("--condition: this run generates unconditionally; it takes no condition")
+        return None
+    if not conditions:
+        raise ConfigError(f"--condition: this run translates {cfg.data.sources} -> {run.targets}; give the sources")
+    record = _load_condition(parse_conditions(cfg.data.sources, conditions), cfg)
+    _check_grid(run, tuple(record.image.shape[1:]))
+    return record
+
+
+def _unconditional_grid(run: LoadedRun, shape: Sequence[int] | None, info: Mapping | None) -> tuple[int, ...]:
+    if shape is None and (not info or "grid_shape" not in info):
+        raise ConfigError("--shape: the run has no data.json with a working grid; give the shape")
+    return _check_grid(run, tuple(int(s) for s in (shape if shape is not None else info["grid_shape"])))
+
+
+def _check_grid(run: LoadedRun, grid: tuple[int, ...]) -> tuple[int, ...]:
+    multiple = size_multiple(run.model)
+    if len(grid) != 3 or any(s < 1 or s % multiple for s in grid):
+        raise ConfigError(f"--shape: expected 3 sizes that are multiples of {multiple}, got {list(grid)}")
+    return grid
