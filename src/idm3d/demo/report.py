@@ -14,6 +14,7 @@ import torch
 
 from idm3d.bench.report import machine_info, machine_markdown
 from idm3d.data.demo import DemoData
+from idm3d.jsonio import dumps
 from idm3d.training.checkpoint import atomic_write_text
 from idm3d.training.config import Config, config_to_dict
 from idm3d.training.data_source import HeldoutCase
@@ -29,16 +30,6 @@ _STAGES = (("train_idm", "train IDMUNet"), ("train_monai", "train MONAI baseline
            ("evaluate_monai", "sample + score MONAI"), ("linear", "fit + score linear map"),
            ("training_slab", "sample + score a training slab"), ("figures", "previews"),
            ("total", "total (after Python start-up)"))
-
-
-def _safe(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, Mapping):
-        return {str(k): _safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_safe(v) for v in x]
-    return x
 
 
 def _mean_metrics(evaluation: Mapping[str, Any], target: str) -> dict[str, float]:
@@ -292,6 +283,6 @@ def _settings_lines(r: Mapping[str, Any]) -> list[str]:
 def write_report(report: Mapping[str, Any], out: str | Path) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``out`` (atomically)."""
     out = Path(out)
-    atomic_write_text(out / "report.json", json.dumps(_safe(report), indent=2) + "\n")
+    atomic_write_text(out / "report.json", dumps(report, indent=2))
     atomic_write_text(out / "report.md", report_markdown(report))
     return out / "report.json", out / "report.md"
