@@ -6,16 +6,19 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["IDMUNet", "__version__"]
+__all__ = ["DiffusionPipeline", "IDMUNet", "__version__"]
 
 if TYPE_CHECKING:
+    from idm3d.diffusion.pipeline import DiffusionPipeline
     from idm3d.nets.idm_unet import IDMUNet
+
+# Lazy: importing idm3d.invertible or idm3d.errors should not pay for MONAI's import.
+_LAZY = {"IDMUNet": "idm3d.nets.idm_unet", "DiffusionPipeline": "idm3d.diffusion.pipeline"}
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing idm3d.invertible or idm3d.errors should not pay for MONAI's import.
-    if name == "IDMUNet":
-        from idm3d.nets.idm_unet import IDMUNet
+    if name in _LAZY:
+        import importlib
 
-        return IDMUNet
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'idm3d' has no attribute {name!r}")
