@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from helpers import write_brats_folder
-from idm3d.errors import ConfigError
+from idm3d.errors import ConfigError, DataError
 from idm3d.training.config import config_from_dict
 from idm3d.training.data_source import FolderSource, data_source
 
@@ -56,3 +56,9 @@ def test_preprocessing_errors_name_the_config_key(tmp_path: Path):
     root = write_brats_folder(tmp_path / "data", n_cases=3, modalities=("t1", "t2", "seg"))
     with pytest.raises(ConfigError, match=r"^data\.sources/data\.targets: \['seg'\] are label maps"):
         data_source(_config(root, targets=["seg"])).prepare()
+
+
+def test_too_few_cases_for_the_split_is_one_line_naming_the_folder_and_the_fractions(tmp_path: Path):
+    root = write_brats_folder(tmp_path / "data", n_cases=2, modalities=("t1", "t2"))
+    with pytest.raises(DataError, match=r"^data\.root .*: 2 cases cannot give a non-empty train set .*test_fraction"):
+        data_source(_config(root, val_fraction=0.4, test_fraction=0.5)).prepare()

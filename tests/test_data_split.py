@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from idm3d.data.split import Split, load_split, save_split, split_cases
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import DataError
 
 IDS = [f"BraTS20_Training_{i:03d}" for i in range(1, 41)]
 
@@ -69,7 +69,7 @@ def test_load_missing_file(tmp_path: Path) -> None:
     [(IDS, (0.5, 0.5, 0.5)), (IDS, (0.0, 0.5, 0.5)), (["a", "a", "b"], (0.8, 0.1, 0.1)), (["a"], (0.0, 1.0, 0.0))],
 )
 def test_split_validation(ids: list[str], fractions: tuple[float, float, float]) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(ValueError, match=r"^(fractions|case_ids): "):
         split_cases(ids, fractions)
 
 

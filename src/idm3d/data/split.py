@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import DataError
 
 __all__ = ["Split", "load_split", "save_split", "split_cases"]
 
@@ -47,20 +47,20 @@ def split_cases(
     positive and at least three cases exist; train gets the rest.
 
     Raises:
-        ConfigError: fractions negative or not summing to 1, duplicated ids, or too few cases for train.
+        ValueError: fractions negative or not summing to 1, duplicated ids, or too few cases for train.
     """
     ids = sorted(case_ids)
     fr = tuple(float(f) for f in fractions)
     if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
-        raise ConfigError(f"split fractions: expected (train>0, val>=0, test>=0) summing to 1, got {fractions}")
+        raise ValueError(f"fractions: expected (train>0, val>=0, test>=0) summing to 1, got {fractions}")
     if len(set(ids)) != len(ids):
-        raise ConfigError("split: case ids must be unique")
+        raise ValueError("case_ids: must be unique")
     n = len(ids)
     n_val, n_test = (round(n * f) for f in fr[1:])
     if n >= 3:
         n_val, n_test = (max(k, 1) if f > 0 else k for k, f in ((n_val, fr[1]), (n_test, fr[2])))
     if n - n_val - n_test < 1:
-        raise ConfigError(f"split: {n} cases cannot give a non-empty train set with fractions {fractions}")
+        raise ValueError(f"case_ids: {n} cases cannot give a non-empty train set with fractions {fractions}")
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [ids[i] for i in order]
     return Split(

@@ -273,7 +273,11 @@ class FolderSource(DataSource):
             return saved
         d = self.cfg.data
         fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
-        return split_cases(case_ids, fractions, seed=d.split_seed)
+        try:
+            return split_cases(case_ids, fractions, seed=d.split_seed)
+        except ValueError as err:  # too few cases for these fractions
+            raise DataError(f"data.root {d.root}: {str(err).partition(': ')[2]} (data.val_fraction, "
+                            "data.test_fraction)") from None
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         root = check_data(self.cfg)
