@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from idm3d.data.nifti import is_nifti_name, load_volume, read_header, strip_nifti_suffix
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import DataError
 
 __all__ = [
     "BRATS_MODALITIES",
@@ -61,14 +61,14 @@ def parse_modalities(value: str | Iterable[str]) -> tuple[str, ...]:
     """Normalise ``"t1,t2"`` or ``["T1", "t2"]`` to ``("t1", "t2")``.
 
     Raises:
-        ConfigError: empty list, empty name, name with a path separator, or a repeated modality.
+        ValueError: empty list, empty name, name with a path separator, or a repeated modality.
     """
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(str(m).strip().lower() for m in items)
     if not names or any(not m or "/" in m or os.sep in m for m in names):
-        raise ConfigError(f"modalities: expected comma-separated names such as 't1,t2', got {value!r}")
+        raise ValueError(f"modalities: expected comma-separated names such as 't1,t2', got {value!r}")
     if len(set(names)) != len(names):
-        raise ConfigError(f"modalities: each modality may appear once, got {value!r}")
+        raise ValueError(f"modalities: each modality may appear once, got {value!r}")
     return names
 
 

@@ -110,7 +110,8 @@ def _load_demo_cached(
 def check_data(cfg: Config) -> Path:
     """Run the dataset checks; raise one DataError listing every problem (up to ten, then a count)."""
     root = data_root(cfg)
-    problems = check_dataset(root, data_modalities(cfg))
+    with naming_keys():
+        problems = check_dataset(root, data_modalities(cfg))
     if problems:
         listed = "; ".join(problems[:_MAX_LISTED])
         more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -281,10 +282,10 @@ class FolderSource(DataSource):
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         root = check_data(self.cfg)
-        cases = find_cases(root, self.modalities)
-        split = self.split([c.case_id for c in cases], saved_split)
-        dataset = VolumeDataset(cases, self.modalities, self.preprocess_config(), case_ids=split.train)
         with naming_keys():
+            cases = find_cases(root, self.modalities)
+            split = self.split([c.case_id for c in cases], saved_split)
+            dataset = VolumeDataset(cases, self.modalities, self.preprocess_config(), case_ids=split.train)
             records = [dataset[i] for i in range(len(dataset))]
         data = self._sampler([r.image for r in records], [r.mask for r in records], None)
         return PreparedData(data, self._info(records), split)
@@ -297,8 +298,9 @@ class FolderSource(DataSource):
         ids = list(getattr(split, part))
         if not ids:
             raise DataError(f"split.json: the '{part}' part of the split is empty")
-        dataset = VolumeDataset(data_root(self.cfg), self.modalities, self.preprocess_config(), case_ids=ids,
-                                cache=False)
+        with naming_keys():
+            dataset = VolumeDataset(data_root(self.cfg), self.modalities, self.preprocess_config(), case_ids=ids,
+                                    cache=False)
         for i in range(len(dataset)):
             with naming_keys():
                 r = dataset[i]
