@@ -15,11 +15,12 @@ and one :class:`~idm3d.data.preprocess.PreprocessConfig` serves training, sampli
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,13 +153,14 @@ class PreparedData:
     data: PatchData
     info: dict[str, Any]  # data.json: modalities, reference and working grids, intensity scalings
     split: Split | None = None  # split.json (folder data)
-    scalings: dict[str, dict[str, float]] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.scalings = self.info["scalings"]
+    @property
+    def scalings(self) -> dict[str, dict[str, float]]:
+        """Per modality the median ``{"lo", "hi"}`` intensity scaling of the training cases."""
+        return self.info["scalings"]
 
 
-class DataSource:
+class DataSource(abc.ABC):
     """The data of a run, from its config; subclasses say where the volumes come from."""
 
     def __init__(self, cfg: Config) -> None:
@@ -186,13 +188,13 @@ class DataSource:
                 mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
             )
 
+    @abc.abstractmethod
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         """Check the data, split it (keeping ``saved_split``, a resumed run's), preprocess, sample patches."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def heldout(self, split: Split | None, part: str = "test") -> Iterator[HeldoutCase]:
         """The held-out cases of ``part``, loaded one at a time."""
-        raise NotImplementedError
 
     def _sampler(self, volumes: list[Tensor], masks: list[Tensor | None], regions: list | None) -> PatchData:
         d = self.cfg.data

@@ -139,7 +139,10 @@ class LoadedRun:
         ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``.
         """
         sc = self.settings
-        grid = (condition if condition is not None else target).shape[2:] if shape is None else tuple(shape)
+        given = condition if condition is not None else target
+        if (condition is None) == bool(self.sources) or (given is None and shape is None):
+            raise ValueError(f"infer: this run takes {'condition=' if self.sources else 'target= or shape='}")
+        grid = given.shape[2:] if shape is None else tuple(shape)
         start = {} if target is None else {"x_start": target, "start_timestep": self.start_timestep}
         return self.pipeline.sample(
             (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
