@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from idm3d.invertible.attention import InvertibleAttention3d
+from idm3d.invertible.attention_channel import ChannelAttention3d
+from idm3d.invertible.attention_spatial import SpatialAttention3d
 from idm3d.invertible.base import InvertibleModule, grad_parameters
 from idm3d.invertible.checks import gradient_check
 from idm3d.invertible.coupling import AdditiveCoupling, ConditionedConvNet
+from idm3d.invertible.norms import group_count
 from idm3d.invertible.resampling import (
     InvertibleChannelMix3d,
     OrthogonalDownsample3d,
@@ -19,6 +22,7 @@ from idm3d.invertible.stack import Apply, ChannelMerge, ChannelSplit, StackOp
 __all__ = [
     "AdditiveCoupling",
     "Apply",
+    "ChannelAttention3d",
     "ChannelMerge",
     "ChannelSplit",
     "ConditionedConvNet",
@@ -28,9 +32,11 @@ __all__ = [
     "InvertibleSequence",
     "OrthogonalDownsample3d",
     "OrthogonalUpsample3d",
+    "SpatialAttention3d",
     "StackOp",
     "grad_parameters",
     "gradient_check",
+    "group_count",
     "haar_matrix_3d",
     "orthogonal_from_skew",
 ]

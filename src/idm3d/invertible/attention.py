@@ -13,9 +13,11 @@ radius <= 1 as well). Dividing by ``1 + c`` (``normalize=True``, the default) ke
 row-stochastic, so a stack of these layers neither blows up nor shrinks activations; in the
 infinity norm ``cond(T) <= (c + 1) / (c - 1)`` (3 at the initial ``c = 2``). With
 ``normalize=False`` the map is the paper's literal ``A + c I``. The inverse solves ``T x2 = y2``
-with ``torch.linalg.solve``.
+with :func:`idm3d.invertible.linalg.solve` (a batched solve that is safe on multi-threaded CPUs).
 
-Variants:
+Variants (one class each, :class:`ChannelAttention3d` in :mod:`~idm3d.invertible.attention_channel`
+and :class:`SpatialAttention3d` in :mod:`~idm3d.invertible.attention_spatial`;
+``InvertibleAttention3d(channels, variant=...)`` builds the one named):
 
 * ``"channel"``: ``A`` is ``(C/h) x (C/h)`` per head, from a transposed (channel-token)
   attention: queries/keys are 1x1 projections of ``x1``, L2-normalised over the voxels of ``x1``
@@ -40,29 +42,44 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from idm3d.invertible.attention_masks import VoxelSplit, pass_table, passing_entries, voxel_parity, voxel_split
-from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+from idm3d.invertible.attention_masks import VoxelSplit, pass_table, passing_entries, voxel_split
+from idm3d.invertible.base import BackwardResult, InvertibleModule
 
 __all__ = ["InvertibleAttention3d"]
 
 VARIANTS = ("channel", "spatial")
 MASKS = ("checkerboard",)
-# (voxel parity, T) for each parity that has transformed entries; T is (B, heads, k, k) for the
-# channel variant (k = C / heads) and (B, heads, n_p, n_p) for the spatial one.
-Matrices = list[tuple[int, Tensor]]
+Gains = tuple[Tensor, Tensor] | None
 
 
 def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
+def _variant_class(variant: object) -> type[InvertibleAttention3d]:
+    # Imported here: both variants subclass InvertibleAttention3d, defined below.
+    from idm3d.invertible.attention_channel import ChannelAttention3d
+    from idm3d.invertible.attention_spatial import SpatialAttention3d
+
+    classes = {"channel": ChannelAttention3d, "spatial": SpatialAttention3d}
+    if variant not in classes:
+        raise ValueError(f"InvertibleAttention3d: variant must be one of {VARIANTS}, got {variant!r}")
+    return classes[variant]  # type: ignore[index]
+
+
 class InvertibleAttention3d(InvertibleModule):
     """Masked (checkerboard) self-attention with an exact inverse and a tractable log-determinant.
+
+    ``InvertibleAttention3d(channels, variant=...)`` returns a :class:`ChannelAttention3d` or a
+    :class:`SpatialAttention3d` (both subclasses of this one, which holds what they share: the
+    validation, the query/key/temperature/scale parameters, the FiLM conditioning, the mask and
+    the autocast/dtype contract).
 
     Args:
         channels: number of input (= output) channels.
@@ -85,10 +102,18 @@ class InvertibleAttention3d(InvertibleModule):
     alternation the parity-0 voxels pass, so ``C * floor(N/2)`` entries are transformed.
     """
 
+    variant: str = ""  # set by each subclass
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InvertibleAttention3d:
+        if cls is InvertibleAttention3d:
+            cls = _variant_class(kwargs.get("variant", args[1] if len(args) > 1 else "channel"))
+        # no arguments: copy.deepcopy / pickle call __new__(cls) alone
+        return super().__new__(cls)
+
     def __init__(
         self,
         channels: int,
-        variant: str = "channel",
+        variant: str | None = None,
         heads: int = 1,
         cond_dim: int | None = None,
         max_tokens: int = 4096,
@@ -100,8 +125,8 @@ class InvertibleAttention3d(InvertibleModule):
     ) -> None:
         super().__init__()
         name = type(self).__name__
-        if variant not in VARIANTS:
-            raise ValueError(f"{name}: variant must be one of {VARIANTS}, got {variant!r}")
+        if variant is not None and variant != self.variant:
+            raise ValueError(f"{name}: variant must be {self.variant!r} (or None), got {variant!r}")
         if mask not in MASKS:
             raise ValueError(f"{name}: mask must be one of {MASKS}, got {mask!r}")
         if channels < 1:
@@ -110,7 +135,7 @@ class InvertibleAttention3d(InvertibleModule):
             raise ValueError(
                 f"{name}: channels must be divisible by heads >= 1, got channels={channels}, heads={heads}"
             )
-        if variant == "channel" and key_dim is not None:
+        if self.variant == "channel" and key_dim is not None:
             raise ValueError(
                 f"{name}: key_dim applies to variant='spatial' only (channel attention uses the channels "
                 f"as tokens), got key_dim={key_dim}"
@@ -124,13 +149,13 @@ class InvertibleAttention3d(InvertibleModule):
             raise ValueError(f"{name}: max_tokens must be >= 1, got {max_tokens}")
         if not init_scale > 1.0:
             raise ValueError(f"{name}: init_scale must be > 1 (A + cI is invertible for c > 1), got {init_scale}")
-        self.channels, self.variant, self.heads = channels, variant, heads
+        self.channels, self.heads = channels, heads
         self.head_dim = channels // heads
         self.key_dim = key_dim
         self.cond_dim, self.max_tokens = cond_dim, max_tokens
         self.mask, self.channel_alternating, self.normalize = mask, channel_alternating, normalize
 
-        width = channels if variant == "channel" else heads * key_dim
+        width = self._key_width()
         self.to_q = nn.Linear(channels, width, bias=False)
         self.to_k = nn.Linear(channels, width, bias=False)
         self.temperature = nn.Parameter(torch.ones(heads))
@@ -150,7 +175,32 @@ class InvertibleAttention3d(InvertibleModule):
         self._moves_all = tuple(bool(m.all()) for m in moving)
         self.register_buffer("_moving", moving, persistent=False)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ what a variant defines
+
+    def _key_width(self) -> int:
+        """Output width of the query/key projections."""
+        raise NotImplementedError
+
+    def _check_grid(self, spatial: tuple[int, ...]) -> None:
+        """Raise a ``ValueError`` for a grid the variant cannot take (default: any grid is fine)."""
+
+    def _matrices(self, x: Tensor, gains: Gains, split: VoxelSplit, passing: Tensor) -> Any:
+        """The maps ``T`` built from ``x * M`` only (the same from ``y * M``)."""
+        raise NotImplementedError
+
+    def _forward_map(self, x: Tensor, mats: Any, split: VoxelSplit, passing: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _inverse_map(self, y: Tensor, mats: Any, split: VoxelSplit, passing: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _log_det(self, x: Tensor, mats: Any, split: VoxelSplit) -> Tensor:
+        raise NotImplementedError
+
+    def _backward(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared helpers
 
     @property
     def scale(self) -> Tensor:
@@ -163,17 +213,12 @@ class InvertibleAttention3d(InvertibleModule):
             f"channel_alternating={self.channel_alternating}, normalize={self.normalize}"
         )
 
-    def _prepare(self, x: Tensor, cond: Sequence[Tensor]) -> tuple[tuple[Tensor, Tensor] | None, VoxelSplit, Tensor]:
+    def _prepare(self, x: Tensor, cond: Sequence[Tensor]) -> tuple[Gains, VoxelSplit, Tensor]:
         """Validate ``x`` and ``cond``; return the FiLM gains, the voxel split and the pass mask."""
         name = type(self).__name__
         self.check_input(x, self.channels)
         spatial = tuple(int(s) for s in x.shape[2:])
-        n = math.prod(spatial)
-        if self.variant == "spatial" and n > self.max_tokens:
-            raise ValueError(
-                f"{name}(variant='spatial'): {spatial[0]}x{spatial[1]}x{spatial[2]} = {n} voxels exceeds "
-                f"max_tokens={self.max_tokens}; use variant='channel' here or raise max_tokens"
-            )
+        self._check_grid(spatial)
         gains = None
         if self.film is not None:
             if not cond or cond[0] is None:
@@ -188,7 +233,7 @@ class InvertibleAttention3d(InvertibleModule):
         passing = passing_entries(self.channels, spatial, self.channel_alternating, x.device)
         return gains, voxel_split(spatial, x.device), passing
 
-    def _weights(self, gains: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    def _weights(self, gains: Gains) -> tuple[Tensor, Tensor]:
         """Query/key projections with the FiLM gains folded in: ``W diag(1 + g)``, (B or 1, out, C)."""
         wq, wk = self.to_q.weight[None], self.to_k.weight[None]
         if gains is None:
@@ -202,147 +247,6 @@ class InvertibleAttention3d(InvertibleModule):
         # in place on a fresh tensor: neither the division nor the clone needs it for backward
         t.diagonal(dim1=-2, dim2=-1).add_(c / (1.0 + c) if self.normalize else c)
         return t
-
-    def _channel_matrix(self, x: Tensor, gains: tuple[Tensor, Tensor] | None, passing: Tensor) -> Tensor:
-        """``T`` (B, heads, k, k) of the channel variant, from ``x * M`` only."""
-        x1 = torch.where(passing, x, 0.0).flatten(2)
-        return self._channel_from_gram(x1 @ x1.mT, gains)
-
-    def _channel_from_gram(self, gram: Tensor, gains: tuple[Tensor, Tensor] | None) -> Tensor:
-        """``T`` from the Gram matrix ``G = x1 x1^T`` (B, C, C) of the passing half.
-
-        Queries/keys ``Q = Wq x1``, ``K = Wk x1`` over voxels enter only through inner products, so
-        ``G`` is all the voxel pooling there is: ``Q K^T = Wq G Wk^T`` and ``|Q_i|^2 = (Wq G Wq^T)_ii``;
-        no (C, N) query or key tensor is ever built. The attention is the cosine similarity of
-        queries and keys (over voxels) times a learned temperature, softmaxed over keys.
-        """
-        b, h, k = gram.shape[0], self.heads, self.head_dim
-        wq, wk = self._weights(gains)
-        wq_g = wq @ gram
-        qk = (wq_g @ wk.mT).view(b, h, k, h, k).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
-        eps = torch.finfo(gram.dtype).tiny
-        q_norm = (wq_g * wq).sum(-1).clamp_min(eps).sqrt().view(b, h, k, 1)
-        k_norm = ((wk @ gram) * wk).sum(-1).clamp_min(eps).sqrt().view(b, h, 1, k)
-        tau = self.temperature.to(gram.dtype).view(1, h, 1, 1)
-        return self._shifted(torch.softmax(tau * qk / (q_norm * k_norm), dim=-1))
-
-    def _parity_blocks(self, t: Tensor, split: VoxelSplit) -> Matrices:
-        """Channel variant: the matrix acting at parity-``p`` voxels, ``T[S, S]`` embedded in I."""
-        mats: Matrices = []
-        for p in (0, 1):
-            if not self._moves_any[p] or split.counts[p] == 0:
-                continue
-            if self._moves_all[p]:
-                mats.append((p, t))
-                continue
-            m = self._moving[p].to(t.dtype)[None]  # (1, h, k)
-            mats.append((p, m[..., :, None] * t * m[..., None, :] + torch.diag_embed(1.0 - m)))
-        return mats
-
-    def _spatial_matrices(
-        self, x: Tensor, gains: tuple[Tensor, Tensor] | None, split: VoxelSplit, passing: Tensor
-    ) -> Matrices:
-        """``T_p`` (B, heads, n_p, n_p) over the parity-``p`` voxels, from ``x * M`` only."""
-        b, h = x.shape[0], self.heads
-        x1 = torch.where(passing, x, 0.0)
-        # Explicit zero padding: avg_pool3d's own padding refuses grids smaller than the kernel.
-        feats_all = F.avg_pool3d(F.pad(x1, (1, 1, 1, 1, 1, 1)), kernel_size=3, stride=1).flatten(2)
-        wq, wk = self._weights(gains)
-        tau = self.temperature.to(x.dtype).view(1, h, 1, 1) / math.sqrt(self.key_dim)
-        mats: Matrices = []
-        for p in (0, 1):
-            n = split.counts[p]
-            if not self._moves_any[p] or n == 0:
-                continue
-            feats = feats_all[..., split.index[p]]
-            q = (wq @ feats).view(b, h, self.key_dim, n) * tau  # scale the small factor, not the n x n product
-            k = (wk @ feats).view(b, h, self.key_dim, n)
-            mats.append((p, self._shifted(torch.softmax(q.mT @ k, dim=-1))))
-        return mats
-
-    def _spatial_map(self, x: Tensor, mats: Matrices, split: VoxelSplit, solve: bool) -> Tensor:
-        """Apply every ``T_p`` on the voxel axis (or ``T_p^-1`` via ``linalg.solve``)."""
-        b, c = x.shape[:2]
-        flat = x.flatten(2)
-        parts = [flat[..., split.index[0]], flat[..., split.index[1]]]
-        for p, t in mats:
-            xs = parts[p].view(b, self.heads, self.head_dim, -1)
-            ys = torch.linalg.solve(t, xs.mT).mT if solve else xs @ t.mT
-            if not self._moves_all[p]:
-                ys = torch.where(self._moving[p][None, :, :, None], ys, xs)
-            parts[p] = ys.reshape(b, c, -1)
-        return torch.cat(parts, dim=2)[..., split.restore].view_as(x)
-
-    def _matrices(self, x: Tensor, gains, split: VoxelSplit, passing: Tensor) -> Tensor | Matrices:
-        if self.variant == "channel":
-            return self._channel_matrix(x, gains, passing)
-        return self._spatial_matrices(x, gains, split, passing)
-
-    def _forward_map(self, x: Tensor, mats: Tensor | Matrices, split: VoxelSplit, passing: Tensor) -> Tensor:
-        if isinstance(mats, list):
-            return self._spatial_map(x, mats, split, solve=False)
-        # Channel variant: y = T x2 on the moving entries, x elsewhere, with x2 = x * (1 - M). At a
-        # voxel whose moving channels are S this is T[S, S] x_S: one T serves both mask phases.
-        b, h, k = x.shape[0], self.heads, self.head_dim
-        x2 = torch.where(passing, 0.0, x).view(b, h, k, -1)
-        return torch.where(passing, x, (mats @ x2).view_as(x))
-
-    def _inverse_map(self, y: Tensor, mats: Tensor | Matrices, split: VoxelSplit, passing: Tensor) -> Tensor:
-        if isinstance(mats, list):
-            return self._spatial_map(y, mats, split, solve=True)
-        b, h, k = y.shape[0], self.heads, self.head_dim
-        y2 = torch.where(passing, 0.0, y).view(b, h, k, -1)
-        # T_p = T[S_p, S_p] embedded in the identity; solve(T_p, y2) is right on parity-p voxels.
-        solved = {p: torch.linalg.solve(t, y2).reshape(y.shape) for p, t in self._parity_blocks(mats, split)}
-        del y2
-        if not solved:
-            return y.clone()
-        if len(solved) == 2:
-            moved = torch.where(voxel_parity(y.shape[2:], y.device), solved[1], solved[0])
-        else:
-            (moved,) = solved.values()
-        return torch.where(passing, y, moved)
-
-    def _channel_backward(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
-        """Analytic backward of the channel variant: a few (B, C, N) temporaries, no recorded graph.
-
-        With ``y = T x2`` on moving entries: ``dL/dT = g2 x2^T`` (g2: dL/dy on moving entries),
-        ``dL/dx = T^T g2`` on moving entries and ``g`` elsewhere, plus the path through ``A``:
-        autograd runs only on the small graph ``G -> T``, and ``dL/dx1 = (dG + dG^T) x1``.
-        """
-        b, h, k = y.shape[0], self.heads, self.head_dim
-        params = grad_parameters(self)
-        wanted_cond = [c for c in cond if c.requires_grad]
-        with torch.enable_grad():
-            gains, split, passing = self._prepare(y, cond)
-        with torch.no_grad():
-            x1 = torch.where(passing, y, 0.0).flatten(2)
-            gram = x1 @ x1.mT
-            del x1
-        gram.requires_grad_(True)
-        with torch.enable_grad():
-            t = self._channel_from_gram(gram, gains)
-        with torch.no_grad():
-            td = t.detach()
-            x = self._inverse_map(y, td, split, passing)
-            g2 = torch.where(passing, 0.0, grad_y).view(b, h, k, -1)
-            x2 = torch.where(passing, 0.0, x).view(b, h, k, -1)
-            grad_t = g2 @ x2.mT
-            del x2
-            grad_x = torch.where(passing, grad_y, (td.mT @ g2).view_as(y))
-            del g2
-        grads = torch.autograd.grad(t, [gram, *wanted_cond, *params], grad_t, allow_unused=True)
-        with torch.no_grad():
-            if grads[0] is not None:
-                x1 = torch.where(passing, x, 0.0).flatten(2)
-                through_a = ((grads[0] + grads[0].mT) @ x1).view_as(y)
-                del x1
-                if self.channel_alternating:  # x1 = x * M: only passing entries feed G
-                    through_a.masked_fill_(~passing, 0.0)
-                grad_x.add_(through_a)
-        cond_iter = iter(grads[1 : 1 + len(wanted_cond)])
-        grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
-        return x, grad_x, grad_cond, list(grads[1 + len(wanted_cond) :])
 
     # ------------------------------------------------------------------ contract
 
@@ -368,43 +272,10 @@ class InvertibleAttention3d(InvertibleModule):
         with torch.autocast(x.device.type, enabled=False):
             xw = x.to(self.temperature.dtype)
             gains, split, passing = self._prepare(xw, cond)
-            mats = self._matrices(xw, gains, split, passing)
-            out = xw.new_zeros(x.shape[0])
-            if isinstance(mats, list):
-                for p, t in mats:
-                    # one T_p per head, acting on each of the head's moving channels
-                    moving = self._moving[p].sum(-1).to(xw.dtype)
-                    out = out + (torch.linalg.slogdet(t).logabsdet * moving).sum(-1)
-                return out
-            for p, t in self._parity_blocks(mats, split):
-                # the same T_p (identity rows for passing channels) acts at every parity-p voxel
-                out = out + split.counts[p] * torch.linalg.slogdet(t).logabsdet.sum(-1)
-            return out
+            return self._log_det(xw, self._matrices(xw, gains, split, passing), split)
 
     def backward_pass(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
         with torch.autocast(y.device.type, enabled=False):
             dtype = self.temperature.dtype
-            backward = self._channel_backward if self.variant == "channel" else self._spatial_backward
-            x, grad_x, grad_cond, grad_params = backward(y.detach().to(dtype), grad_y.to(dtype), cond)
+            x, grad_x, grad_cond, grad_params = self._backward(y.detach().to(dtype), grad_y.to(dtype), cond)
         return x.to(y.dtype), grad_x.to(grad_y.dtype), grad_cond, grad_params
-
-    def _spatial_backward(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
-        # x1 == y1, so the matrices built from y with a graph are those of the forward: build them
-        # once, invert with their values, then replay only the product T x2 with a graph.
-        src = y.requires_grad_(True)
-        params = grad_parameters(self)
-        wanted_cond = [c for c in cond if c.requires_grad]
-        with torch.enable_grad():
-            gains, split, passing = self._prepare(src, cond)
-            mats = self._matrices(src, gains, split, passing)
-        with torch.no_grad():
-            x = self._inverse_map(y, [(p, t.detach()) for p, t in mats], split, passing)
-        x.requires_grad_(True)
-        with torch.enable_grad():
-            y_graph = self._forward_map(x, mats, split, passing)
-        grads = torch.autograd.grad(y_graph, [x, src, *wanted_cond, *params], grad_y, allow_unused=True)
-        # src only feeds the matrices through x * M: its gradient is the x1 part of dL/dx via A.
-        grad_x = grads[0] if grads[1] is None else grads[0] + grads[1]
-        cond_iter = iter(grads[2 : 2 + len(wanted_cond)])
-        grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
-        return x.detach(), grad_x, grad_cond, list(grads[2 + len(wanted_cond) :])

@@ -28,10 +28,6 @@ def grad_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _leaf(t: Tensor) -> Tensor:
-    return t.detach().requires_grad_(t.requires_grad)
-
-
 class InvertibleModule(nn.Module):
     """Base class: ``y = forward(x, *cond)`` and ``x = inverse(y, *cond)`` exactly."""
 

@@ -9,16 +9,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+from idm3d.invertible.norms import group_count
 
 __all__ = ["AdditiveCoupling", "ConditionedConvNet"]
-
-
-def _groups(channels: int, preferred: int = 8) -> int:
-    """The largest group count <= ``preferred`` that divides ``channels`` (GroupNorm needs it)."""
-    for g in range(min(preferred, channels), 0, -1):
-        if channels % g == 0:
-            return g
-    return 1
 
 
 class ConditionedConvNet(nn.Module):
@@ -52,9 +45,9 @@ class ConditionedConvNet(nn.Module):
             raise ValueError(f"ConditionedConvNet: kernel_size must be odd, got {kernel_size}")
         pad = kernel_size // 2
         self.cond_dim = cond_dim
-        self.norm1 = nn.GroupNorm(_groups(in_channels), in_channels)
+        self.norm1 = nn.GroupNorm(group_count(in_channels), in_channels)
         self.conv1 = nn.Conv3d(in_channels, hidden_channels, kernel_size, padding=pad)
-        self.norm2 = nn.GroupNorm(_groups(hidden_channels), hidden_channels)
+        self.norm2 = nn.GroupNorm(group_count(hidden_channels), hidden_channels)
         self.film = nn.Linear(cond_dim, 2 * hidden_channels) if cond_dim else None
         self.conv2 = nn.Conv3d(hidden_channels, out_channels, kernel_size, padding=pad)
         nn.init.zeros_(self.conv2.weight)

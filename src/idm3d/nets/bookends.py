@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from idm3d.invertible.norms import group_count
+
 __all__ = ["Head", "Stem"]
-
-
-def _groups(channels: int) -> int:
-    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
 class Stem(nn.Module):
@@ -33,7 +31,7 @@ class Stem(nn.Module):
             mid = max(width // 2, 1)
             self.body = nn.Sequential(
                 nn.Conv3d(in_channels, mid, 3, padding=1, bias=False),  # GroupNorm follows
-                nn.GroupNorm(_groups(mid), mid),
+                nn.GroupNorm(group_count(mid), mid),
                 nn.SiLU(),
                 nn.Conv3d(mid, width, 3, padding=1),
             )
@@ -57,7 +55,7 @@ class Head(nn.Module):
         super().__init__()
         if nonlinear:
             conv = nn.Conv3d(width, out_channels, 3, padding=1)
-            self.body = nn.Sequential(nn.GroupNorm(_groups(width), width), nn.SiLU(), conv)
+            self.body = nn.Sequential(nn.GroupNorm(group_count(width), width), nn.SiLU(), conv)
         else:
             conv = nn.Conv3d(width, out_channels, 1)
             self.body = conv
