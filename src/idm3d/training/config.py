@@ -108,7 +108,7 @@ class TrainConfig:
     keep_checkpoints: int = field(default=3, metadata=_range(1))
     log_every: int = field(default=10, metadata=_range(1))
     nonfinite_patience: int = field(default=5, metadata=_range(1))
-    drift_check_every: int = field(default=0, metadata=_range(0))
+    drift_check_every: int = field(default=100, metadata=_range(0))  # and the first step; 0 = off
     drift_threshold: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     drift_action: Literal["warn", "stop"] = "warn"
     progress: bool = True

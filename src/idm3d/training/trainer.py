@@ -315,9 +315,12 @@ class Trainer:
         return errors
 
     def _guard_drift(self, step: int, record: dict[str, Any]) -> None:
-        """Every ``train.drift_check_every`` steps: the invertible core's rebuild errors, into ``record``."""
+        """After the run's first step and every ``train.drift_check_every`` steps: the core's rebuild errors.
+
+        The first step is checked too, so a broken inverse shows at once, not ``drift_check_every`` steps on.
+        """
         every = self.cfg.train.drift_check_every
-        if every and self.step % every == 0:
+        if every and (self.step % every == 0 or step == self._first_step):
             errors = self._drift_check(step)
             if errors:
                 record.update(drift_fields(errors))
@@ -358,6 +361,7 @@ class Trainer:
     def run(self) -> Path:
         """Train until ``train.max_steps`` and/or ``train.max_seconds``; return the run folder."""
         self._open()
+        self._first_step = self.step  # the first step of every run (fresh or resumed) gets a drift check
         clock = _Clock(self.elapsed)
         bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.cfg.train.progress or not self.dist.is_main)
