@@ -73,11 +73,12 @@ def test_per_op_errors_are_logged_every_n_steps_below_the_default_threshold(data
     assert rc == 0
     assert err == []  # 1e-3 default: exact float32 inverses stay far below it
     records = drift_records(run)
-    assert [r["step"] for r in records] == [2, 4]  # logged although train.log_every=100
+    # the first step of the run, then every N; logged although train.log_every=100
+    assert [r["step"] for r in records] == [1, 2, 4]
     for record in records:
         check_record(record, op_names)
         assert 0 < record["drift_max"] < 1e-4  # rounding only, and really measured
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [2, 4, 5]
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 4, 5]
 
 
 def test_no_drift_fields_without_the_check(data_dir, tmp_path, capsys):
@@ -92,7 +93,7 @@ def test_warn_logs_a_warning_and_training_goes_on(data_dir, tmp_path, capsys, op
     rc, err, run = train(capsys, tmp_path, data_dir, drift_threshold=1e-30, drift_action="warn")
     assert rc == 0
     records = drift_records(run)
-    assert len(err) == len(records) == 2
+    assert len(err) == len(records) == 3
     for line, record in zip(err, records):
         step, op, error = WARNING.fullmatch(line).groups()
         check_record(record, op_names)
@@ -103,9 +104,16 @@ def test_warn_logs_a_warning_and_training_goes_on(data_dir, tmp_path, capsys, op
 
 
 def test_stop_exits_2_with_one_line_naming_the_op_and_the_error(data_dir, tmp_path, capsys, op_names):
-    rc, err, run = train(capsys, tmp_path, data_dir, drift_threshold=1e-30, drift_action="stop", checkpoint_every=1)
+    # One clean step (checked at step 1 with the default threshold), then a resumed run that drifts.
+    rc, _, run = train(capsys, tmp_path, data_dir, "--set", "train.max_steps=1", checkpoint_every=1)
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["train", "--out", str(run), "--resume", "--set", "train.max_steps=4",
+               "--set", "train.drift_threshold=1e-30", "--set", "train.drift_action=stop"])
+    err = capsys.readouterr().err.strip().splitlines()[1:]  # after the "resuming from" line
     assert rc == 2
     assert len(err) == 1
+    # the first step of the resumed run is checked
     assert err[0].startswith("idm3d: error: reconstruction drift at step 2: ")
     step, op, error = WARNING.fullmatch(err[0].replace("idm3d: error:", "idm3d: warning:")).groups()
     record = read_metrics(run / "metrics.jsonl")[-1]
@@ -117,7 +125,7 @@ def test_stop_exits_2_with_one_line_naming_the_op_and_the_error(data_dir, tmp_pa
     capsys.readouterr()
     assert main(["train", "--out", str(run), "--resume", "--set", "train.drift_action=warn"]) == 0
     assert "resuming from step-00000001.json at step 1" in capsys.readouterr().err
-    assert [r["step"] for r in drift_records(run)] == [2, 4]
+    assert [r["step"] for r in drift_records(run)] == [1, 2, 4]  # the log is cut back to the checkpoint
     assert not any(r.get("drift_stop") for r in read_metrics(run / "metrics.jsonl"))
 
 

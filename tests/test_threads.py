@@ -69,7 +69,7 @@ def test_whole_net_with_two_threads(tmp_path: Path, config: str):
 def test_cli_default_config_trains_at_batch_two_and_samples_with_two_threads(tmp_path: Path):
     """`idm3d train` with every default (the IDMUNet() layout, heads 1: 256x256 bottleneck matrices) at
     batch 2 on 16^3 patches, then `idm3d sample`; the default drift check runs at step 1 and passes."""
-    root = write_brats_folder(tmp_path / "data", n_cases=2, shape=(16, 16, 16), modalities=("t1",))
+    root = write_brats_folder(tmp_path / "data", n_cases=2, shape=(24, 24, 24), modalities=("t1",))
     run, out = tmp_path / "run", tmp_path / "sample.nii.gz"
     cli = [sys.executable, "-m", "idm3d"]
     sets = ["data.batch_size=2", "data.patch_size=[16,16,16]", "train.max_steps=1", "train.progress=false"]

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from idm3d.invertible import linalg
 from idm3d.invertible.attention import Gains, InvertibleAttention3d
 from idm3d.invertible.attention_masks import VoxelSplit, voxel_parity
 from idm3d.invertible.base import BackwardResult, grad_parameters
-from idm3d.invertible.linalg import logabsdet, solve
 
 __all__ = ["ChannelAttention3d"]
 
@@ -80,8 +80,8 @@ class ChannelAttention3d(InvertibleAttention3d):
     def _inverse_map(self, y: Tensor, mats: Tensor, split: VoxelSplit, passing: Tensor) -> Tensor:
         b, h, k = y.shape[0], self.heads, self.head_dim
         y2 = torch.where(passing, 0.0, y).view(b, h, k, -1)
-        # T_p = T[S_p, S_p] embedded in the identity; solve(T_p, y2) is right on parity-p voxels.
-        solved = {p: solve(t, y2).reshape(y.shape) for p, t in self._parity_blocks(mats, split)}
+        # T_p = T[S_p, S_p] embedded in the identity; linalg.solve(T_p, y2) is right on parity-p voxels.
+        solved = {p: linalg.solve(t, y2).reshape(y.shape) for p, t in self._parity_blocks(mats, split)}
         del y2
         if not solved:
             return y.clone()
@@ -95,7 +95,7 @@ class ChannelAttention3d(InvertibleAttention3d):
         out = x.new_zeros(x.shape[0])
         for p, t in self._parity_blocks(mats, split):
             # the same T_p (identity rows for passing channels) acts at every parity-p voxel
-            out = out + split.counts[p] * logabsdet(t).sum(-1)
+            out = out + split.counts[p] * linalg.logabsdet(t).sum(-1)
         return out
 
     def _backward(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from idm3d.invertible import linalg
 from idm3d.invertible.attention import Gains, InvertibleAttention3d
 from idm3d.invertible.attention_masks import VoxelSplit
 from idm3d.invertible.base import BackwardResult, grad_parameters
-from idm3d.invertible.linalg import logabsdet, solve
 
 __all__ = ["SpatialAttention3d"]
 
@@ -70,7 +70,7 @@ class SpatialAttention3d(InvertibleAttention3d):
         parts = [flat[..., split.index[0]], flat[..., split.index[1]]]
         for p, t in mats:
             xs = parts[p].view(b, self.heads, self.head_dim, -1)
-            ys = solve(t, xs.mT).mT if inverse else xs @ t.mT
+            ys = linalg.solve(t, xs.mT).mT if inverse else xs @ t.mT
             if not self._moves_all[p]:
                 ys = torch.where(self._moving[p][None, :, :, None], ys, xs)
             parts[p] = ys.reshape(b, c, -1)
@@ -87,7 +87,7 @@ class SpatialAttention3d(InvertibleAttention3d):
         for p, t in mats:
             # one T_p per head, acting on each of the head's moving channels
             moving = self._moving[p].sum(-1).to(x.dtype)
-            out = out + (logabsdet(t) * moving).sum(-1)
+            out = out + (linalg.logabsdet(t) * moving).sum(-1)
         return out
 
     def _backward(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:

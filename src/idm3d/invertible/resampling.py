@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from idm3d.invertible import linalg
 from idm3d.invertible.base import InvertibleModule
-from idm3d.invertible.linalg import solve
 
 __all__ = [
     "InvertibleChannelMix3d",
@@ -42,7 +42,7 @@ def orthogonal_from_skew(raw: Tensor, method: str) -> Tensor:
         eye = torch.eye(raw.shape[-1], dtype=raw.dtype, device=raw.device).expand_as(skew)
         # (I + A)^-1 (I - A): orthogonal for skew-symmetric A; I + A is never singular. The 8x8
         # batches are below the size where CPU batched LU fails, but one safe path serves all sizes.
-        return solve(eye + skew, eye - skew)
+        return linalg.solve(eye + skew, eye - skew)
     raise ValueError(f"orthogonal parametrisation must be 'cayley' or 'exp', got {method!r}")
 
 
