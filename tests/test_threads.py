@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from helpers import write_brats_folder
 
@@ -38,32 +36,38 @@ def _run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
-def _worker(config: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{config}.json"
-    _run([sys.executable, str(HERE / "threaded_checks.py"), config, str(out)])
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """Every check of tests/threaded_checks.py, in one 2-thread process."""
+    out = tmp_path_factory.mktemp("threads") / "report.json"
+    _run([sys.executable, str(HERE / "threaded_checks.py"), "nets", str(out)])
     return json.loads(out.read_text())
 
 
-def test_attention_above_the_failing_lu_size_is_exact_with_two_threads(tmp_path: Path):
+@pytest.mark.parametrize("name", ["channel256", "spatial256_heads2"])
+def test_attention_above_the_failing_lu_size_is_exact_with_two_threads(report: dict, name: str):
     """The regression: 256x256 channel matrices, and 2 heads of 256 tokens, batch 2, two threads."""
-    report = _worker("attention", tmp_path)
-    for name, r in report.items():
-        assert r["round_trip"] <= 1e-5, name
-        assert r["log_det_vs_alone"] <= 1e-6, name
-        assert r["gradient_check"] <= 1e-5, name
+    r = report["attention"][name]
+    assert r["round_trip"] <= 1e-5
+    assert r["log_det_vs_alone"] <= 1e-6
+    assert r["gradient_check"] <= 1e-5
 
 
 @pytest.mark.parametrize("config", ["default_heads2", "spatial_heads2"])
-def test_whole_net_with_two_threads(tmp_path: Path, config: str):
+def test_whole_net_with_two_threads(report: dict, config: str):
     """Perturbed weights, batch 2, heads 2, 2 threads: gradients equal plain autograd, inverses exact, samples
-    independent of each other, and one thread gives what two give."""
-    r = _worker(config, tmp_path)
+    (timestep and context per sample) independent of each other, and one thread gives what two give."""
+    r = report[config]
     assert r["threads"] == 2
     # fp32: the rebuilt activations differ from the stored ones by rounding (~1e-6 relative).
     assert max(r["grad_vs_plain"].values()) <= 2e-5, r["grad_vs_plain"]
     assert r["round_trip"] <= 2e-4, r["round_trip"]
     assert max(r["per_sample"].values()) <= 2e-5, r["per_sample"]
     assert max(r["one_vs_two_threads"].values()) <= 2e-5, r["one_vs_two_threads"]
+
+
+def test_patch_batches_do_not_depend_on_the_thread_count(report: dict):
+    assert report["sampler"]["same_batches"]
 
 
 def test_cli_default_config_trains_at_batch_two_and_samples_with_two_threads(tmp_path: Path):
@@ -83,39 +87,15 @@ def test_cli_default_config_trains_at_batch_two_and_samples_with_two_threads(tmp
     assert out.is_file()
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(2)
-    from threaded_checks import CONFIGS, perturbed
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        net = perturbed(CONFIGS["spatial_heads2"])
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        x, w = _global_batch()
-        t = torch.tensor([1, 500, 20, 999])
-        shard = slice(2 * rank, 2 * rank + 2)  # 2 samples per process, as DistContext.shard cuts a batch of 4
-        # mean over the global batch: the per-process sum / world, averaged by DDP
-        (ddp(x[shard], t[shard]) * w[shard]).sum().backward()
-        torch.save(torch.cat([p.grad.flatten() for p in net.parameters()]), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(7)
-    return torch.randn(4, 1, 16, 16, 16, generator=g), torch.randn(4, 1, 16, 16, 16, generator=g)
-
-
 def test_ddp_two_ranks_with_two_threads_match_one_process(tmp_path: Path):
     """Two gloo ranks x 2 threads x batch 2 (spatial attention, 2 heads, memory-efficient) give the gradient
     of one process on the batch of 4."""
-    sys.path.insert(0, str(HERE))  # the spawned workers import threaded_checks
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    from threaded_checks import CONFIGS, perturbed
+    _run([sys.executable, str(HERE / "threaded_checks.py"), "ddp", str(tmp_path)])
+    from threaded_checks import DDP_CONFIG, ddp_batch, perturbed
 
-    net = perturbed(CONFIGS["spatial_heads2"])
-    x, w = _global_batch()
-    (net(x, torch.tensor([1, 500, 20, 999])) * w).sum().div(2).backward()
+    net = perturbed(DDP_CONFIG)
+    x, w, t = ddp_batch()
+    (net(x, t) * w).sum().div(2).backward()
     reference = torch.cat([p.grad.flatten() for p in net.parameters()])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert torch.equal(ranks[0], ranks[1])

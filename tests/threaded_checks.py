@@ -22,8 +22,9 @@ EDGE, BATCH = 16, 2
 # and a spatial-attention net with 2 heads whose 8^3 bottleneck has 256 tokens per parity.
 CONFIGS = {
     "default_heads2": {"num_heads": 2},
+    # with a per-sample context vector added to the timestep embedding
     "spatial_heads2": {"channels": 8, "levels": 2, "attention": "spatial", "attention_levels": [False, True],
-                       "num_heads": 2},
+                       "num_heads": 2, "context_dim": 4},
 }
 
 
@@ -38,12 +39,12 @@ def perturbed(kwargs: dict) -> IDMUNet:
     return net
 
 
-def grads(net: IDMUNet, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, memory_efficient: bool):
-    """(output, dL/dx, dL/dparams) for L = sum(net(x, t) * w)."""
+def grads(net: IDMUNet, x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, memory_efficient: bool, ctx=None):
+    """(output, dL/dx, dL/dparams) for L = sum(net(x, t, ctx) * w)."""
     net.memory_efficient = memory_efficient
     net.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
-    out = net(x, t)
+    out = net(x, t, ctx)
     (out * w).sum().backward()
     params = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
     return out.detach(), x.grad.detach(), params
@@ -59,16 +60,18 @@ def run(name: str) -> dict:
     x = torch.randn(BATCH, 1, EDGE, EDGE, EDGE, generator=gen)
     w = torch.randn(BATCH, 1, EDGE, EDGE, EDGE, generator=gen)
     t = torch.tensor([1, 500])
+    ctx = None if net.time_embed.context_dim is None else torch.randn(BATCH, net.time_embed.context_dim, generator=gen)
     started = time.perf_counter()
-    out, gx, gp = grads(net, x, t, w, memory_efficient=True)
+    out, gx, gp = grads(net, x, t, w, True, ctx)
     report: dict = {"threads": torch.get_num_threads(), "step_s": time.perf_counter() - started}
-    plain_out, plain_gx, plain_gp = grads(net, x, t, w, memory_efficient=False)
+    plain_out, plain_gx, plain_gp = grads(net, x, t, w, False, ctx)
     report["grad_vs_plain"] = {"output": rel(out, plain_out), "input": rel(gx, plain_gx), "params": rel(gp, plain_gp)}
     with torch.no_grad():
-        report["round_trip"] = max(net.reconstruction_error(x, t).values())
+        report["round_trip"] = max(net.reconstruction_error(x, t, ctx).values())
     # Per-sample independence: sample i alone gets the output and input gradient it gets in the batch, and
     # the batch's parameter gradient is the sum of the samples' ones.
-    alone = [grads(net, x[i : i + 1], t[i : i + 1], w[i : i + 1], memory_efficient=True) for i in range(BATCH)]
+    alone = [grads(net, x[i : i + 1], t[i : i + 1], w[i : i + 1], True, None if ctx is None else ctx[i : i + 1])
+             for i in range(BATCH)]
     report["per_sample"] = {
         "output": max(rel(out[i : i + 1], a[0]) for i, a in enumerate(alone)),
         "input": max(rel(gx[i : i + 1], a[1]) for i, a in enumerate(alone)),
@@ -76,7 +79,7 @@ def run(name: str) -> dict:
     }
     # One thread (what the rest of the suite runs) against two, in this process.
     torch.set_num_threads(1)
-    one = grads(net, x, t, w, memory_efficient=True)
+    one = grads(net, x, t, w, True, ctx)
     torch.set_num_threads(2)
     report["one_vs_two_threads"] = {"output": rel(one[0], out), "input": rel(one[1], gx), "params": rel(one[2], gp)}
     return report
@@ -109,7 +112,63 @@ def attention() -> dict:
     return report
 
 
+def sampler() -> dict:
+    """The patch batch of a step does not depend on the thread count (one CPU generator per step)."""
+    from idm3d.data.patches import PatchSampler
+
+    gen = torch.Generator().manual_seed(3)
+    volumes = [torch.rand(2, 24, 20, 16, generator=gen) for _ in range(3)]
+    masks = [v[:1] > 0.3 for v in volumes]
+    batches = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        s = PatchSampler(volumes, masks, (8, 8, 8), batch_size=BATCH, seed=4, foreground_prob=0.7,
+                         target_channels=[0])
+        batches[threads] = [s.batch(step) for step in range(3)]
+    torch.set_num_threads(2)
+    same = all(torch.equal(a[k], b[k]) for a, b in zip(batches[1], batches[2]) for k in ("source", "target"))
+    return {"same_batches": same}
+
+
+def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        net = perturbed(DDP_CONFIG)
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        x, w, t = ddp_batch()
+        shard = slice(BATCH * rank, BATCH * rank + BATCH)  # as DistContext.shard cuts the global batch
+        (ddp(x[shard], t[shard]) * w[shard]).sum().backward()  # DDP averages: the gradient of the sum / world
+        torch.save(torch.cat([p.grad.flatten() for p in net.parameters()]), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+DDP_CONFIG = {k: v for k, v in CONFIGS["spatial_heads2"].items() if k != "context_dim"}
+
+
+def ddp_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global batch of the DDP check: 2 ranks x batch 2 at 8^3."""
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(2 * BATCH, 1, 8, 8, 8, generator=g), torch.randn(2 * BATCH, 1, 8, 8, 8, generator=g)
+    return x, w, torch.tensor([1, 500, 20, 999])
+
+
+def ddp(folder: str) -> None:
+    """Two gloo ranks with 2 threads each write their gradients to ``folder``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, f"{folder}/init", folder), nprocs=2, join=True)
+
+
 if __name__ == "__main__":
-    config, path = sys.argv[1], sys.argv[2]
-    with open(path, "w") as f:
-        json.dump(attention() if config == "attention" else run(config), f, indent=1)
+    mode, path = sys.argv[1], sys.argv[2]
+    if mode == "ddp":
+        ddp(path)
+    else:
+        # "nets": every net config, the attention and the sampler checks in one process (one start-up)
+        report = {"attention": attention(), "sampler": sampler(), **{name: run(name) for name in CONFIGS}}
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
