@@ -1,0 +1,117 @@
+"""Data and output helpers shared by the example scripts in this folder (MONAI transforms, no idm3d internals).
+
+Two sources of training volumes, both scaled to [-1, 1] (the range MONAI's schedulers clip samples to):
+
+- a folder of NIfTI files (``*.nii`` / ``*.nii.gz``): MONAI transforms load each one, reorient it to RAS,
+  scale intensities by percentiles (0.5-99.5) and centre-crop or pad it to a cube of ``size``;
+- no folder: synthetic volumes, each a dark background with one bright ellipsoid of random centre, radii
+  and intensity plus a fainter inner ellipsoid, so a model has shapes to learn and samples can be judged
+  by eye. They are made from a seed, so every run sees the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai import transforms
+from monai.data import DataLoader, Dataset
+
+
+def synthetic_volumes(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` volumes of shape ``(1, size, size, size)`` in [-1, 1]: one ellipsoid in another on a dark background."""
+    if n < 1 or size < 2:
+        raise ValueError(f"synthetic_volumes: need n >= 1 and size >= 2, got n={n}, size={size}")
+    gen = torch.Generator().manual_seed(seed)
+    axis = torch.linspace(-1.0, 1.0, size)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))  # (3, D, H, W)
+    volumes = []
+    for _ in range(n):
+        centre = (torch.rand(3, 1, 1, 1, generator=gen) - 0.5) * 0.6
+        radii = 0.35 + 0.35 * torch.rand(3, 1, 1, 1, generator=gen)
+        r2 = (((grid - centre) / radii) ** 2).sum(0)
+        bright = 0.5 + 0.5 * torch.rand(1, generator=gen)
+        volume = torch.where(r2 <= 1.0, bright - 1.0, torch.full_like(r2, -1.0))
+        volume = torch.where(r2 <= 0.3, volume + 0.6, volume)
+        volumes.append(volume.clamp(-1.0, 1.0).unsqueeze(0))
+    return volumes
+
+
+def nifti_volumes(folder: Path, size: int) -> tuple[list[dict], transforms.Compose]:
+    """The NIfTI files in ``folder`` as MONAI data items, and the transform making each ``(1, size, size, size)``."""
+    files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise SystemExit(f"--data-dir {folder}: no .nii or .nii.gz files found")
+    load = transforms.Compose([
+        transforms.LoadImaged(keys="image", image_only=True),
+        transforms.EnsureChannelFirstd(keys="image"),
+        transforms.Lambdad(keys="image", func=lambda x: x[:1]),  # first channel of multi-channel files
+        transforms.Orientationd(keys="image", axcodes="RAS"),
+        transforms.ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0,
+                                                   clip=True),
+        transforms.ResizeWithPadOrCropd(keys="image", spatial_size=(size, size, size), value=-1.0),
+        transforms.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+    ])
+    return [{"image": str(f)} for f in files], load
+
+
+def training_batches(args: argparse.Namespace) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches ``(B, 1, S, S, S)`` from ``--data-dir`` or, without one, synthetic volumes."""
+    if args.data_dir is not None:
+        items, load = nifti_volumes(args.data_dir, args.size)
+        dataset = Dataset(items, transform=load)
+    else:
+        dataset = Dataset([{"image": v} for v in synthetic_volumes(args.num_volumes, args.size, args.seed)])
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
+                        num_workers=0, generator=torch.Generator().manual_seed(args.seed))
+    while True:
+        for batch in loader:
+            yield batch["image"]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options both examples take: data, sizes, output folder, device, the --smoke switch."""
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder of NIfTI volumes (default: synthetic ellipsoid volumes, see examples/volumes.py)")
+    parser.add_argument("--num-volumes", type=int, default=16, help="synthetic volumes when no --data-dir")
+    parser.add_argument("--size", type=int, default=32, help="cube edge the volumes are cropped or padded to")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True, help="output folder (weights, samples, summary.json)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:N]")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and 1-2 steps of everything: checks the script runs (seconds on a CPU)")
+
+
+def device_from(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str) -> float:
+    """The loss as a float; stops the script with a diagnosis when it is NaN or infinite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise SystemExit(f"{what} step {step}: loss is {value}; lower the learning rate or check the data range")
+    return value
+
+
+def save_volume(volume: torch.Tensor, path: Path) -> None:
+    """One ``(1, D, H, W)`` volume as NIfTI with 1 mm isotropic voxels (synthetic data has no scanner grid)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(volume[0].detach().float().cpu().numpy(), np.eye(4)), str(path))
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

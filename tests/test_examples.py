@@ -1,0 +1,111 @@
+"""The scripts in examples/ run as users run them (a fresh process, ``--smoke``), so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import phantom, write_volume
+from idm3d import IDMUNet
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def _finite_losses(values: list[float], n: int) -> None:
+    assert len(values) == n
+    assert all(math.isfinite(v) for v in values)
+
+
+def _volume(path: Path) -> np.ndarray:
+    data = nib.load(str(path)).get_fdata()
+    assert np.isfinite(data).all()
+    return data
+
+
+def _load_idm(out: Path, weights: str, kwargs: dict) -> IDMUNet:
+    net = IDMUNet(**kwargs)
+    net.load_state_dict(load_file(str(out / weights)))  # strict: every key present, none extra
+    return net.eval()
+
+
+@pytest.mark.parametrize("with_nifti", [False, True])
+def test_monai_ddpm_example(tmp_path: Path, with_nifti: bool):
+    args = ["--smoke", "--out", str(tmp_path / "out")]
+    if with_nifti:  # odd grids and the BraTS (flipped) affine: reoriented, scaled, padded/cropped to 16^3
+        data = tmp_path / "nifti"
+        write_volume(data / "a.nii.gz", phantom((20, 14, 18), "t1", seed=1))
+        write_volume(data / "b.nii", phantom((12, 24, 16), "t2", seed=2))
+        args += ["--data-dir", str(data)]
+    done = _run("monai_ddpm_3d.py", *args)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    _finite_losses(summary["losses"], 2)
+    for name in ("ddpm", "ddim"):
+        assert summary["samples"][name]["shape"] == [1, 1, 16, 16, 16]
+        sample = _volume(out / f"sample_{name}.nii.gz")
+        assert sample.shape == (16, 16, 16)
+        assert sample.std() > 0
+        # MONAI's schedulers clip the predicted x0 to [-1, 1]
+        assert sample.min() >= -1.0 - 1e-5
+        assert sample.max() <= 1.0 + 1e-5
+    net = _load_idm(out, "ema.safetensors", summary["model_kwargs"])
+    with torch.no_grad():
+        prediction = net(torch.randn(1, 1, 16, 16, 16), torch.tensor([10]))
+    assert prediction.shape == (1, 1, 16, 16, 16)
+    assert torch.isfinite(prediction).all()
+
+
+def test_latent_ddpm_example(tmp_path: Path):
+    from monai.networks.nets import AutoencoderKL
+
+    out = tmp_path / "out"
+    done = _run("latent_ddpm_3d.py", "--smoke", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    _finite_losses(summary["autoencoder_losses"], 2)
+    _finite_losses(summary["losses"], 2)
+    assert summary["latent_shape"] == [3, 8, 8, 8]
+    assert math.isfinite(summary["scale_factor"])
+    assert summary["scale_factor"] > 0
+    assert summary["sample"]["shape"] == [1, 1, 16, 16, 16]
+    for name in ("sample", "reconstruction"):
+        assert _volume(out / f"{name}.nii.gz").shape == (16, 16, 16)
+    autoencoder = AutoencoderKL(**summary["autoencoder_kwargs"])
+    autoencoder.load_state_dict(load_file(str(out / "autoencoder.safetensors")))
+    net = _load_idm(out, "unet.safetensors", summary["model_kwargs"])
+    with torch.no_grad():
+        latents = autoencoder.encode_stage_2_inputs(torch.zeros(1, 1, 16, 16, 16))
+        assert latents.shape == (1, 3, 8, 8, 8)
+        assert net(latents, torch.tensor([3])).shape == latents.shape
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "fault"),
+    [
+        ("monai_ddpm_3d.py", ["--data-dir", "{empty}"], "no .nii or .nii.gz files found"),
+        ("monai_ddpm_3d.py", ["--size", "15"], "--size 15: must be a multiple of 4"),
+        ("latent_ddpm_3d.py", ["--size", "20"], "--size 20: the latent edge"),
+    ],
+)
+def test_examples_reject_bad_input_in_one_line(tmp_path: Path, script: str, args: list[str], fault: str):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty") for a in args]
+    done = _run(script, *args, "--steps", "1", "--out", str(tmp_path / "out"))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert fault in done.stderr
