@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.idm3d-installed
+DOCS_STAMP := $(VENV)/.idm3d-docs-installed
 
-.PHONY: run test install lint clean
+.PHONY: run test install lint docs dist wheel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +29,23 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The API reference site (mkdocs + mkdocstrings) into site/; any warning fails the build.
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+# sdist + wheel (the wheel built from the sdist) into dist/.
+dist: $(STAMP)
+	$(PY) -m pip install -q -e ".[release]"
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# The wheel installed in a fresh venv: `idm3d --help`, a tiny train and sample (what CI runs after the tests).
+wheel-check: dist
+	bash .ci/wheel_check.sh dist
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site dist
