@@ -41,7 +41,7 @@ docs: $(DOCS_STAMP)
 dist: $(STAMP)
 	$(PY) -m pip install -q -e ".[release]"
 	rm -rf dist
-	$(PY) -m build --outdir dist .
+	$(PY) -m build --quiet --outdir dist .
 
 # The wheel installed in a fresh venv: `idm3d --help`, a tiny train and sample (what CI runs after the tests).
 wheel-check: dist
