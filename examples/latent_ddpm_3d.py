@@ -28,7 +28,15 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from safetensors.torch import save_file
-from volumes import add_common_arguments, check_finite, device_from, save_volume, training_batches, write_summary
+from volumes import (
+    add_common_arguments,
+    batches,
+    check_finite,
+    device_from,
+    save_volume,
+    training_volumes,
+    write_summary,
+)
 
 from idm3d import IDMUNet
 
@@ -77,15 +85,16 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return kl.sum(dim=list(range(1, kl.dim()))).mean()
 
 
-def train_autoencoder(args: argparse.Namespace, autoencoder: AutoencoderKL, device: torch.device) -> list[float]:
+def train_autoencoder(args: argparse.Namespace, autoencoder: AutoencoderKL, volumes: list[torch.Tensor],
+                      device: torch.device) -> list[float]:
     discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=2, channels=min(args.ae_channels),
                                        in_channels=1, out_channels=1).to(device)
     adversarial = PatchAdversarialLoss(criterion="least_squares")
     opt_g = torch.optim.Adam(autoencoder.parameters(), lr=args.lr)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=args.lr)
-    batches, losses, start = training_batches(args), [], time.perf_counter()
+    data, losses, start = batches(volumes, args.batch_size, args.seed), [], time.perf_counter()
     for step in range(1, args.ae_steps + 1):
-        images = next(batches).to(device)
+        images = next(data).to(device)
         opt_g.zero_grad(set_to_none=True)
         reconstruction, z_mu, z_sigma = autoencoder(images)
         loss = F.l1_loss(reconstruction, images) + args.kl_weight * kl_loss(z_mu, z_sigma)
@@ -111,12 +120,12 @@ def train_autoencoder(args: argparse.Namespace, autoencoder: AutoencoderKL, devi
     return losses
 
 
-def train_unet(args: argparse.Namespace, autoencoder: AutoencoderKL, unet: IDMUNet, device: torch.device,
-               ) -> tuple[LatentDiffusionInferer, list[float]]:
+def train_unet(args: argparse.Namespace, autoencoder: AutoencoderKL, unet: IDMUNet, volumes: list[torch.Tensor],
+               device: torch.device) -> tuple[LatentDiffusionInferer, list[float]]:
     autoencoder.eval().requires_grad_(False)
-    batches = training_batches(args)
+    data = batches(volumes, args.batch_size, args.seed)
     with torch.no_grad():
-        z = autoencoder.encode_stage_2_inputs(next(batches).to(device))
+        z = autoencoder.encode_stage_2_inputs(next(data).to(device))
     scale_factor = 1.0 / z.flatten().std().item()
     print(f"latents {tuple(z.shape[1:])}, scale factor {scale_factor:.4f}", flush=True)
     scheduler = DDPMScheduler(**SCHEDULE)
@@ -125,7 +134,7 @@ def train_unet(args: argparse.Namespace, autoencoder: AutoencoderKL, unet: IDMUN
     losses, start = [], time.perf_counter()
     unet.train()
     for step in range(1, args.steps + 1):
-        images = next(batches).to(device)
+        images = next(data).to(device)
         optimizer.zero_grad(set_to_none=True)
         noise = torch.randn((images.shape[0], *z.shape[1:]), device=device)
         timesteps = torch.randint(0, scheduler.num_train_timesteps, (images.shape[0],), device=device).long()
@@ -144,6 +153,7 @@ def train_unet(args: argparse.Namespace, autoencoder: AutoencoderKL, unet: IDMUN
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = device_from(args.device)
+    volumes = training_volumes(args)
     torch.manual_seed(args.seed)
     ae_kwargs, net_kwargs = autoencoder_kwargs(args), unet_kwargs(args)
     autoencoder = AutoencoderKL(**ae_kwargs).to(device)
@@ -152,15 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     if latent * 2 ** (len(args.ae_channels) - 1) != args.size or latent % unet.size_multiple:
         raise SystemExit(f"--size {args.size}: the latent edge (size / {2 ** (len(args.ae_channels) - 1)}) must be "
                          f"a whole multiple of {unet.size_multiple} for --levels {args.levels}")
-    ae_losses = train_autoencoder(args, autoencoder, device)
-    inferer, losses = train_unet(args, autoencoder, unet, device)
+    ae_losses = train_autoencoder(args, autoencoder, volumes, device)
+    inferer, losses = train_unet(args, autoencoder, unet, volumes, device)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in autoencoder.state_dict().items()},
               str(args.out / "autoencoder.safetensors"))
     save_file({k: v.contiguous().cpu() for k, v in unet.state_dict().items()}, str(args.out / "unet.safetensors"))
     unet.eval()
     with torch.no_grad():
-        volume = next(training_batches(args))[:1].to(device)
+        volume = volumes[0][None].to(device)
         save_volume(autoencoder.reconstruct(volume)[0], args.out / "reconstruction.nii.gz")
         ddim = DDIMScheduler(**SCHEDULE)
         ddim.set_timesteps(num_inference_steps=args.ddim_steps)

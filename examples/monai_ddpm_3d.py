@@ -25,7 +25,15 @@ from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from volumes import add_common_arguments, check_finite, device_from, save_volume, training_batches, write_summary
+from volumes import (
+    add_common_arguments,
+    batches,
+    check_finite,
+    device_from,
+    save_volume,
+    training_volumes,
+    write_summary,
+)
 
 from idm3d import IDMUNet
 
@@ -57,16 +65,17 @@ def model_kwargs(args: argparse.Namespace) -> dict:
             "attention_levels": [False] * (args.levels - 1) + [True], "num_heads": 1}
 
 
-def train(args: argparse.Namespace, model: IDMUNet, ema: AveragedModel, device: torch.device) -> list[float]:
+def train(args: argparse.Namespace, model: IDMUNet, ema: AveragedModel, volumes: list[torch.Tensor],
+          device: torch.device) -> list[float]:
     scheduler = DDPMScheduler(**SCHEDULE)
     inferer = DiffusionInferer(scheduler)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    batches = training_batches(args)
+    data = batches(volumes, args.batch_size, args.seed)
     losses = []
     start = time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
-        images = next(batches).to(device)
+        images = next(data).to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             noise = torch.randn_like(images)
@@ -104,6 +113,7 @@ def sample(args: argparse.Namespace, model: IDMUNet, device: torch.device) -> di
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = device_from(args.device)
+    volumes = training_volumes(args)
     torch.manual_seed(args.seed)
     kwargs = model_kwargs(args)
     model = IDMUNet(**kwargs).to(device)
@@ -111,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--size {args.size}: must be a multiple of {model.size_multiple} for --levels {args.levels}")
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay))
     print(f"IDMUNet: {sum(p.numel() for p in model.parameters()):,} parameters on {device}", flush=True)
-    losses = train(args, model, ema, device)
+    losses = train(args, model, ema, volumes, device)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous().cpu() for k, v in ema.module.state_dict().items()}, str(args.out / "ema.safetensors"))
     samples = sample(args, ema.module, device)

@@ -2,8 +2,9 @@
 
 Two sources of training volumes, both scaled to [-1, 1] (the range MONAI's schedulers clip samples to):
 
-- a folder of NIfTI files (``*.nii`` / ``*.nii.gz``): MONAI transforms load each one, reorient it to RAS,
-  scale intensities by percentiles (0.5-99.5) and centre-crop or pad it to a cube of ``size``;
+- a folder of NIfTI files (``*.nii`` / ``*.nii.gz``): MONAI transforms load each one (once, into memory),
+  reorient it to RAS, scale intensities by percentiles (0.5-99.5) and centre-crop or pad it to a cube of
+  ``size``;
 - no folder: synthetic volumes, each a dark background with one bright ellipsoid of random centre, radii
   and intensity plus a fainter inner ellipsoid, so a model has shapes to learn and samples can be judged
   by eye. They are made from a seed, so every run sees the same data.
@@ -43,36 +44,47 @@ def synthetic_volumes(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
     return volumes
 
 
-def nifti_volumes(folder: Path, size: int) -> tuple[list[dict], transforms.Compose]:
-    """The NIfTI files in ``folder`` as MONAI data items, and the transform making each ``(1, size, size, size)``."""
+def nifti_volumes(folder: Path, size: int) -> list[torch.Tensor]:
+    """Every NIfTI file in ``folder`` as a ``(1, size, size, size)`` volume in [-1, 1], through MONAI transforms."""
+    if not Path(folder).is_dir():
+        raise SystemExit(f"--data-dir {folder}: not a folder")
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise SystemExit(f"--data-dir {folder}: no .nii or .nii.gz files found")
     load = transforms.Compose([
-        transforms.LoadImaged(keys="image", image_only=True),
-        transforms.EnsureChannelFirstd(keys="image"),
-        transforms.Lambdad(keys="image", func=lambda x: x[:1]),  # first channel of multi-channel files
-        transforms.Orientationd(keys="image", axcodes="RAS"),
-        transforms.ScaleIntensityRangePercentilesd(keys="image", lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0,
-                                                   clip=True),
-        transforms.ResizeWithPadOrCropd(keys="image", spatial_size=(size, size, size), value=-1.0),
-        transforms.EnsureTyped(keys="image", dtype=torch.float32, track_meta=False),
+        transforms.LoadImage(image_only=True, ensure_channel_first=True),
+        transforms.Lambda(func=lambda x: x[:1]),  # the first channel of multi-channel files
+        transforms.Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # NIfTI world axes
+        transforms.ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True),
+        transforms.ResizeWithPadOrCrop(spatial_size=(size, size, size), value=-1.0),
+        transforms.EnsureType(dtype=torch.float32, track_meta=False),
     ])
-    return [{"image": str(f)} for f in files], load
+    volumes = []
+    for f in files:  # loaded once, up front: a bad file stops the script before training, named
+        try:
+            volumes.append(load(str(f)))
+        except Exception as error:
+            cause = error
+            while cause.__cause__ is not None:  # MONAI wraps the reader's error in "applying transform ..."
+                cause = cause.__cause__
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise SystemExit(f"--data-dir: {f}: cannot be read as a volume: {reason}") from None
+    return volumes
 
 
-def training_batches(args: argparse.Namespace) -> Iterator[torch.Tensor]:
-    """Endless shuffled batches ``(B, 1, S, S, S)`` from ``--data-dir`` or, without one, synthetic volumes."""
+def training_volumes(args: argparse.Namespace) -> list[torch.Tensor]:
+    """The ``(1, S, S, S)`` training volumes: the NIfTI files of ``--data-dir`` or, without one, synthetic ones."""
     if args.data_dir is not None:
-        items, load = nifti_volumes(args.data_dir, args.size)
-        dataset = Dataset(items, transform=load)
-    else:
-        dataset = Dataset([{"image": v} for v in synthetic_volumes(args.num_volumes, args.size, args.seed)])
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
-                        num_workers=0, generator=torch.Generator().manual_seed(args.seed))
+        return nifti_volumes(args.data_dir, args.size)
+    return synthetic_volumes(args.num_volumes, args.size, args.seed)
+
+
+def batches(volumes: list[torch.Tensor], batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches ``(B, 1, S, S, S)`` of ``volumes`` (MONAI's ``Dataset`` and ``DataLoader``)."""
+    loader = DataLoader(Dataset(volumes), batch_size=batch_size, shuffle=True, drop_last=len(volumes) >= batch_size,
+                        num_workers=0, generator=torch.Generator().manual_seed(seed))
     while True:
-        for batch in loader:
-            yield batch["image"]
+        yield from loader
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -98,13 +98,16 @@ def test_latent_ddpm_example(tmp_path: Path):
     ("script", "args", "fault"),
     [
         ("monai_ddpm_3d.py", ["--data-dir", "{empty}"], "no .nii or .nii.gz files found"),
+        ("latent_ddpm_3d.py", ["--data-dir", "{broken}"], "broken.nii.gz: cannot be read as a volume"),
         ("monai_ddpm_3d.py", ["--size", "15"], "--size 15: must be a multiple of 4"),
         ("latent_ddpm_3d.py", ["--size", "20"], "--size 20: the latent edge"),
     ],
 )
 def test_examples_reject_bad_input_in_one_line(tmp_path: Path, script: str, args: list[str], fault: str):
     (tmp_path / "empty").mkdir()
-    args = [a.format(empty=tmp_path / "empty") for a in args]
+    write_volume(tmp_path / "broken" / "good.nii.gz", phantom((16, 16, 16), "t1"))
+    (tmp_path / "broken" / "broken.nii.gz").write_bytes(b"not a NIfTI file")
+    args = [a.format(empty=tmp_path / "empty", broken=tmp_path / "broken") for a in args]
     done = _run(script, *args, "--steps", "1", "--out", str(tmp_path / "out"))
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
