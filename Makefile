@@ -45,7 +45,7 @@ dist: $(STAMP)
 
 # The wheel installed in a fresh venv: `idm3d --help`, a tiny train and sample (what CI runs after the tests).
 wheel-check: dist
-	bash .ci/wheel_check.sh dist
+	PYTHON=$(PYTHON) bash .ci/wheel_check.sh dist
 
 clean:
-	rm -rf runs .pytest_cache site dist
+	rm -rf runs .pytest_cache site dist build
