@@ -13,7 +13,8 @@ inferer decodes the result.
 
 Writes ``OUT/autoencoder.safetensors``, ``OUT/unet.safetensors``, ``OUT/reconstruction.nii.gz`` (a training
 volume through the autoencoder), ``OUT/sample.nii.gz`` and ``OUT/summary.json`` (model kwargs, scale factor,
-both stages' losses, sample statistics). Data: see ``examples/volumes.py``.
+both stages' losses, the autoencoder's mean L1 error over the training volumes, sample statistics).
+Data: see ``examples/volumes.py``.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     save_file({k: v.contiguous().cpu() for k, v in unet.state_dict().items()}, str(args.out / "unet.safetensors"))
     unet.eval()
     with torch.no_grad():
-        volume = volumes[0][None].to(device)
-        save_volume(autoencoder.reconstruct(volume)[0], args.out / "reconstruction.nii.gz")
+        reconstructions = [autoencoder.reconstruct(v[None].to(device))[0] for v in volumes]
+        recon_l1 = sum(F.l1_loss(r, v.to(device)).item() for r, v in zip(reconstructions, volumes)) / len(volumes)
+        save_volume(reconstructions[0], args.out / "reconstruction.nii.gz")
         ddim = DDIMScheduler(**SCHEDULE)
         ddim.set_timesteps(num_inference_steps=args.ddim_steps)
         gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -181,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     save_volume(image[0], args.out / "sample.nii.gz")
     write_summary(args.out, {
         "autoencoder_kwargs": ae_kwargs, "model_kwargs": net_kwargs, "schedule": SCHEDULE,
-        "scale_factor": inferer.scale_factor, "latent_shape": list(noise.shape[1:]), "autoencoder_losses": ae_losses,
-        "losses": losses, "sample": {"shape": list(image.shape), "min": image.min().item(), "max": image.max().item(),
-                                     "finite": bool(torch.isfinite(image).all())}})
+        "scale_factor": inferer.scale_factor, "reconstruction_l1": recon_l1, "latent_shape": list(noise.shape[1:]),
+        "autoencoder_losses": ae_losses, "losses": losses,
+        "sample": {"shape": list(image.shape), "min": image.min().item(), "max": image.max().item(),
+                   "finite": bool(torch.isfinite(image).all())}})
     print(f"wrote {args.out}/autoencoder.safetensors, unet.safetensors, reconstruction.nii.gz, sample.nii.gz, "
           "summary.json")
     return 0

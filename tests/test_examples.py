@@ -83,6 +83,7 @@ def test_latent_ddpm_example(tmp_path: Path):
     assert math.isfinite(summary["scale_factor"])
     assert summary["scale_factor"] > 0
     assert summary["sample"]["shape"] == [1, 1, 16, 16, 16]
+    assert 0 < summary["reconstruction_l1"] < 2  # volumes are in [-1, 1]
     for name in ("sample", "reconstruction"):
         assert _volume(out / f"{name}.nii.gz").shape == (16, 16, 16)
     autoencoder = AutoencoderKL(**summary["autoencoder_kwargs"])
