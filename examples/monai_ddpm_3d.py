@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_common_arguments(parser)
     parser.add_argument("--steps", type=int, default=2000, help="training steps (batches)")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--ema-decay", type=float, default=0.995,
+                        help="AveragedModel has no warm-up: the first weights keep a share of decay**steps of the "
+                             "average, so keep --steps well above 1 / (1 - decay)")
     parser.add_argument("--channels", type=int, default=16, help="IDMUNet core width at full resolution")
     parser.add_argument("--levels", type=int, default=3, help="IDMUNet resolution levels (attention on the lowest)")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM sampling steps (the tutorial: 1000)")

@@ -34,8 +34,8 @@ def synthetic_volumes(n: int, size: int, seed: int = 0) -> list[torch.Tensor]:
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"))  # (3, D, H, W)
     volumes = []
     for _ in range(n):
-        centre = (torch.rand(3, 1, 1, 1, generator=gen) - 0.5) * 0.6
-        radii = 0.35 + 0.35 * torch.rand(3, 1, 1, 1, generator=gen)
+        centre = (torch.rand(3, 1, 1, 1, generator=gen) - 0.5) * 0.3
+        radii = 0.5 + 0.35 * torch.rand(3, 1, 1, 1, generator=gen)  # the ellipsoid fills about 7-30 % of the cube
         r2 = (((grid - centre) / radii) ** 2).sum(0)
         bright = 0.5 + 0.5 * torch.rand(1, generator=gen)
         volume = torch.where(r2 <= 1.0, bright - 1.0, torch.full_like(r2, -1.0))
