@@ -6,14 +6,20 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["DiffusionPipeline", "IDMUNet", "__version__"]
+__all__ = ["DiffusionPipeline", "IDMUNet", "LoadedRun", "__version__", "load_run"]
 
 if TYPE_CHECKING:
     from idm3d.diffusion.pipeline import DiffusionPipeline
     from idm3d.nets.idm_unet import IDMUNet
+    from idm3d.training.run import LoadedRun, load_run
 
 # Lazy: importing idm3d.invertible or idm3d.errors should not pay for MONAI's import.
-_LAZY = {"IDMUNet": "idm3d.nets.idm_unet", "DiffusionPipeline": "idm3d.diffusion.pipeline"}
+_LAZY = {
+    "IDMUNet": "idm3d.nets.idm_unet",
+    "DiffusionPipeline": "idm3d.diffusion.pipeline",
+    "load_run": "idm3d.training.run",  # a trained run folder -> model, scheduler, pipeline (safe loading only)
+    "LoadedRun": "idm3d.training.run",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -27,6 +27,7 @@ __all__ = [
     "Config",
     "DataConfig",
     "DiffusionConfig",
+    "LogConfig",
     "ModelConfig",
     "SampleConfig",
     "TrainConfig",
@@ -89,6 +90,15 @@ class DiffusionConfig:
 
 
 @dataclass
+class LogConfig:
+    """TensorBoard logging of a training run (event files in the run folder: ``tensorboard --logdir runs/``)."""
+
+    tensorboard: bool | None = None  # null: on when the tensorboard package is installed
+    preview_every: int | None = field(default=None, metadata=_range(0))  # sample slices; null: at checkpoints
+    preview_steps: int = field(default=10, metadata=_range(1))  # DDIM steps of the preview sample
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, budget, checkpoints and safety guards."""
 
@@ -112,6 +122,7 @@ class TrainConfig:
     drift_threshold: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     drift_action: Literal["warn", "stop"] = "warn"
     progress: bool = True
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass

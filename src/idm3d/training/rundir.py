@@ -9,6 +9,7 @@
     <run>/checkpoints/          step-XXXXXXXX.{safetensors,json}: tensors + a TrainState
     <run>/metrics.jsonl         per-step records; <run>/loss.png the curve
     <run>/eval-<split>.{json,md} evaluation reports; other figures and reports by name
+    <run>/events.out.tfevents.* TensorBoard event files (``tensorboard --logdir runs/``)
 
 Every write is atomic (temporary file, fsync, rename), so a crash leaves the previous file or the new one.
 Readers check what they read and fail with one line naming the file.
@@ -34,6 +35,7 @@ from idm3d.training import checkpoint as ckpt
 from idm3d.training.checkpoint import TrainState, atomic_write_text
 from idm3d.training.config import Config, config_from_dict, config_to_dict
 from idm3d.training.logs import MetricsLog, plot_loss_curve, read_metrics
+from idm3d.training.tensorboard import TensorBoardLog
 
 __all__ = ["RunDir", "versions"]
 
@@ -176,6 +178,15 @@ class RunDir:
         """The open ``metrics.jsonl`` (emptied for a new run; cut after ``resume_step`` on resume)."""
         self.create()
         return MetricsLog(self.path / METRICS, resume_step=resume_step)
+
+    def tensorboard_log(self, purge_step: int | None = None) -> TensorBoardLog:
+        """A TensorBoard writer whose event files go into the run folder (``purge_step``: see TensorBoardLog)."""
+        self.create()
+        return TensorBoardLog(self.path, purge_step=purge_step)
+
+    def tensorboard_files(self) -> list[Path]:
+        """The run's TensorBoard event files, oldest first."""
+        return sorted(self.path.glob("events.out.tfevents.*"))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.path / METRICS)

@@ -35,9 +35,12 @@ from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.logs import memory_mb
 from idm3d.training.model_factory import architecture_signature, build_model, model_channels
+from idm3d.training.preview import preview_volumes
+from idm3d.training.progress import Clock, budget_postfix
 from idm3d.training.run import build_pipeline, resolve_device
 from idm3d.training.rundir import RunDir, versions
 from idm3d.training.state import restore_tensors, training_tensors
+from idm3d.training.tensorboard import NullBoard, tensorboard_wanted
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
@@ -59,25 +62,6 @@ class StepResult:
     grad_norm: float
     skipped: bool
     overflow: bool = False  # skipped on an fp16 gradient overflow at a loss scale > 1 (not a fault)
-
-
-@dataclasses.dataclass
-class _Clock:
-    """Training time of this session on top of what earlier sessions used, and the logging window."""
-
-    base: float
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    window_start: float = dataclasses.field(default_factory=time.monotonic)
-    window_steps: int = 0
-
-    def elapsed(self) -> float:
-        return self.base + (time.monotonic() - self.started)
-
-    def steps_per_s(self) -> float:
-        now = time.monotonic()
-        rate = self.window_steps / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_steps = now, 0
-        return rate
 
 
 class Trainer:
@@ -107,6 +91,7 @@ class Trainer:
         self.dist.check_batch(cfg.data.batch_size)
         self.device = self.dist.device
         mixed.check_precision(cfg.train.precision, self.device)
+        self._board_on, self._board_note = tensorboard_wanted(cfg.train.log.tensorboard)
         in_ch, out_ch = model_channels(cfg.data)
         torch.manual_seed(step_seed(cfg.train.seed, 0, _STREAM_INIT))  # same seed, same initial weights
         self.model = build_model(cfg.model, in_ch, out_ch).to(self.device)  # before the (slow) data
@@ -130,6 +115,7 @@ class Trainer:
         self.last_loss: float | None = None
         self.on_step: list[Callable[[Trainer, StepResult], None]] = []
         self._saved_step: int | None = None
+        self._previewed: int | None = None
         self._resumed_from = existing
         if existing is not None:
             self._restore(existing)
@@ -137,6 +123,7 @@ class Trainer:
         # The training forward goes through DDP when distributed; checks and diagnoses use self.model.
         self.net = self.dist.wrap(self.model)
         self.log: Any = distributed.NullLog()  # the metrics log, opened by run()
+        self.board: Any = NullBoard()  # TensorBoard, opened by run() on rank 0
 
     @property
     def run_dir(self) -> Path:
@@ -196,6 +183,10 @@ class Trainer:
                 run.write_split(self.prepared.split)
             run.write_data_info(self.prepared.info)
         self.log = run.metrics_log(resume_step=self.step if self.resume else None)
+        if self._board_on:
+            self.board = run.tensorboard_log(purge_step=self.step + 1 if self.resume else None)
+        elif self._board_note:
+            tqdm.write(self._board_note, file=sys.stderr)
         if self._resumed_from is not None:
             note = f" (removed {len(removed)} incomplete file(s))" if removed else ""
             tqdm.write(f"idm3d: resuming from {self._resumed_from.name} at step {self.step}{note}", file=sys.stderr)
@@ -327,7 +318,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def _budget_left(self, clock: _Clock) -> bool:
+    def _budget_left(self, clock: Clock) -> bool:
         tc = self.cfg.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return False
@@ -340,15 +331,31 @@ class Trainer:
         return {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm,
                 "lr": self.optimizer.param_groups[0]["lr"]}
 
-    def _log(self, record: dict[str, Any], result: StepResult, clock: _Clock, bar: tqdm) -> None:
+    def _log(self, record: dict[str, Any], result: StepResult, clock: Clock, bar: tqdm) -> None:
         """Every ``train.log_every`` steps, at drift checks and at the last step: a metrics record."""
         # Drift-check steps are always logged: the per-op errors are the point of the check.
         if self.step % self.cfg.train.log_every == 0 or "drift" in record or not self._budget_left(clock):
-            record.update(steps_per_s=clock.steps_per_s(), mem_mb=memory_mb(self.device), elapsed_s=self.elapsed)
+            rate = clock.steps_per_s()
+            record.update(steps_per_s=rate, step_time_s=1.0 / rate if rate > 0 else None,
+                          mem_mb=memory_mb(self.device), elapsed_s=self.elapsed)
             if not result.skipped:
                 self.log.write(record)
-            bar.set_postfix(loss=f"{result.loss:.4g}", mem=f"{record['mem_mb']:.0f}MiB", refresh=False)
+                self.board.scalars(record)
+            tc = self.cfg.train
+            bar.set_postfix(loss=f"{result.loss:.4g}", mem=f"{record['mem_mb']:.0f}MiB", refresh=False,
+                            **budget_postfix(self.elapsed, tc.max_seconds, self.step, tc.max_steps,
+                                             clock.session_rate()))
         bar.update(1)
+
+    def _preview(self, final: bool = False) -> None:
+        """At each preview step (default: each checkpoint) and at the end: sample slices to TensorBoard."""
+        every = self.cfg.train.log.preview_every
+        every = self.cfg.train.checkpoint_every if every is None else every
+        if not self.board.enabled or not every or self.step == self._previewed:
+            return
+        if final or self.step % every == 0:
+            self.board.images(preview_volumes(self.cfg, self.model, self.ema, self.data, self.device), self.step)
+            self._previewed = self.step
 
     def _checkpoint(self, final: bool = False) -> None:
         """Every ``train.checkpoint_every`` steps (and at the end, unless just saved): a checkpoint and the curve."""
@@ -362,7 +369,7 @@ class Trainer:
         """Train until ``train.max_steps`` and/or ``train.max_seconds``; return the run folder."""
         self._open()
         self._first_step = self.step  # the first step of every run (fresh or resumed) gets a drift check
-        clock = _Clock(self.elapsed)
+        clock = Clock(self.elapsed)
         bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.cfg.train.progress or not self.dist.is_main)
         try:
@@ -370,7 +377,7 @@ class Trainer:
                 step = self.step
                 result = self.train_step(step)
                 self.step, self.elapsed = step + 1, clock.elapsed()
-                clock.window_steps += 1
+                clock.tick()
                 self._guard_nonfinite(step, result)
                 record = self._record(result)
                 for hook in self.on_step:
@@ -378,10 +385,13 @@ class Trainer:
                 self._guard_drift(step, record)
                 self._log(record, result, clock, bar)
                 self._checkpoint()
+                self._preview()
             self._checkpoint(final=True)
+            self._preview(final=True)
         finally:
             bar.close()
             self.log.close()
+            self.board.close()
         if self.dist.is_main:
             self.folder.plot_loss()
         return self.run_dir

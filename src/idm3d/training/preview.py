@@ -1,0 +1,46 @@
+"""A training preview: a short DDIM sample with the EMA weights on a fixed training patch.
+
+What TensorBoard shows under ``preview/`` at each checkpoint (``train.log.preview_every``): the patch's
+sources (translation), its real targets, and the targets the EMA model samples, each as mid-slices.
+The patch, the noise and the chain are fixed by ``train.seed``, so successive previews differ only by
+the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from idm3d.training.config import Config
+from idm3d.training.data_source import TrainingData
+from idm3d.training.ema import EMA
+from idm3d.training.run import build_pipeline, build_scheduler
+
+__all__ = ["preview_volumes"]
+
+
+@torch.no_grad()
+def preview_volumes(
+    cfg: Config, model: nn.Module, ema: EMA, data: TrainingData, device: torch.device
+) -> dict[str, Tensor]:
+    """``{"source_<m>" | "target_<m>" | "sample_<m>": (X, Y, Z) CPU tensor}`` for the first patch of step 0."""
+    target, source = data.batch(0)
+    target, source = target[:1], None if source is None else source[:1]
+    averaged = copy.deepcopy(model)  # the training model keeps its weights and mode
+    ema.copy_to(averaged)
+    averaged.eval()
+    pipeline = build_pipeline(cfg, averaged, device, precision=cfg.train.precision)
+    steps = min(cfg.train.log.preview_steps, cfg.diffusion.num_train_timesteps)
+    sampled = pipeline.sample(
+        tuple(target.shape), None if source is None else source.to(device),
+        scheduler=build_scheduler(cfg, "ddim", steps), generator=torch.Generator().manual_seed(cfg.train.seed),
+        device=device,
+    ).cpu()
+    out: dict[str, Tensor] = {}
+    if source is not None:
+        out.update({f"source_{m}": source[0, i] for i, m in enumerate(cfg.data.sources)})
+    out.update({f"target_{m}": target[0, i] for i, m in enumerate(cfg.data.targets)})
+    out.update({f"sample_{m}": sampled[0, i] for i, m in enumerate(cfg.data.targets)})
+    return out
