@@ -22,6 +22,7 @@ from idm3d.training import distributed
 from idm3d.training.checkpoint import list_checkpoints
 from idm3d.training.config import config_from_dict
 from idm3d.training.logs import read_metrics
+from idm3d.training.tensorboard import tensorboard_available
 from idm3d.training.trainer import Trainer, train
 
 # Two levels with attention on the bottom one: couplings, resampling and attention all in the core.
@@ -176,7 +177,10 @@ def test_torchrun_two_processes_rank0_writes_and_resume_matches_one_process(tmp_
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [1, 2]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
     names = {p.name for p in run.iterdir()}
-    assert names == {"checkpoints", "config.yaml", "run.json", "split.json", "data.json", "metrics.jsonl", "loss.png"}
+    events = {n for n in names if n.startswith("events.out.tfevents.")}
+    assert len(events) == (1 if tensorboard_available() else 0)  # rank 0's TensorBoard log only
+    assert names - events == {
+        "checkpoints", "config.yaml", "run.json", "split.json", "data.json", "metrics.jsonl", "loss.png"}
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     state = json.loads((run / "checkpoints" / "step-00000002.json").read_text())
     assert state["world_size"] == 2

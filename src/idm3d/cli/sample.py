@@ -1,9 +1,12 @@
-"""``idm3d sample``: generate a volume, or translate source modalities, with a trained run."""
+"""``idm3d sample``: generate volumes, or translate source modalities, with a trained run (one or a batch)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from idm3d.errors import ConfigError
 
 __all__ = ["register", "run"]
 
@@ -11,19 +14,30 @@ __all__ = ["register", "run"]
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sample",
-        help="sample a volume from a trained run",
-        description="Sample with a trained run (EMA weights by default). Translation runs need --condition, "
-        "one NIfTI per source modality; the output keeps the condition's grid and affine. Writes OUT and a PNG "
-        "of the three orthogonal mid-slices next to it.",
+        help="sample volumes from a trained run (one, or a folder of cases, or N)",
+        description="Sample with a trained run (EMA weights by default). One volume: translation runs need "
+        "--condition, one NIfTI per source modality; the output keeps the condition's grid and affine; OUT and a "
+        "PNG of the three orthogonal mid-slices next to it are written. A batch: --input-dir DIR translates every "
+        "case folder of DIR (modalities found by file-name suffix, as for training data) into the folder OUT, "
+        "one NIfTI per case on its case's grid and affine; --num N writes N unconditional samples into OUT with "
+        "seeds SEED, SEED+1, ... Batches record their settings and seeds in OUT/samples.json, skip outputs "
+        "that already exist (rerun to resume), report a bad case in one line and go on with the others, and "
+        "exit 1 if any case failed.",
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `idm3d train`")
-    p.add_argument("--out", type=Path, required=True, help="output .nii.gz (with several targets: OUT_<target>)")
-    p.add_argument("--condition", nargs="+", default=None, metavar="FILE",
-                   help="source volume(s) in the run's source order, or MODALITY=FILE")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .nii.gz (with several targets: OUT_<target>); with --input-dir/--num a folder")
+    inputs = p.add_mutually_exclusive_group()
+    inputs.add_argument("--condition", nargs="+", default=None, metavar="FILE",
+                        help="source volume(s) in the run's source order, or MODALITY=FILE")
+    inputs.add_argument("--input-dir", type=Path, metavar="DIR",
+                        help="translation runs: translate every case folder of DIR into the folder OUT")
+    inputs.add_argument("--num", type=int, metavar="N",
+                        help="unconditional runs: write N samples (seeds SEED..SEED+N-1) into the folder OUT")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the run's sample.sampler")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
-    p.add_argument("--seed", type=int, help="RNG seed (default: the run's sample.seed)")
+    p.add_argument("--seed", type=int, help="RNG seed (default: the run's sample.seed); --num: the first one")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint JSON of the run (default: the newest)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"),
@@ -36,13 +50,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idm3d.training.generate import sample
+    from idm3d.training.run import load_run
 
-    written = sample(
-        args.run, args.out, args.condition, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-        use_ema=False if args.raw_weights else None, checkpoint=args.checkpoint, shape=args.shape, device=args.device,
-        progress=not args.no_progress, precision=args.precision,
+    if args.num is not None and args.num < 1:
+        raise ConfigError(f"--num: expected a count >= 1, got {args.num}")
+    batch = args.input_dir is not None or args.num is not None
+    if batch and args.out.name.lower().endswith((".nii", ".nii.gz")):
+        raise ConfigError(f"--out {args.out}: with --input-dir or --num, OUT is a folder (got a NIfTI name)")
+    if args.input_dir is not None and args.shape is not None:
+        raise ConfigError("--shape: a translation keeps each case's grid; drop --shape with --input-dir")
+    loaded = load_run(
+        args.run, checkpoint=args.checkpoint, use_ema=False if args.raw_weights else None, device=args.device,
+        sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, precision=args.precision,
     )
-    for path in written:
+    progress = not args.no_progress
+    if not batch:
+        from idm3d.training.generate import write_sample
+
+        for path in write_sample(loaded, args.out, args.condition, shape=args.shape, progress=progress):
+            print(path)
+        return 0
+    from idm3d.training.batch import MANIFEST, sample_folder, sample_many
+
+    if args.input_dir is not None:
+        result = sample_folder(loaded, args.input_dir, args.out, progress=progress)
+    else:
+        result = sample_many(loaded, args.num, args.out, shape=args.shape, progress=progress)
+    for path in result.written:
         print(path)
+    print(f"idm3d: {result.summary()}; settings and seeds in {result.out_dir / MANIFEST}", file=sys.stderr)
+    if result.failed:
+        print(f"idm3d: error: {len(result.failed)} case(s) failed: {', '.join(result.failed)}", file=sys.stderr)
+        return 1
     return 0

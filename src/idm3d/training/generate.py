@@ -27,7 +27,9 @@ from idm3d.training.figures import save_mid_slices
 from idm3d.training.model_factory import size_multiple
 from idm3d.training.run import BACKGROUND, LoadedRun, load_run, mask_background, sample_settings
 
-__all__ = ["BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings"]
+__all__ = [
+    "BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings", "write_sample",
+]
 
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
 
@@ -87,7 +89,7 @@ def _scaling(info: Mapping | None, modality: str) -> IntensityScaling | None:
 
 
 def sample(
-    run_dir: str | Path,
+    run_dir: str | Path | LoadedRun,
     out: str | Path,
     conditions: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
     *,
@@ -105,7 +107,8 @@ def sample(
     """Generate (or translate) one volume with a trained run and write it as NIfTI + a mid-slice PNG.
 
     Args:
-        run_dir: the run folder.
+        run_dir: the run folder, or a run already loaded by :func:`~idm3d.training.run.load_run` (then
+            ``sampler`` ... ``precision`` must be left unset: they were chosen when loading it).
         out: output ``.nii.gz``; with several target modalities ``_<modality>`` is added per file.
         conditions: translation only: one NIfTI per source modality.
         sampler, steps, eta, seed: override the run's ``sample`` section.
@@ -120,15 +123,39 @@ def sample(
     Returns:
         The written NIfTI files, then the PNG.
     """
-    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
-                   eta=eta, seed=seed, precision=precision)
+    settings = {"sampler": sampler, "steps": steps, "eta": eta, "seed": seed, "precision": precision,
+                "use_ema": use_ema, "checkpoint": checkpoint}
+    if isinstance(run_dir, LoadedRun):
+        given = [k for k, v in settings.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]}: set when loading the run (load_run), not when sampling a loaded one")
+        run = run_dir
+    else:
+        run = load_run(run_dir, device=device, **settings)
+    return write_sample(run, out, conditions, shape=shape, progress=progress)
+
+
+def write_sample(
+    run: LoadedRun,
+    out: str | Path,
+    conditions: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
+    *,
+    shape: Sequence[int] | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+    png: bool = True,
+) -> list[Path]:
+    """:func:`sample` with a loaded run: the NIfTI file(s) (and, with ``png``, the mid-slice PNG, last).
+
+    ``seed`` overrides the run's ``sample.seed`` for this volume (``idm3d sample --num``).
+    """
     info = run.run.read_data_info()
     nifti_paths, png_path = output_paths(out, run.targets)
     record = _condition(run, conditions)
     if record is not None:  # translation: on the condition's grid, masked by its brain mask
-        volume = run.masked(run.infer(condition=record.image[None], progress=progress), record.mask[None])
+        volume = run.masked(run.infer(condition=record.image[None], seed=seed, progress=progress), record.mask[None])
     else:
-        volume = run.infer(shape=_unconditional_grid(run, shape, info), progress=progress)
+        volume = run.infer(shape=_unconditional_grid(run, shape, info), seed=seed, progress=progress)
     rows = {} if record is None else {m: record.image[i] for i, m in enumerate(record.modalities)}
     for j, (target, path) in enumerate(zip(run.targets, nifti_paths)):
         rows[f"{target} (sampled)"] = volume[0, j]
@@ -139,8 +166,11 @@ def sample(
         else:
             affine = np.asarray(info["grid_affine"]) if info and "grid_affine" in info else np.eye(4)
             save_volume(path, mapped.numpy(), affine)
+    if not png:
+        return nifti_paths
     sc = run.settings
-    title = f"{Path(run_dir).name}: {sc.sampler} {sc.steps} steps, seed {sc.seed}, {run.weights} weights"
+    title = (f"{run.run_dir.name}: {sc.sampler} {sc.steps} steps, seed {sc.seed if seed is None else seed}, "
+             f"{run.weights} weights")
     if sc.precision != "fp32":
         title += f", {sc.precision}"
     return [*nifti_paths, save_mid_slices(rows, png_path, title=title)]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 
 __all__ = ["Clock", "budget_postfix", "format_seconds"]
 
@@ -20,6 +22,17 @@ class Clock:
 
     def elapsed(self) -> float:
         return self.base + (time.monotonic() - self.started)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is not training time (TensorBoard previews): the budget and the rates skip it."""
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            dt = time.monotonic() - t0
+            self.started += dt
+            self.window_start += dt
 
     def tick(self) -> None:
         self.window_steps += 1

@@ -347,14 +347,19 @@ class Trainer:
                                              clock.session_rate()))
         bar.update(1)
 
-    def _preview(self, final: bool = False) -> None:
-        """At each preview step (default: each checkpoint) and at the end: sample slices to TensorBoard."""
+    def _preview(self, clock: Clock, final: bool = False) -> None:
+        """At each preview step (default: each checkpoint) and at the end: sample slices to TensorBoard.
+
+        Not counted as training time, so logging does not change what a time budget buys.
+        """
         every = self.cfg.train.log.preview_every
         every = self.cfg.train.checkpoint_every if every is None else every
         if not self.board.enabled or not every or self.step == self._previewed:
             return
         if final or self.step % every == 0:
-            self.board.images(preview_volumes(self.cfg, self.model, self.ema, self.data, self.device), self.step)
+            with clock.paused():
+                volumes = preview_volumes(self.cfg, self.model, self.ema, self.data, self.device)
+                self.board.images(volumes, self.step)
             self._previewed = self.step
 
     def _checkpoint(self, final: bool = False) -> None:
@@ -385,9 +390,9 @@ class Trainer:
                 self._guard_drift(step, record)
                 self._log(record, result, clock, bar)
                 self._checkpoint()
-                self._preview()
+                self._preview(clock)
             self._checkpoint(final=True)
-            self._preview(final=True)
+            self._preview(clock, final=True)
         finally:
             bar.close()
             self.log.close()
