@@ -88,3 +88,18 @@ def perturb(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
         for p in module.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return module
+
+
+# The smallest IDMUNet the CLI tests train (two levels, no attention).
+TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
+
+
+def tiny_run_config(data: dict, train: dict | None = None, sample: dict | None = None) -> dict:
+    """A config of a few-step run of :data:`TINY_IDM` on 16^3 patches (``data`` holds root, task, modalities)."""
+    return {
+        "data": {"patch_size": [16, 16, 16], "test_fraction": 0.34, **data},
+        "model": {"name": "idm", "kwargs": TINY_IDM},
+        "diffusion": {"num_train_timesteps": 50},
+        "train": {"max_steps": 3, "checkpoint_every": 2, "log_every": 1, "progress": False, **(train or {})},
+        "sample": {"steps": 2, **(sample or {})},
+    }

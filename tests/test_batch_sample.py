@@ -13,28 +13,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import BRATS_AFFINE, phantom, write_brats_folder, write_volume
+from helpers import BRATS_AFFINE, phantom, tiny_run_config, write_brats_folder, write_volume
 from idm3d.cli.main import main
-
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(base: Path, name: str, data: dict) -> Path:
-    cfg = {
-        "data": {"patch_size": [16, 16, 16], "test_fraction": 0.34, **data},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 2, "checkpoint_every": 2, "progress": False, "log": {"tensorboard": False}},
-        "sample": {"steps": 2, "seed": 3},
-    }
+    cfg = tiny_run_config(data, {"max_steps": 2, "log": {"tensorboard": False}}, {"seed": 3})
     path = base / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     threads = torch.get_num_threads()

@@ -16,8 +16,6 @@ from safetensors.torch import load_file
 import idm3d
 from helpers import write_brats_folder
 
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import write_brats_folder
+from helpers import tiny_run_config, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError
 from idm3d.training import tensorboard as tb
@@ -22,19 +22,10 @@ from idm3d.training.rundir import RunDir
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
-
 
 def _config(root: Path, **train) -> dict:
-    return {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 1, "drift_check_every": 2,
-                  "progress": False, "log": {"preview_steps": 2}, **train},
-        "sample": {"steps": 2},
-    }
+    data = {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"]}
+    return tiny_run_config(data, {"max_steps": 4, "drift_check_every": 2, "log": {"preview_steps": 2}, **train})
 
 
 @pytest.fixture(scope="module")
