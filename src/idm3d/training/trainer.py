@@ -342,9 +342,9 @@ class Trainer:
                 self.log.write(record)
                 self.board.scalars(record)
             tc = self.cfg.train
-            bar.set_postfix(loss=f"{result.loss:.4g}", mem=f"{record['mem_mb']:.0f}MiB", refresh=False,
-                            **budget_postfix(self.elapsed, tc.max_seconds, self.step, tc.max_steps,
-                                             clock.session_rate()))
+            fields = {"loss": f"{result.loss:.4g}", "mem": f"{record['mem_mb']:.0f}MiB",
+                      **budget_postfix(self.elapsed, tc.max_seconds, self.step, tc.max_steps, clock.session_rate())}
+            bar.set_postfix(fields, refresh=False)  # in this order (keyword fields would be sorted)
         bar.update(1)
 
     def _preview(self, clock: Clock, final: bool = False) -> None:
