@@ -17,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train a diffusion model",
         description="Train a 3D diffusion model. Options come from --config (YAML or JSON) and --set overrides; "
-        "the run folder receives config.yaml, checkpoints/, metrics.jsonl and loss.png. For data-parallel "
+        "the run folder receives config.yaml, checkpoints/, metrics.jsonl, loss.png and, when the tensorboard "
+        "package is installed, TensorBoard event files with sample previews (tensorboard --logdir runs/; "
+        "train.log.tensorboard=false turns them off). With train.max_seconds the progress bar shows the time "
+        "used/budget and an ETA. For data-parallel "
         "training run it under torchrun (torchrun --nproc_per_node N -m idm3d train ...) or pass --nproc N.",
     )
     p.add_argument("--config", type=Path, help="YAML or JSON config (sections data, model, diffusion, train, sample)")
