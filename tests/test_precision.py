@@ -16,7 +16,7 @@ from idm3d.cli.main import main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.nets.idm_unet import IDMUNet
 from idm3d.training.checkpoint import latest_checkpoint
-from idm3d.training.config import config_from_dict, load_config
+from idm3d.training.config import config_from_dict, config_to_dict, load_config
 from idm3d.training.logs import read_metrics
 from idm3d.training.precision import autocast, autocast_dtype, overflow_explained
 from idm3d.training.trainer import Trainer
@@ -64,7 +64,7 @@ def test_train_autocast_is_a_deprecated_alias(old: str, new: str):
     with pytest.warns(FutureWarning, match=f"train.autocast is deprecated; use train.precision={new}"):
         cfg = load_config(None, [f"train.autocast={old}"])
     assert cfg.train.precision == new
-    assert "autocast" not in yaml.safe_dump(cfg.train.__dict__)
+    assert "autocast" not in yaml.safe_dump(config_to_dict(cfg)["train"])
 
 
 @pytest.mark.parametrize(

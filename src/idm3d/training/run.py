@@ -90,7 +90,21 @@ def mask_background(volume: Tensor, mask: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A trained run ready for inference: its model, settings and pipeline."""
+    """A trained run ready for inference (``idm3d.load_run``): its model, settings and pipeline.
+
+    Attributes:
+        model: the network with the EMA (``weights == "ema"``) or raw (``"model"``) weights, in eval mode.
+        pipeline: the ready :class:`~idm3d.diffusion.pipeline.DiffusionPipeline` (the run's training scheduler
+            and loss, ``sample.roi_size``/``overlap``/``precision``); ``pipeline.sample(shape, condition,
+            scheduler=run.scheduler())`` is the chain :meth:`infer` runs.
+        settings: the ``sample`` section with the overrides given to ``load_run``.
+        config, state, checkpoint, run: the run's configuration, the checkpoint's TrainState and path, its RunDir.
+
+    Example::
+
+        run = idm3d.load_run("runs/t1t2")
+        t2 = run.infer(condition=t1)  # (1, sources, X, Y, Z) in [-1, 1]
+    """
 
     run: RunDir
     config: Config
