@@ -139,6 +139,16 @@ def test_mid_slice_image_orientation_and_range():
     assert img[-1, 0] == 0.0
 
 
+def test_mid_slice_image_of_a_diverged_sample_is_finite():
+    vol = torch.zeros(4, 4, 4)
+    vol[2] = float("nan")
+    vol[0] = float("inf")
+    img = tb.mid_slice_image(vol)
+    assert np.isfinite(img).all()
+    assert img.min() >= 0.0
+    assert img.max() <= 1.0
+
+
 @pytest.mark.parametrize(
     ("elapsed", "budget", "step", "max_steps", "rate", "expected"),
     [
@@ -166,3 +176,17 @@ def test_progress_bar_shows_the_time_budget(data_root: Path, tmp_path: Path, cap
     assert "/1:00:00" in err
     assert "eta=" in err
     assert json.loads((out / "checkpoints" / "step-00000003.json").read_text())["step"] == 3
+
+
+def test_a_failing_preview_warns_and_training_goes_on(data_root: Path, tmp_path: Path, monkeypatch, capsys):
+    from idm3d.training import trainer
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(trainer, "preview_volumes", out_of_memory)
+    out = tmp_path / "oom"
+    _train(data_root, out, max_steps=2)
+    err = capsys.readouterr().err
+    assert "idm3d: warning: step 2: TensorBoard preview skipped (CUDA out of memory (simulated))" in err
+    assert [e.step for e in _events(out).Scalars("train/loss")] == [1, 2]

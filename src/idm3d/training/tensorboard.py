@@ -68,7 +68,8 @@ def mid_slice_image(volume: Tensor | np.ndarray, value_range: tuple[float, float
     height = max(s.shape[0] for s in slices)
     lo, hi = value_range
     padded = [np.pad(s, ((0, height - s.shape[0]), (0, 1)), constant_values=lo) for s in slices]
-    return np.clip((np.concatenate(padded, axis=1) - lo) / (hi - lo), 0.0, 1.0)
+    image = (np.concatenate(padded, axis=1) - lo) / (hi - lo)
+    return np.clip(np.nan_to_num(image, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)  # a diverged sample: NaN black
 
 
 class TensorBoardLog:

@@ -358,8 +358,12 @@ class Trainer:
             return
         if final or self.step % every == 0:
             with clock.paused():
-                volumes = preview_volumes(self.cfg, self.model, self.ema, self.data, self.device)
-                self.board.images(volumes, self.step)
+                try:
+                    self.board.images(preview_volumes(self.cfg, self.model, self.ema, self.data, self.device),
+                                      self.step)
+                except (RuntimeError, ValueError) as err:  # e.g. out of memory: a preview never ends a run
+                    tqdm.write(f"idm3d: warning: step {self.step}: TensorBoard preview skipped ({err})",
+                               file=sys.stderr)
             self._previewed = self.step
 
     def _checkpoint(self, final: bool = False) -> None:
