@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from idm3d.allocator import ENV_VAR as ALLOCATOR_ENV
+from idm3d.allocator import configure_from_env
+
 # Reporting helpers live in ``report``; re-exported so benchmarks import one module.
 from idm3d.bench.report import (
     Column,
@@ -205,12 +208,14 @@ def _announce_baseline(rss: int | None) -> None:
 
 
 def _measure_memory(model: nn.Module, step: Callable[[], Any], device: torch.device, method: str) -> dict:
+    """Peak memory growth of one ``step`` over the memory held just before it, and its time."""
     model.zero_grad(set_to_none=True)  # the step's own gradients count as growth
     gc.collect()
     if device.type == "cuda":
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
         _sync(device)
         peak = torch.cuda.max_memory_allocated(device)
@@ -221,13 +226,17 @@ def _measure_memory(model: nn.Module, step: Callable[[], Any], device: torch.dev
         # ru_maxrss can sit above the current RSS (setup garbage); growth is measured from the higher.
         base = max(base, _peak_rss_bytes(method)) if method == "ru_maxrss" else base
         _announce_baseline(base)
+        wall, cpu = time.perf_counter(), time.process_time()
         step()
         peak = _peak_rss_bytes(method)
     return {
-        "memory_method": "cuda_max_allocated" if device.type == "cuda" else method,
         "baseline_mib": base / MIB,
         "peak_mib": peak / MIB,
         "peak_growth_mib": max(peak - base, 0) / MIB,
+        "step_s": time.perf_counter() - wall,
+        "step_cpu_s": time.process_time() - cpu,
+        "end_mib": (torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_bytes() or 0)
+        / MIB,
     }
 
 
@@ -241,44 +250,63 @@ def measure_training_step(
     min_time_s: float = 0.0,
     count_flops: bool = True,
 ) -> dict[str, Any]:
-    """Measure one training step (``step`` runs forward + backward; gradients are cleared first).
+    """Measure the first training step of a fresh model and the steady state after warm-up.
+
+    ``step`` runs forward + backward; gradients are cleared before every step.
 
     Args:
         model: the module whose gradients are reset before each step.
         step: callable running forward and backward once.
         device: where the model lives; CUDA uses ``max_memory_allocated`` and CUDA events.
-        warmup: untimed steps first (kernel selection, lazy initialisation).
-        repeats: timed steps (at least); ``step_s`` is their median (``None`` for 0: memory only).
+        warmup: untimed steps after the first one, before the steady-state step.
+        repeats: timed steady steps (at least); ``step_s`` is their median. ``warmup=0`` and
+            ``repeats=0`` measure the first step only (``bench max-size``).
         min_time_s: keep timing until this much time passed (energy counters need a window).
         count_flops: count FLOPs of one step with ``FlopCounterMode``.
 
     Returns:
-        ``peak_growth_mib``, ``baseline_mib``, ``peak_mib``, ``memory_method``, ``step_s``,
-        ``step_s_min``, ``timed_steps``, ``flops`` and the ``GpuMonitor`` fields.
+        ``first_step_growth_mib`` / ``first_step_s`` / ``first_step_cpu_s`` (the first step),
+        ``steady_growth_mib`` (one step after the warm-up; ``None`` where the high-water mark
+        cannot be reset), ``retained_mib`` (memory held after the first step beyond the
+        baseline: allocator caches), ``peak_growth_mib`` (the larger of first and steady),
+        ``baseline_mib``, ``memory_method``, ``step_s`` (median), ``step_s_min``, ``step_cpu_s``
+        (median process CPU time, all threads), ``timed_steps``, ``flops`` and the
+        ``GpuMonitor`` fields.
     """
     device = torch.device(device)
     if repeats < 0 or warmup < 0:
         raise ConfigError(f"repeats and warmup must be >= 0, got repeats={repeats}, warmup={warmup}")
     _announce_baseline(current_rss_bytes() if device.type == "cpu" else None)
-    # Without a resettable high-water mark the first step is the only clean memory measurement.
+    # Without a resettable high-water mark only the first step has a clean peak measurement.
     method = "vmhwm" if device.type == "cpu" and reset_peak_rss() else "ru_maxrss"
-    result: dict[str, Any] = {}
-    if device.type == "cpu" and method == "ru_maxrss":
-        result.update(_measure_memory(model, step, device, method))
-    for _ in range(warmup):
+    first = _measure_memory(model, step, device, method)
+    result: dict[str, Any] = {
+        "memory_method": "cuda_max_allocated" if device.type == "cuda" else method,
+        "baseline_mib": first["baseline_mib"],
+        "first_step_growth_mib": first["peak_growth_mib"],
+        "first_step_s": first["step_s"],
+        "first_step_cpu_s": first["step_cpu_s"],
+        "retained_mib": first["end_mib"] - first["baseline_mib"],
+        "steady_growth_mib": None,
+    }
+    steady = warmup > 0 or repeats > 0
+    for _ in range(max(warmup - 1, 0)):
         model.zero_grad(set_to_none=True)
         step()
-    if not result:
-        result.update(_measure_memory(model, step, device, method))
+    if steady and method != "ru_maxrss":
+        result["steady_growth_mib"] = _measure_memory(model, step, device, method)["peak_growth_mib"]
+    result["peak_growth_mib"] = max(result["first_step_growth_mib"], result["steady_growth_mib"] or 0.0)
 
     monitor = GpuMonitor(device) if device.type == "cuda" else None
     times: list[float] = []
+    cpu_times: list[float] = []
     _sync(device)
     if monitor is not None:
         monitor.start()
     started = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - started < min_time_s:
+    while steady and (len(times) < repeats or time.perf_counter() - started < min_time_s):
         model.zero_grad(set_to_none=True)
+        c0 = time.process_time()
         if device.type == "cuda":
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
@@ -290,9 +318,11 @@ def measure_training_step(
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     result.update(
         step_s=statistics.median(times) if times else None,
         step_s_min=min(times) if times else None,
+        step_cpu_s=statistics.median(cpu_times) if cpu_times else None,
         timed_steps=len(times),
     )
     if monitor is not None:
@@ -372,9 +402,9 @@ def run_config(
     env = dict(os.environ)
     env[_CHILD_ENV] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-    # Fixed mmap threshold: glibc otherwise raises it dynamically and keeps freed tensors resident,
-    # which hides later allocations from the RSS high-water mark.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    # The child applies the allocator setting the CLI applies (``idm3d.allocator``), unless the
+    # configuration asks for glibc's defaults (``"malloc": "system"``) to measure the difference.
+    env[ALLOCATOR_ENV] = str(config.get("malloc", env.get(ALLOCATOR_ENV, "tuned")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "idm3d.bench.harness", target],
         stdin=subprocess.PIPE,
@@ -448,11 +478,13 @@ def _child_main(argv: Sequence[str]) -> int:
     module_name, func_name = argv[0].split(":", 1)
     config = json.loads(sys.stdin.read() or "{}")
     try:
+        malloc = configure_from_env()
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         func = getattr(importlib.import_module(module_name), func_name)
         result = dict(func(config))
         result.setdefault("status", "ok")
+        result["malloc_settings"] = malloc
     except torch.OutOfMemoryError as err:
         result = {"status": "oom", "error": str(err).splitlines()[0]}
     except Exception as err:

@@ -1,6 +1,6 @@
 """``idm3d bench max-size``: the largest cube each network can train on within a memory budget.
 
-For every network the edge length (a multiple of 16) is bisected; each probe is one training step
+For every network the edge length (a multiple of 16, of 64 for PatchDDM-3D) is bisected; each probe is one training step
 in a fresh process, and it fits when the step's peak memory growth stays under the budget. On CPU
 a watchdog in this process kills a probe whose RSS passes its baseline plus the budget, so a probe
 never drives the machine into swap or the OOM killer. On CUDA the probe's allocator is capped at
@@ -29,7 +29,7 @@ from idm3d.bench.harness import (
     resolve_device,
     run_config,
 )
-from idm3d.bench.memory import NET_LABELS, parse_nets, size_parameters
+from idm3d.bench.nets import NET_LABELS, parse_nets, size_multiple, size_parameters
 from idm3d.errors import ConfigError
 
 __all__ = ["STEP", "add_arguments", "bisect_max", "run"]
@@ -64,7 +64,11 @@ def _available_bytes(device: str) -> int | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``idm3d bench max-size``."""
     parser.add_argument("--budget-gib", type=float, required=True, help="memory budget of one training step (GiB)")
-    parser.add_argument("--nets", default="idm,idm-plain,monai", help="networks (default idm,idm-plain,monai)")
+    parser.add_argument(
+        "--nets",
+        default="idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt",
+        help="networks (default idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt)",
+    )
     parser.add_argument("--max", type=int, default=256, help=f"largest edge probed, multiple of {STEP} (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument(
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``idm3d bench max-size``; prints markdown (or JSON lines with ``--json``)."""
     _check(args)
     nets = parse_nets(args.nets)
-    sizes = [s // STEP for s in parse_sizes(args.sizes, "--sizes", multiple=STEP)] if args.sizes else []
+    sizes = parse_sizes(args.sizes, "--sizes", multiple=STEP) if args.sizes else []
     device = resolve_device(args.device)
     budget = int(args.budget_gib * GIB)
     available = _available_bytes(device)
@@ -113,12 +117,13 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for net in nets:
         probes: list[dict[str, Any]] = []
+        unit = max(STEP, size_multiple(net))  # probed edges are multiples of this
 
-        def fits(k: int, net: str = net, probes: list[dict[str, Any]] = probes) -> bool:
+        def fits(k: int, net: str = net, probes: list[dict[str, Any]] = probes, unit: int = unit) -> bool:
             config = {
                 "bench": "max-size",
                 "net": net,
-                "size": k * STEP,
+                "size": k * unit,
                 "batch": args.batch,
                 "device": device,
                 "precision": args.precision,
@@ -129,19 +134,22 @@ def run(args: argparse.Namespace) -> int:
                 "count_flops": False,
                 "threads": args.threads,
                 "budget_bytes": budget,
-                "monai_channels": sizing["monai_channels"] if net == "monai" else None,
+                "monai_channels": sizing["monai_channels"] if net.startswith("monai") else None,
             }
-            progress(f"bench max-size: {NET_LABELS[net]} at {k * STEP}^3 ...")
+            progress(f"bench max-size: {NET_LABELS[net]} at {k * unit}^3 ...")
             limit = None if device.startswith("cuda") else budget
             result = run_config("idm3d.bench.memory:child", config, timeout_s=args.timeout, growth_limit_bytes=limit)
             growth = result.get("peak_growth_mib")
             ok = result.get("status") == "ok" and growth is not None and growth * 2**20 <= budget
             probes.append(
                 {
-                    "size": k * STEP,
+                    "size": k * unit,
                     "fits": ok,
                     "status": result.get("status"),
                     "peak_growth_mib": growth,
+                    "first_step_growth_mib": result.get("first_step_growth_mib"),
+                    "first_step_s": result.get("first_step_s"),
+                    "first_step_cpu_s": result.get("first_step_cpu_s"),
                     "error": result.get("error"),
                 }
             )
@@ -150,9 +158,9 @@ def run(args: argparse.Namespace) -> int:
             return ok
 
         if sizes:
-            best = max((k * STEP for k in sizes if fits(k)), default=0)
+            best = max((s for s in sizes if s % unit == 0 and fits(s // unit)), default=0)
         else:
-            best = bisect_max(fits, args.max // STEP) * STEP
+            best = bisect_max(fits, args.max // unit) * unit
         at_best = next((p for p in probes if p["size"] == best), {})
         rows.append(
             {
@@ -165,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 "precision": args.precision,
                 "max_probed": args.max,
                 "max_size": best or None,
-                "hit_max": best == args.max,
+                "hit_max": best > 0 and best + unit > args.max,
                 "peak_growth_mib_at_max": at_best.get("peak_growth_mib"),
                 "probes": sorted(probes, key=lambda p: p["size"]),
                 "machine": info,

@@ -7,6 +7,7 @@ import importlib
 import sys
 import traceback
 
+from idm3d.allocator import configure_from_env
 from idm3d.errors import IDM3DError
 
 # Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
@@ -18,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idm3d",
         description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
+        epilog="Environment: IDM3D_MALLOC=system keeps glibc's malloc defaults (by default idm3d fixes its "
+        "mmap/trim thresholds so freed tensors return to the system; see idm3d.allocator).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -27,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Only a real command line (not an in-process call with argv) tunes the process's allocator.
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if from_command_line:
+            configure_from_env()  # glibc then keeps RSS near the live tensors; IDM3D_MALLOC=system opts out
         return int(args.func(args) or 0)
     except (IDM3DError, FileNotFoundError) as err:
         if args.debug:

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
 from idm3d.invertible.norms import group_count
+from idm3d.invertible.slab_conv import SlabConv3d
 
 __all__ = ["AdditiveCoupling", "ConditionedConvNet"]
 
@@ -43,13 +44,12 @@ class ConditionedConvNet(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"ConditionedConvNet: kernel_size must be odd, got {kernel_size}")
-        pad = kernel_size // 2
         self.cond_dim = cond_dim
         self.norm1 = nn.GroupNorm(group_count(in_channels), in_channels)
-        self.conv1 = nn.Conv3d(in_channels, hidden_channels, kernel_size, padding=pad)
+        self.conv1 = SlabConv3d(in_channels, hidden_channels, kernel_size)  # depth slabs at large sizes
         self.norm2 = nn.GroupNorm(group_count(hidden_channels), hidden_channels)
         self.film = nn.Linear(cond_dim, 2 * hidden_channels) if cond_dim else None
-        self.conv2 = nn.Conv3d(hidden_channels, out_channels, kernel_size, padding=pad)
+        self.conv2 = SlabConv3d(hidden_channels, out_channels, kernel_size)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.act = nn.SiLU()

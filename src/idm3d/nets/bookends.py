@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from idm3d.invertible.norms import group_count
+from idm3d.invertible.slab_conv import SlabConv3d
 
 __all__ = ["Head", "Stem"]
 
@@ -30,10 +31,10 @@ class Stem(nn.Module):
         if nonlinear:
             mid = max(width // 2, 1)
             self.body = nn.Sequential(
-                nn.Conv3d(in_channels, mid, 3, padding=1, bias=False),  # GroupNorm follows
+                SlabConv3d(in_channels, mid, 3, bias=False),  # GroupNorm follows; depth slabs at large sizes
                 nn.GroupNorm(group_count(mid), mid),
                 nn.SiLU(),
-                nn.Conv3d(mid, width, 3, padding=1),
+                SlabConv3d(mid, width, 3),
             )
         else:
             self.body = nn.Conv3d(in_channels, width, 1)
@@ -54,7 +55,7 @@ class Head(nn.Module):
     def __init__(self, width: int, out_channels: int, nonlinear: bool = True) -> None:
         super().__init__()
         if nonlinear:
-            conv = nn.Conv3d(width, out_channels, 3, padding=1)
+            conv = SlabConv3d(width, out_channels, 3)
             self.body = nn.Sequential(nn.GroupNorm(group_count(width), width), nn.SiLU(), conv)
         else:
             conv = nn.Conv3d(width, out_channels, 1)
