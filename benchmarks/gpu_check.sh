@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU check of idm3d (issue #6): under ~6 minutes on one H100.
+# One GPU check of idm3d (issues #6, #17): under ~7 minutes on one H100.
 #
 #   benchmarks/gpu_check.sh [OUTDIR]            # default OUTDIR: $OUT if set, else runs/gpu_check
 #   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh     # same steps on CPU at tiny sizes (a dry run)
@@ -8,9 +8,12 @@
 #   1. dependencies: whatever python3 lacks (monai, nibabel, ...) from wheels in .whl/ if present,
 #      else from PyPI; idm3d itself runs from src/ (no install needed)
 #   2. environment: GPU, driver, versions -> OUTDIR/env.json
-#   3. bench memory at 64^3 and 128^3: IDMUNet (memory-efficient, plain) vs MONAI -> memory.jsonl, memory.png
+#   3. bench memory at 64^3 and 128^3: IDMUNet (memory-efficient, plain) vs MONAI (plain, checkpointed) and
+#      PatchDDM-3D (plain, checkpointed), first step and steady state -> memory.jsonl, memory.png;
+#      one no-grad denoiser call at 128^3 and 256^3 -> inference.jsonl
+#   3b. bench profile at 64^3 (per-module saved bytes and peaks) -> profile.jsonl, profile.png
 #   4. a 200-step bf16 training smoke run on synthetic volumes -> train_metrics.jsonl, train_summary.json
-#   5. bench max-size up to 256^3 within a budget (IDMUNet vs MONAI) -> max_size.jsonl
+#   5. bench max-size up to 256^3 within a budget (IDMUNet vs the checkpointed baselines) -> max_size.jsonl
 # Everything printed also goes to OUTDIR/gpu_check.log. Exit status: number of failed steps.
 set -uo pipefail
 
@@ -27,12 +30,14 @@ export PYTHONPATH="$ROOT/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 exec > >(tee -a "$LOG") 2>&1
 
 if [[ "${GPU_CHECK_DRY:-0}" == "1" ]]; then
-    DEVICE=cpu; MEM_SIZES=16; MAX_EDGE=32; BUDGET_GIB=0.4; TRAIN_STEPS=4; PATCH=16; VOLUME=32
-    MEM_EXTRA=(--threads 2 --repeats 1 --no-flops); MAX_EXTRA=(--threads 2); T_MEM=900; T_TRAIN=600; T_MAX=900
+    DEVICE=cpu; MEM_SIZES=16; INF_SIZES=16; PROF_SIZE=16; MAX_EDGE=32; BUDGET_GIB=0.4; TRAIN_STEPS=4; PATCH=16
+    VOLUME=32; MEM_EXTRA=(--threads 2 --repeats 1 --no-flops); MAX_EXTRA=(--threads 2); T_MEM=900; T_TRAIN=600
+    T_MAX=900; T_INF=600; T_PROF=300
 else
-    # Worst case (every step hitting its timeout) stays under 6 minutes with ~20 s of set-up.
-    DEVICE=cuda; MEM_SIZES=64,128; MAX_EDGE=256; BUDGET_GIB=24; TRAIN_STEPS=200; PATCH=64; VOLUME=96
-    MEM_EXTRA=(--repeats 3); MAX_EXTRA=(); T_MEM=150; T_TRAIN=90; T_MAX=100
+    # Worst case (every step hitting its timeout) stays under 7 minutes with ~20 s of set-up.
+    DEVICE=cuda; MEM_SIZES=64,128; INF_SIZES=128,256; PROF_SIZE=64; MAX_EDGE=256; BUDGET_GIB=24; TRAIN_STEPS=200
+    PATCH=64; VOLUME=96; MEM_EXTRA=(--repeats 3); MAX_EXTRA=(); T_MEM=150; T_TRAIN=60; T_MAX=80; T_INF=40
+    T_PROF=30
 fi
 # Each knob can be overridden from the environment.
 MEM_SIZES="${GPU_CHECK_SIZES:-$MEM_SIZES}"
@@ -88,9 +93,17 @@ EOF
 
 # ------------------------------------------------------------------ 3. memory benchmark
 step "bench memory at $MEM_SIZES ($DEVICE)"
-timeout "$T_MEM" "$PY" -m idm3d bench memory --sizes "$MEM_SIZES" --nets idm,idm-plain,monai \
+NETS=idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack
+timeout "$T_MEM" "$PY" -m idm3d bench memory --sizes "$MEM_SIZES" --nets "$NETS" \
     --device "$DEVICE" ${MEM_EXTRA[@]+"${MEM_EXTRA[@]}"} --json-out "$OUTDIR/memory.jsonl" --plot "$OUTDIR/memory.png" \
     || fail "bench memory (exit $?)"
+step "bench memory --inference at $INF_SIZES ($DEVICE)"
+timeout "$T_INF" "$PY" -m idm3d bench memory --inference --sizes "$INF_SIZES" --nets idm,monai,patchddm \
+    --device "$DEVICE" ${MEM_EXTRA[@]+"${MEM_EXTRA[@]}"} --json-out "$OUTDIR/inference.jsonl" \
+    || fail "bench memory --inference (exit $?)"
+step "bench profile at ${PROF_SIZE}^3 ($DEVICE)"
+timeout "$T_PROF" "$PY" -m idm3d bench profile --size "$PROF_SIZE" --device "$DEVICE" \
+    --json-out "$OUTDIR/profile.jsonl" --plot "$OUTDIR/profile.png" || fail "bench profile (exit $?)"
 
 # ------------------------------------------------------------------ 4. bf16 training smoke run
 step "training smoke run: $TRAIN_STEPS steps, bf16, ${PATCH}^3 patches"
@@ -143,7 +156,8 @@ fi
 
 # ------------------------------------------------------------------ 5. largest trainable cube
 step "bench max-size up to ${MAX_EDGE}^3 within $BUDGET_GIB GiB ($DEVICE)"
-timeout "$T_MAX" "$PY" -m idm3d bench max-size --budget-gib "$BUDGET_GIB" --max "$MAX_EDGE" --nets idm,monai \
+timeout "$T_MAX" "$PY" -m idm3d bench max-size --budget-gib "$BUDGET_GIB" --max "$MAX_EDGE" \
+    --nets idm,monai-ckpt,patchddm-ckpt \
     --device "$DEVICE" ${MAX_EXTRA[@]+"${MAX_EXTRA[@]}"} --timeout 60 --json-out "$OUTDIR/max_size.jsonl" \
     || fail "bench max-size (exit $?)"
 

@@ -259,8 +259,9 @@ def measure_training_step(
         step: callable running forward and backward once.
         device: where the model lives; CUDA uses ``max_memory_allocated`` and CUDA events.
         warmup: untimed steps after the first one, before the steady-state step.
-        repeats: timed steady steps (at least); ``step_s`` is their median. ``warmup=0`` and
-            ``repeats=0`` measure the first step only (``bench max-size``).
+        repeats: timed steady steps (at least; the steady memory step is the first of them on
+            CPU); ``step_s`` is their median. ``warmup=0`` and ``repeats=0`` measure the first
+            step only (``bench max-size``).
         min_time_s: keep timing until this much time passed (energy counters need a window).
         count_flops: count FLOPs of one step with ``FlopCounterMode``.
 
@@ -293,13 +294,19 @@ def measure_training_step(
     for _ in range(max(warmup - 1, 0)):
         model.zero_grad(set_to_none=True)
         step()
-    if steady and method != "ru_maxrss":
+    times: list[float] = []
+    cpu_times: list[float] = []
+    if steady and method != "ru_maxrss" and min_time_s <= 0:
+        # The steady memory step is an ordinary step: it is also the first timed one.
+        measured = _measure_memory(model, step, device, method)
+        result["steady_growth_mib"] = measured["peak_growth_mib"]
+        times.append(measured["step_s"])
+        cpu_times.append(measured["step_cpu_s"])
+    elif steady and method != "ru_maxrss":
         result["steady_growth_mib"] = _measure_memory(model, step, device, method)["peak_growth_mib"]
     result["peak_growth_mib"] = max(result["first_step_growth_mib"], result["steady_growth_mib"] or 0.0)
 
     monitor = GpuMonitor(device) if device.type == "cuda" else None
-    times: list[float] = []
-    cpu_times: list[float] = []
     _sync(device)
     if monitor is not None:
         monitor.start()

@@ -128,6 +128,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma list of allocator settings to compare: tuned (the CLI's, idm3d.allocator) and/or system "
         "(glibc defaults) (default tuned)",
     )
+    parser.add_argument(
+        "--max-growth-gib",
+        type=float,
+        default=None,
+        help="CPU: kill a configuration whose memory grows past this (status over_budget), so one "
+        "run cannot push a shared machine into swap",
+    )
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of memory and time per size")
     add_common_arguments(parser)
@@ -186,7 +193,10 @@ def run(args: argparse.Namespace) -> int:
                     )
                     continue
                 progress(f"bench memory: {NET_LABELS[net]}, {size}^3, malloc {malloc}, {mode} ...")
-                rows.append(run_config("idm3d.bench.memory:child", config, timeout_s=args.timeout))
+                limit = None if args.max_growth_gib is None else int(args.max_growth_gib * 2**30)
+                rows.append(
+                    run_config("idm3d.bench.memory:child", config, timeout_s=args.timeout, growth_limit_bytes=limit)
+                )
     add_ratios(rows)
     for r in rows:
         r["machine"] = info

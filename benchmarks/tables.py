@@ -1,0 +1,220 @@
+"""Regenerate README's "Measured" tables from the benchmark JSON under docs/bench/.
+
+    python benchmarks/tables.py            # rewrite the block between the README markers
+    python benchmarks/tables.py --print    # print it instead
+
+Every table names the command that wrote its JSON (``COMMANDS``); nothing here is typed in by hand
+except those command lines and the goals' thresholds (issue 17).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "docs" / "bench"
+BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
+NETS = "idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack"
+COMMANDS = {
+    "memory-64.jsonl": f"idm3d bench memory --sizes 64 --nets {NETS} --threads 2 --warmup 1 --repeats 2 "
+    "--max-growth-gib 14 --json-out docs/bench/memory-64.jsonl --plot docs/bench/memory-64.png",
+    "memory-128.jsonl": "idm3d bench memory --sizes 128 --nets idm,monai-ckpt,patchddm-ckpt,conv-stack --threads 2 "
+    "--warmup 1 --repeats 1 --max-growth-gib 16 --json-out docs/bench/memory-128.jsonl",
+    "malloc-64.jsonl": "idm3d bench memory --sizes 64 --nets idm,idm-plain --malloc tuned,system --threads 2 "
+    "--warmup 4 --repeats 1 --no-flops --json-out docs/bench/malloc-64.jsonl",
+    "inference.jsonl": "idm3d bench memory --inference --sizes 128,256 --nets idm,monai,patchddm --threads 2 "
+    "--repeats 0 --max-growth-gib 19 --json-out docs/bench/inference.jsonl",
+    "max-size.jsonl": "idm3d bench max-size --budget-gib 21 --nets idm,monai-ckpt,patchddm-ckpt --sizes 128,192,256 "
+    "--warmup 0 --threads 2 --timeout 5000 --json-out docs/bench/max-size.jsonl",
+}
+SHORT = {
+    "idm": "IDMUNet (memory-efficient)",
+    "idm-plain": "IDMUNet (plain autograd)",
+    "monai": "MONAI",
+    "monai-ckpt": "MONAI, checkpointed",
+    "patchddm": "PatchDDM-3D",
+    "patchddm-ckpt": "PatchDDM-3D, checkpointed",
+    "conv-stack": "8 x Conv3d(32,32,3)+SiLU",
+}
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    path = BENCH / name
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "n/a"
+    return format(value, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def training(name: str) -> str:
+    rows = load(name)
+    if not rows:
+        return ""
+    size = rows[0]["size"]
+    body = []
+    for r in rows:
+        if r.get("status") != "ok":
+            body.append([SHORT[r["net"]], r.get("status", "?"), *["n/a"] * 7])
+            continue
+        body.append(
+            [
+                SHORT[r["net"]],
+                f"{r['parameters'] / 1e6:.2f} M",
+                fmt(r.get("first_step_growth_mib"), ",.0f"),
+                fmt(r.get("steady_growth_mib"), ",.0f"),
+                fmt(r.get("first_step_s"), ".1f"),
+                fmt(r.get("step_cpu_s"), ".1f"),
+                fmt(r.get("gflops"), ",.0f"),
+                fmt(r.get("gflops_per_cpu_s"), ".1f"),
+                fmt(r.get("throughput_vs_conv_stack"), ".2f"),
+            ]
+        )
+    head = [
+        "network",
+        "params",
+        "first-step growth (MiB)",
+        "steady growth (MiB)",
+        "first step (s)",
+        "steady step CPU (s)",
+        "GFLOP/step",
+        "GFLOP/CPU-s",
+        "vs conv stack",
+    ]
+    ratios = []
+    idm = next((r for r in rows if r["net"] == "idm" and r.get("status") == "ok"), None)
+    if idm:
+        for base, values in idm.get("ratios", {}).items():
+            ratios.append(
+                [
+                    SHORT[base],
+                    fmt(values.get("memory_first"), ".3f"),
+                    fmt(values.get("memory_steady"), ".3f"),
+                    fmt(values.get("cpu_time"), ".2f"),
+                    fmt(values.get("flops"), ".2f"),
+                    fmt(values.get("params"), ".2f"),
+                ]
+            )
+    out = [f"`{COMMANDS[name]}` ({size}³, one fresh process per row):", "", table(head, body)]
+    if ratios:
+        out += [
+            "",
+            f"IDMUNet (memory-efficient) at {size}³ divided by each baseline:",
+            "",
+            table(["baseline", "first-step memory", "steady memory", "CPU time", "FLOPs", "params"], ratios),
+        ]
+    return "\n".join(out)
+
+
+def malloc() -> str:
+    rows = load("malloc-64.jsonl")
+    if not rows:
+        return ""
+    body = [
+        [
+            SHORT[r["net"]],
+            r["malloc"],
+            fmt(r.get("first_step_growth_mib"), ",.0f"),
+            fmt(r.get("retained_mib"), ",.0f"),
+            fmt(r.get("steady_growth_mib"), ",.0f"),
+            fmt(r.get("first_step_cpu_s"), ".1f"),
+            fmt(r.get("step_cpu_s"), ".1f"),
+        ]
+        for r in rows
+        if r.get("status") == "ok"
+    ]
+    head = [
+        "network",
+        "malloc",
+        "first-step growth (MiB)",
+        "held after step 1 (MiB)",
+        "step-5 growth (MiB)",
+        "first step CPU (s)",
+        "step-5 CPU (s)",
+    ]
+    return "\n".join([f"`{COMMANDS['malloc-64.jsonl']}`:", "", table(head, body)])
+
+
+def inference() -> str:
+    rows = load("inference.jsonl")
+    if not rows:
+        return ""
+    body = [
+        [
+            f"{r['size']}³",
+            SHORT[r["net"]],
+            r.get("status", "?"),
+            fmt(r.get("first_step_growth_mib"), ",.0f"),
+            fmt(r.get("first_step_s"), ".1f"),
+            fmt(r.get("first_step_cpu_s"), ".1f"),
+        ]
+        for r in rows
+    ]
+    head = ["size", "network", "status", "peak growth (MiB)", "time (s)", "CPU (s)"]
+    return "\n".join(
+        [f"`{COMMANDS['inference.jsonl']}` (one no-grad call, first in its process):", "", table(head, body)]
+    )
+
+
+def max_size() -> str:
+    rows = load("max-size.jsonl")
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        probes = ", ".join(
+            f"{p['size']}³: {p['peak_growth_mib']:,.0f} MiB in {p['first_step_s']:.0f} s "
+            f"({p['first_step_cpu_s']:.0f} CPU-s)"
+            if p["status"] == "ok" and p.get("first_step_s") is not None
+            else f"{p['size']}³: {p['status']}"
+            for p in r["probes"]
+        )
+        body.append([SHORT[r["net"]], f"{r['max_size']}³" if r.get("max_size") else "none", probes])
+    return "\n".join(
+        [
+            f"`{COMMANDS['max-size.jsonl']}`:",
+            "",
+            table(["network", "largest probed cube within 21 GiB", "probes (first step)"], body),
+        ]
+    )
+
+
+def render() -> str:
+    parts = [training("memory-64.jsonl"), training("memory-128.jsonl"), malloc(), max_size(), inference()]
+    return "\n\n".join(p for p in parts if p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--print", action="store_true", help="print instead of rewriting README.md")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.print:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    content = readme.read_text()
+    if BEGIN not in content or END not in content:
+        print(f"README.md has no {BEGIN} ... {END} block", file=sys.stderr)
+        return 1
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
