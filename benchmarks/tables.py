@@ -23,13 +23,15 @@ COMMANDS = {
     "memory-64.jsonl": f"idm3d bench memory --sizes 64 --nets {NETS} --threads 2 --warmup 1 --repeats 2 "
     "--max-growth-gib 14 --json-out docs/bench/memory-64.jsonl --plot docs/bench/memory-64.png",
     "memory-128.jsonl": "idm3d bench memory --sizes 128 --nets idm,monai-ckpt,patchddm-ckpt,conv-stack --threads 2 "
-    "--warmup 1 --repeats 1 --max-growth-gib 16 --json-out docs/bench/memory-128.jsonl",
-    "malloc-64.jsonl": "idm3d bench memory --sizes 64 --nets idm,idm-plain --malloc tuned,system --threads 2 "
+    "--warmup 0 --repeats 0 --max-growth-gib 16 --json-out docs/bench/memory-128.jsonl",
+    "malloc-64.jsonl": "idm3d bench memory --sizes 64 --nets idm --malloc tuned,system --threads 2 "
     "--warmup 4 --repeats 1 --no-flops --json-out docs/bench/malloc-64.jsonl",
-    "inference.jsonl": "idm3d bench memory --inference --sizes 128,256 --nets idm,monai,patchddm --threads 2 "
-    "--repeats 0 --max-growth-gib 19 --json-out docs/bench/inference.jsonl",
-    "max-size.jsonl": "idm3d bench max-size --budget-gib 21 --nets idm,monai-ckpt,patchddm-ckpt --sizes 128,192,256 "
-    "--warmup 0 --threads 2 --timeout 5000 --json-out docs/bench/max-size.jsonl",
+    "inference-128.jsonl": "idm3d bench memory --inference --sizes 128 --nets idm,monai,patchddm --threads 2 "
+    "--warmup 0 --repeats 0 --max-growth-gib 12 --json-out docs/bench/inference-128.jsonl",
+    "flops-128.jsonl": "idm3d bench memory --flops-only --sizes 128 --nets monai,monai-ckpt,patchddm,patchddm-ckpt "
+    "--json-out docs/bench/flops-128.jsonl",
+    "max-size-256.jsonl": "idm3d bench max-size --budget-gib 18.5 --nets idm --sizes 256 --warmup 0 --threads 2 "
+    "--timeout 5000 --json-out docs/bench/max-size-256.jsonl",
 }
 SHORT = {
     "idm": "IDMUNet (memory-efficient)",
@@ -68,7 +70,7 @@ def training(name: str) -> str:
     body = []
     for r in rows:
         if r.get("status") != "ok":
-            body.append([SHORT[r["net"]], r.get("status", "?"), *["n/a"] * 7])
+            body.append([SHORT[r["net"]], r.get("status", "?"), *["n/a"] * 8])
             continue
         body.append(
             [
@@ -77,6 +79,7 @@ def training(name: str) -> str:
                 fmt(r.get("first_step_growth_mib"), ",.0f"),
                 fmt(r.get("steady_growth_mib"), ",.0f"),
                 fmt(r.get("first_step_s"), ".1f"),
+                fmt(r.get("first_step_cpu_s"), ".1f"),
                 fmt(r.get("step_cpu_s"), ".1f"),
                 fmt(r.get("gflops"), ",.0f"),
                 fmt(r.get("gflops_per_cpu_s"), ".1f"),
@@ -89,23 +92,21 @@ def training(name: str) -> str:
         "first-step growth (MiB)",
         "steady growth (MiB)",
         "first step (s)",
+        "first step CPU (s)",
         "steady step CPU (s)",
         "GFLOP/step",
         "GFLOP/CPU-s",
-        "vs conv stack",
+        "GFLOP/CPU-s / conv stack",
     ]
     ratios = []
     idm = next((r for r in rows if r["net"] == "idm" and r.get("status") == "ok"), None)
     if idm:
-        for base, values in idm.get("ratios", {}).items():
+        for base, v in idm.get("ratios", {}).items():
             ratios.append(
-                [
-                    SHORT[base],
-                    fmt(values.get("memory_first"), ".3f"),
-                    fmt(values.get("memory_steady"), ".3f"),
-                    fmt(values.get("cpu_time"), ".2f"),
-                    fmt(values.get("flops"), ".2f"),
-                    fmt(values.get("params"), ".2f"),
+                [SHORT[base]]
+                + [
+                    fmt(v.get(k), ".3f" if k.startswith("memory") else ".2f")
+                    for k in ("memory_first", "memory_steady", "first_cpu_time", "cpu_time", "flops", "params")
                 ]
             )
     out = [f"`{COMMANDS[name]}` ({size}³, one fresh process per row):", "", table(head, body)]
@@ -114,7 +115,18 @@ def training(name: str) -> str:
             "",
             f"IDMUNet (memory-efficient) at {size}³ divided by each baseline:",
             "",
-            table(["baseline", "first-step memory", "steady memory", "CPU time", "FLOPs", "params"], ratios),
+            table(
+                [
+                    "baseline",
+                    "first-step memory",
+                    "steady memory",
+                    "first-step CPU time",
+                    "steady CPU time",
+                    "FLOPs",
+                    "params",
+                ],
+                ratios,
+            ),
         ]
     return "\n".join(out)
 
@@ -149,7 +161,7 @@ def malloc() -> str:
 
 
 def inference() -> str:
-    rows = load("inference.jsonl")
+    rows = load("inference-128.jsonl")
     if not rows:
         return ""
     body = [
@@ -170,7 +182,7 @@ def inference() -> str:
 
 
 def max_size() -> str:
-    rows = load("max-size.jsonl")
+    rows = load("max-size-256.jsonl")
     if not rows:
         return ""
     body = []
@@ -192,8 +204,34 @@ def max_size() -> str:
     )
 
 
+def flops() -> str:
+    rows = load("flops-128.jsonl")
+    idm = next((r for r in load("memory-128.jsonl") if r["net"] == "idm" and r.get("flops")), None)
+    if not rows or idm is None:
+        return ""
+    body = [[SHORT["idm"], f"{idm['parameters'] / 1e6:.2f} M", f"{idm['flops'] / 1e9:,.0f}", "1.00"]]
+    body += [
+        [
+            SHORT[r["net"]],
+            f"{r['parameters'] / 1e6:.2f} M",
+            f"{r['flops'] / 1e9:,.0f}",
+            f"{idm['flops'] / r['flops']:.2f}",
+        ]
+        for r in rows
+        if r.get("flops")
+    ]
+    return "\n".join(
+        [
+            f"FLOPs of one 128³ training step: `{COMMANDS['flops-128.jsonl']}` and, for IDMUNet, "
+            "the `memory-128` run above:",
+            "",
+            table(["network", "params", "GFLOP/step", "IDMUNet FLOPs / this"], body),
+        ]
+    )
+
+
 def render() -> str:
-    parts = [training("memory-64.jsonl"), training("memory-128.jsonl"), malloc(), max_size(), inference()]
+    parts = [training("memory-64.jsonl"), training("memory-128.jsonl"), flops(), malloc(), max_size(), inference()]
     return "\n\n".join(p for p in parts if p)
 
 

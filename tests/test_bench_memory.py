@@ -51,3 +51,9 @@ def test_every_row_is_divided_by_every_baseline():
     assert idm["throughput_vs_conv_stack"] == pytest.approx((1 / 2.0) / (1 / 0.5))
     assert "monai-ckpt" not in rows[1]["ratios"]
     assert "patchddm" in rows[1]["ratios"]
+
+
+def test_flops_only_counts_without_measuring():
+    n = 8
+    result = child({"net": "conv-stack", "size": n, "batch": 1, "device": "cpu", "flops_only": True})
+    assert result == {"flops": 23 * 2 * 32 * 32 * 27 * n**3, "parameters": 8 * (32 * 32 * 27 + 32)}

@@ -16,6 +16,7 @@ RATIO_METRICS = (
     ("first_step_growth_mib", "memory_first"),
     ("steady_growth_mib", "memory_steady"),
     ("step_cpu_s", "cpu_time"),
+    ("first_step_cpu_s", "first_cpu_time"),
     ("step_s", "time"),
     ("flops", "flops"),
     ("parameters", "params"),
@@ -50,8 +51,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if isinstance(r.get("flops"), int):
             r["gflops"] = r["flops"] / 1e9
-            if r.get("step_cpu_s"):
-                r["gflops_per_cpu_s"] = r["gflops"] / r["step_cpu_s"]
+            cpu = r.get("step_cpu_s") or r.get("first_step_cpu_s")  # first step only: --repeats 0
+            if cpu:
+                r["gflops_per_cpu_s"] = r["gflops"] / cpu
             if r.get("step_s"):
                 r["gflops_per_s"] = r["gflops"] / r["step_s"]
         r["ratios"] = {}
@@ -71,6 +73,7 @@ def _ratio_table(rows: list[dict[str, Any]]) -> str:
         columns += [
             Column(f"{base}:memory_first", f"first-step memory / {base}", ".3f"),
             Column(f"{base}:cpu_time", f"CPU time / {base}", ".2f"),
+            Column(f"{base}:first_cpu_time", f"first-step CPU time / {base}", ".2f"),
             Column(f"{base}:flops", f"FLOPs / {base}", ".2f"),
         ]
     columns.append(Column("throughput_vs_conv_stack", "GFLOP/CPU-s / conv-stack", ".2f"))

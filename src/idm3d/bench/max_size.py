@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sizes",
         default=None,
-        help=f"probe only these edges (comma list, multiples of {STEP}) instead of bisecting up to --max; "
-        "e.g. --sizes 256 answers 'does a 256^3 step fit?' in one probe",
+        help=f"probe only these edges (comma list, multiples of {STEP}; of 64 for PatchDDM-3D), smallest first "
+        "up to the first that does not fit, instead of bisecting up to --max; e.g. --sizes 256 answers "
+        "'does a 256^3 step fit?' in one probe",
     )
     parser.add_argument(
         "--warmup", type=int, default=1, help="warm-up steps at the probed size before the measured one (default 1)"
@@ -158,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
             return ok
 
         if sizes:
-            best = max((s for s in sizes if s % unit == 0 and fits(s // unit)), default=0)
+            best = 0
+            for s in sorted(x for x in sizes if x % unit == 0):
+                if not fits(s // unit):
+                    break  # fitting is monotone in the size (as bisection assumes): larger ones fail too
+                best = s
         else:
             best = bisect_max(fits, args.max // unit) * unit
         at_best = next((p for p in probes if p["size"] == best), {})

@@ -77,6 +77,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
         return net, step
 
+    if config.get("flops_only"):
+        net, _ = step_on("meta")
+        return {"flops": _count_flops(config, step_on), "parameters": count_parameters(net)}
     net, step = step_on(device)
     budget = config.get("budget_bytes")
     if device.type == "cuda" and budget:
@@ -136,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "run cannot push a shared machine into swap",
     )
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="count FLOPs and parameters only (on the meta device where the network allows: no compute)",
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of memory and time per size")
     add_common_arguments(parser)
 
@@ -181,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
                     "min_time_s": 1.0 if device.startswith("cuda") else 0.0,
                     "threads": args.threads,
                     "count_flops": not args.no_flops,
+                    "flops_only": args.flops_only,
                     "monai_channels": sizing["monai_channels"] if net.startswith("monai") else None,
                 }
                 if size % size_multiple(net):
