@@ -9,7 +9,9 @@ import textwrap
 
 import pytest
 
-from idm3d.allocator import ENV_VAR, configure_from_env
+import idm3d.bench.allocator as allocator
+from idm3d.bench.allocator import ENV_VAR, configure_from_env
+from idm3d.cli.main import main
 from idm3d.errors import ConfigError
 
 # Frees mid-sized tensors in a fragmenting order, as a training step does, and reports how much
@@ -17,7 +19,7 @@ from idm3d.errors import ConfigError
 RETENTION = textwrap.dedent(
     """
     import re, sys, torch
-    import idm3d.allocator as allocator
+    import idm3d.bench.allocator as allocator
     if sys.argv[1] == "tuned":
         assert allocator.tune_malloc()
     def rss():
@@ -49,38 +51,40 @@ def test_tuned_malloc_returns_freed_tensors_to_the_system():
     assert retained["system"] > retained["tuned"] + 100, retained  # glibc's default keeps them
 
 
-CLI = textwrap.dedent(
-    """
-    import sys
-    import idm3d.allocator as allocator
-    from idm3d.cli.main import main
-    sys.argv = ["idm3d", "bench", "memory", "--nets", "nope"]
-    code = main()
-    print(code, allocator.applied_settings())
-    """
-)
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """Record tune_malloc calls instead of changing this test process's allocator."""
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "tune_malloc", lambda *a, **k: calls.append(1) or True)
+    return calls
 
 
-def test_the_command_line_applies_it_and_env_opts_out():
-    tuned = _python(CLI, env={ENV_VAR: "tuned"})
-    assert tuned.stdout.split()[0] == "2", tuned.stdout + tuned.stderr
-    assert "mmap_threshold" in tuned.stdout, tuned.stdout
-    system = _python(CLI, env={ENV_VAR: "system"})
-    assert system.stdout.strip() == "2 None", system.stdout + system.stderr
+def test_the_command_line_applies_it(monkeypatch, mallopt_calls):
+    monkeypatch.setenv(ENV_VAR, "tuned")
+    monkeypatch.setattr(sys, "argv", ["idm3d", "bench", "memory", "--nets", "nope"])
+    assert main() == 2  # the bad option still fails as one line, after the setting
+    assert mallopt_calls == [1]
 
 
-def test_in_process_calls_leave_the_allocator_alone():
-    code = CLI.replace('sys.argv = ["idm3d", "bench", "memory", "--nets", "nope"]\ncode = main()',
-                       'code = main(["bench", "memory", "--nets", "nope"])')
-    proc = _python(code, env={ENV_VAR: "tuned"})
-    assert proc.stdout.strip() == "2 None", proc.stdout + proc.stderr
+@pytest.mark.parametrize("how", ["env", "in-process"])
+def test_opt_out_and_in_process_calls_leave_the_allocator_alone(monkeypatch, mallopt_calls, how):
+    if how == "env":
+        monkeypatch.setenv(ENV_VAR, "system")
+        monkeypatch.setattr(sys, "argv", ["idm3d", "bench", "memory", "--nets", "nope"])
+        assert main() == 2
+    else:
+        monkeypatch.setenv(ENV_VAR, "tuned")
+        assert main(["bench", "memory", "--nets", "nope"]) == 2
+    assert mallopt_calls == []
 
 
-def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch):
+def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, mallopt_calls, capsys):
     monkeypatch.setenv(ENV_VAR, "fast")
     with pytest.raises(ConfigError, match=ENV_VAR):
         configure_from_env()
-    proc = _python(CLI, env={ENV_VAR: "fast"})
-    assert proc.stdout.split()[0] == "2"
-    assert "IDM3D_MALLOC" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    monkeypatch.setattr(sys, "argv", ["idm3d", "bench", "memory", "--nets", "idm"])
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert "IDM3D_MALLOC" in err
+    assert "Traceback" not in err
+    assert mallopt_calls == []

@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-from idm3d.allocator import configure_from_env
+from idm3d.bench.allocator import configure_from_env
 from idm3d.errors import IDM3DError
 
 # Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idm3d",
         description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
         epilog="Environment: IDM3D_MALLOC=system keeps glibc's malloc defaults (by default idm3d fixes its "
-        "mmap/trim thresholds so freed tensors return to the system; see idm3d.allocator).",
+        "mmap/trim thresholds so freed tensors return to the system; see idm3d.bench.allocator).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
