@@ -1,6 +1,6 @@
 """Regenerate README's "Measured" tables from the benchmark JSON under docs/bench/.
 
-    python benchmarks/tables.py            # rewrite the block between the README markers
+    PYTHONPATH=src python benchmarks/tables.py            # rewrite the block between the README markers
     python benchmarks/tables.py --print    # print it instead
 
 Every table names the command that wrote its JSON (``COMMANDS``); nothing here is typed in by hand
@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from idm3d.bench.compare import add_ratios
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "docs" / "bench"
@@ -45,10 +47,14 @@ SHORT = {
 
 
 def load(name: str) -> list[dict[str, Any]]:
+    """The rows of one JSON-lines file, ratios recomputed by the bench's own definition."""
     path = BENCH / name
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if rows and rows[0].get("bench") == "memory":
+        add_ratios(rows)
+    return rows
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -230,8 +236,84 @@ def flops() -> str:
     )
 
 
+def _row(name: str, net: str) -> dict[str, Any]:
+    return next((r for r in load(name) if r["net"] == net), {})
+
+
+def _verdict(value: float | None, limit: float) -> str:
+    return "n/a" if value is None else ("met" if value <= limit else "**missed**")
+
+
+def goals() -> str:
+    """Issue 17's goals against the measured figures (each from the table named in the row)."""
+    idm64, idm128 = _row("memory-64.jsonl", "idm"), _row("memory-128.jsonl", "idm")
+    rows = []
+    r64 = idm64.get("ratios", {})
+    value = (r64.get("monai-ckpt") or {}).get("memory_first")
+    rows.append(["first-step memory / monai-ckpt, 64³", "≤ 0.20", fmt(value, ".3f"), _verdict(value, 0.20)])
+    ckpt128 = _row("memory-128.jsonl", "monai-ckpt")
+    if ckpt128.get("status") == "ok":
+        value = idm128["ratios"]["monai-ckpt"]["memory_first"]
+        rows.append(["first-step memory / monai-ckpt, 128³", "≤ 0.12", f"{value:.3f}", _verdict(value, 0.12)])
+    elif ckpt128 and idm128:
+        limit = ckpt128.get("max_growth_gib") or 16  # --max-growth-gib of the memory-128 command
+        bound = idm128["first_step_growth_mib"] / (limit * 1024)
+        rows.append(
+            [
+                "first-step memory / monai-ckpt, 128³",
+                "≤ 0.12",
+                f"< {bound:.3f} (monai-ckpt killed at {limit:g} GiB growth)",
+                "not shown",
+            ]
+        )
+    value = (idm128.get("ratios", {}).get("patchddm-ckpt") or {}).get("memory_first")
+    rows.append(["first-step memory / patchddm-ckpt, 128³", "≤ 0.35", fmt(value, ".3f"), _verdict(value, 0.35)])
+    value = (r64.get("monai-ckpt") or {}).get("cpu_time")
+    rows.append(["step CPU time / monai-ckpt, 64³ (128³: see note)", "≤ 1.0", fmt(value, ".2f"), _verdict(value, 1.0)])
+    pdm = next((r for r in load("flops-128.jsonl") if r["net"] == "patchddm"), {})
+    value = idm128["flops"] / pdm["flops"] if pdm.get("flops") and idm128.get("flops") else None
+    rows.append(["FLOPs / patchddm, 128³", "≤ 0.5", fmt(value, ".2f"), _verdict(value, 0.5)])
+    for name, size in (("memory-64.jsonl", 64), ("memory-128.jsonl", 128)):
+        value = _row(name, "idm").get("throughput_vs_conv_stack")
+        rows.append(
+            [
+                f"GFLOP/CPU-s / conv stack, {size}³",
+                "≥ 0.8",
+                fmt(value, ".2f"),
+                "n/a" if value is None else ("met" if value >= 0.8 else "**missed**"),
+            ]
+        )
+    probe = next((p for r in load("max-size-256.jsonl") for p in r["probes"] if p["size"] == 256), None)
+    if probe and probe.get("status") == "ok":
+        minutes = probe["first_step_s"] / 60
+        rows.append(
+            [
+                "256³ step time (wall; CPU-s / 2 cores in brackets)",
+                "≤ 8 min",
+                f"{minutes:.1f} min ({probe['first_step_cpu_s'] / 120:.1f} min)",
+                "met" if probe["first_step_cpu_s"] / 120 <= 8 else "**missed**",
+            ]
+        )
+        gib = probe["peak_growth_mib"] / 1024
+        rows.append(["256³ step memory", "≤ 16 GiB", f"{gib:.1f} GiB", _verdict(gib, 16)])
+    elif probe:
+        rows.append(["256³ step", "≤ 8 min, ≤ 16 GiB", f"{probe['status']}: {probe.get('error')}", "**missed**"])
+    rows.append(
+        ["largest cube of every net within 21 GiB, one max-size table", "table", "not run (see text)", "**missed**"]
+    )
+    return "\n".join(["Goals of issue 17:", "", table(["goal", "target", "measured", "verdict"], rows)])
+
+
 def render() -> str:
-    parts = [training("memory-64.jsonl"), training("memory-128.jsonl"), flops(), malloc(), max_size(), inference()]
+    parts = [
+        goals(),
+        training("memory-64.jsonl"),
+        training("memory-128.jsonl"),
+        flops(),
+        malloc(),
+        max_size(),
+        inference(),
+    ]
     return "\n\n".join(p for p in parts if p)
 
 

@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
                     "threads": args.threads,
                     "count_flops": not args.no_flops,
                     "flops_only": args.flops_only,
+                    "max_growth_gib": args.max_growth_gib,
                     "monai_channels": sizing["monai_channels"] if net.startswith("monai") else None,
                 }
                 if size % size_multiple(net):
