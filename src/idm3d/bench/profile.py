@@ -303,12 +303,14 @@ def _plot(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ok = [r for r in rows if r.get("status") == "ok"]
     fig, axes = plt.subplots(1, max(len(ok), 1), figsize=(7 * max(len(ok), 1), 6), squeeze=False)
     for ax, r in zip(axes[0], ok):
-        table = _table_rows(r, args.depth)[:20][::-1]
+        saved = sorted(_table_rows(r, args.depth), key=lambda t: t["saved_forward_mib"] + t["saved_backward_mib"])
+        table = [t for t in saved if t["saved_forward_mib"] + t["saved_backward_mib"] > 0][-20:]
         names = [t["module"] for t in table]
         fwd = [t["saved_forward_mib"] for t in table]
         bwd = [t["saved_backward_mib"] for t in table]
         ax.barh(names, fwd, label="saved in forward")
         ax.barh(names, bwd, left=fwd, label="saved in backward (rebuilt)")
+        ax.set_xlim(0, 1.05 * max((f + b for f, b in zip(fwd, bwd)), default=1.0))
         ax.set_xlabel("MiB saved for backward")
         ax.set_title(_title(r), fontsize=9)
         ax.legend(fontsize=8)
