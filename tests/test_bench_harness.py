@@ -171,7 +171,9 @@ def test_rss_growth_detects_a_known_allocation(alloc_mib):
 
     result = measure_training_step(model, step, "cpu", warmup=1, repeats=1, count_flops=False)
     assert result["memory_method"] == "vmhwm"
-    assert 0.95 * alloc_mib <= result["peak_growth_mib"] < alloc_mib + 48
+    # The steady step is the clean figure; the first also pays one-off start-up allocations.
+    assert 0.95 * alloc_mib <= result["steady_growth_mib"] < alloc_mib + 48
+    assert result["first_step_growth_mib"] >= 0.95 * alloc_mib
 
 
 @pytest.mark.parametrize("input_grad", [False, True])
