@@ -28,6 +28,7 @@ from idm3d.training.run import LoadedRun, build_scheduler, load_run
 __all__ = [
     "DetectSettings",
     "FeatureTable",
+    "detector_document",
     "evaluate",
     "extract",
     "fit_detector",
@@ -147,7 +148,8 @@ def evaluate(
     return result
 
 
-def _detector_doc(run: LoadedRun, settings: DetectSettings, table: FeatureTable) -> dict[str, Any]:
+def detector_document(run: LoadedRun, settings: DetectSettings, table: FeatureTable) -> dict[str, Any]:
+    """``detector.json``: both detectors fitted on every row, with what they were fitted on."""
     x, y = table.features, table.labels
     return {
         "format": DETECTOR_FORMAT,
@@ -194,7 +196,7 @@ def fit_detector(
     table = FeatureTable.concat([extract(run, real_in, 0, settings=s, progress=progress),
                                  extract(run, fake_in, 1, settings=s, progress=progress)])
     result = evaluate(table, folds=folds, n_boot=n_boot, seed=seed)
-    return write_report(Path(out), run, s, table, result, _detector_doc(run, s, table))
+    return write_report(Path(out), run, s, table, result, detector_document(run, s, table))
 
 
 def load_detector(path: str | Path, run: LoadedRun) -> dict[str, Any]:

@@ -68,6 +68,21 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("seconds_per_volume"):
         t = report["seconds_per_volume"]
         lines += ["", f"Feature time per volume: median {t['median']:.2f} s (max {t['max']:.2f} s)."]
+    if "study" in report:
+        st = report["study"]
+        lines += ["", "## Goals", "", "| goal | measured | target | met |", "|---|---|---|---|"]
+        names = {"zero_shot": "zero-shot AUROC, same generator (worst of the two)",
+                 "supervised": "supervised AUROC, same generator (worst of the two)",
+                 "cross_generator": "cross-generator AUROC (worst direction)",
+                 "seconds_64": f"seconds to score one 64^3 volume, {st['timing_64']['threads']} threads (second run)"}
+        lines += [f"| {names[k]} | {v['measured']:.3f} | {'<=' if k == 'seconds_64' else '>='} {v['goal']} | "
+                  f"{'yes' if v['met'] else 'no'} |" for k, v in st["goals"].items()]
+        t = st["timing_64"]
+        lines += ["", f"64^3 timing: first volume {t['first']['wall_s']:.1f} s wall / {t['first']['cpu_s']:.1f} s "
+                  f"CPU, second {t['second']['wall_s']:.1f} s wall / {t['second']['cpu_s']:.1f} s CPU.",
+                  "", "Training budget: " + "; ".join(
+                      f"{g}: {b['steps']} steps, {b['elapsed_s']:.0f} s" for g, b in st["training"].items())
+                  + f". {st['windows']} held-out windows of {'x'.join(map(str, st['window']))} voxels."]
     for key in ("notes", "command"):
         if report.get(key):
             lines += ["", f"{key.capitalize()}: {report[key]}"]
