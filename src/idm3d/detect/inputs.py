@@ -68,17 +68,20 @@ def _siblings(path: Path, target: str, sources: Sequence[str]) -> dict[str, Path
     return found
 
 
+def _check_name(path: Path, target: str) -> None:
+    if not is_nifti_name(path):
+        raise DataError(f"{path}: not a NIfTI file (expected a name ending in .nii or .nii.gz)")
+    named = _modality_of(path)
+    if named is not None and named != target:
+        raise DataError(f"{path}: named as a {named} volume; the run's target modality is {target}")
+
+
 def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
 
 
 def _read_one(run: LoadedRun, path: Path, sources: Mapping[str, Path], grid_affine: np.ndarray | None) -> DetectInput:
     target = run.targets[0]
-    if not is_nifti_name(path):
-        raise DataError(f"{path}: not a NIfTI file (expected a name ending in .nii or .nii.gz)")
-    named = _modality_of(path)
-    if named is not None and named != target:
-        raise DataError(f"{path}: named as a {named} volume; the run's target modality is {target}")
     data, affine = load_volume(path)
     volumes = {}
     for modality, src in sources.items():
@@ -133,6 +136,7 @@ def read_inputs(
     out = []
     for p in paths:
         path = Path(p)
+        _check_name(path, run.targets[0])
         if not sources:
             src: Mapping[str, Path] = {}
         else:
