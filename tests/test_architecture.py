@@ -1,5 +1,5 @@
-"""The import arrows of docs/architecture.md, checked on the source: cli -> demo -> training -> {diffusion, data,
-nets} -> invertible, with the single-definition helpers (errors, devices, jsonio, metrics) below everything."""
+"""The import arrows of docs/architecture.md, checked on the source: cli -> detect -> demo -> training -> {diffusion,
+data, nets} -> invertible, with the single-definition helpers (errors, devices, jsonio, metrics) below everything."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"diffusion", "data", "nets", "invertible", "idm3d"},  # idm3d: __version__ for run records
     "bench": {"training", "diffusion", "data", "nets", "invertible", "idm3d"},
     "demo": {"training", "diffusion", "data", "nets", "invertible", "bench"},
-    "cli": {"demo", "bench", "training", "diffusion", "data", "nets", "invertible"},
+    "detect": {"demo", "training", "diffusion", "data", "nets", "invertible"},
+    "cli": {"detect", "demo", "bench", "training", "diffusion", "data", "nets", "invertible"},
 }
 
 

@@ -12,7 +12,7 @@ from idm3d.errors import IDM3DError
 
 # Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
 # parser sets ``func(args) -> int | None``.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("data", "train", "sample", "evaluate", "bench", "demo")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("data", "train", "sample", "evaluate", "detect", "bench", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,6 +141,7 @@ class DiffusionPipeline:
         eta: float = 0.0,
         device: torch.device | str | None = None,
         progress: bool = False,
+        noise: Tensor | None = None,
     ) -> Tensor:
         """Run the reverse chain set on ``scheduler`` (``set_timesteps`` already called).
 
@@ -154,6 +155,7 @@ class DiffusionPipeline:
             eta: DDIM stochasticity (0 = deterministic); ignored by DDPM.
             device: where to run (default: the model's parameters' device).
             progress: show a tqdm bar.
+            noise: the initial noise instead of a draw from ``generator`` (e.g. the ``x_T`` of :meth:`invert`).
 
         Returns:
             The ``(B, C_target, D, H, W)`` volume (float32, on ``device``).
@@ -163,7 +165,11 @@ class DiffusionPipeline:
         device = self._device(device)
         shape = tuple(int(s) for s in shape)
         timesteps = scheduler.timesteps
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise: shape {tuple(noise.shape)} is not the sample shape {shape}")
+        noise = noise.to(device, torch.float32)
         if x_start is not None:
             if start_timestep is None:
                 raise ValueError("x_start needs start_timestep")

@@ -1,0 +1,206 @@
+"""``idm3d detect study``: the reproducible detection study on the embedded MNI templates (docs/detect.md).
+
+1. Train the demo's IDMUNet (``configs/demo.yaml``) for ``steps`` steps and the demo's same-budget MONAI
+   baseline (:func:`idm3d.training.evaluation.baseline_config`: the IDMUNet's training time, the same step
+   cap) - or reuse the ``idm/`` and ``monai/`` runs of an earlier demo or study (``runs``).
+2. Held-out material: the axial bands of 16 slices from the demo's held-out band upwards (never touched
+   by training patches). Each generator translates every band's T1 once (the run's settings, masked as
+   ``idm3d sample`` does); bands are cut into windows of 32 x 32 x 16 voxels (stride 16) holding at least a
+   quarter brain. A window's real T2, its two generated T2s and its T1 form one group.
+3. No shortcut: every window - real or generated - is written with the same writer (float32 NIfTI, the
+   band's affine) and read back through the same safe reader before scoring.
+4. Features through the IDMUNet run; zero-shot, logistic regression and gradient boosting cross-validated
+   grouped by window, per generator, and transferred between generators; then the time to score one
+   64^3 volume with ``threads`` torch threads (wall and process CPU time, first and second volume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from idm3d.data.nifti import load_volume, save_volume
+from idm3d.demo.pipeline import demo_config
+from idm3d.detect.core import DetectSettings, FeatureTable, detector_document, evaluate, extract
+from idm3d.detect.inputs import DetectInput, as_input
+from idm3d.detect.report import write_report
+from idm3d.errors import ConfigError
+from idm3d.training.data_source import DemoSource
+from idm3d.training.evaluation import baseline_config
+from idm3d.training.run import LoadedRun, load_run
+from idm3d.training.rundir import RunDir
+from idm3d.training.trainer import train
+
+__all__ = ["GOALS", "STUDY_STEPS", "WINDOW", "run_study"]
+
+STUDY_STEPS = 300  # training steps of each net in the default study (the demo trains ~8 minutes)
+WINDOW = (32, 32, 16)
+STRIDE = 16
+MIN_BRAIN = 0.25
+GENERATORS = ("idm", "monai")
+GOALS = {"zero_shot": 0.95, "supervised": 0.99, "cross_generator": 0.90, "seconds_64": 30.0}
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"idm3d detect study: {message}", file=sys.stderr, flush=True)
+
+
+def _train(out: Path, steps: int, progress: bool) -> dict[str, float]:
+    cfg = demo_config(steps=steps)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_seconds=None, progress=progress))
+    _say(f"training the IDMUNet for {steps} steps", progress)
+    started = time.process_time()
+    train(cfg, out / "idm")
+    cpu = {"idm": time.process_time() - started}
+    elapsed = RunDir(out / "idm").read_state().elapsed_s
+    _say(f"training the MONAI baseline for the same {elapsed:.0f} s (at most {steps} steps)", progress)
+    started = time.process_time()
+    train(baseline_config(cfg, elapsed, max_steps=steps), out / "monai")
+    cpu["monai"] = time.process_time() - started
+    return cpu
+
+
+def _bands(demo: Any) -> list[range]:
+    depth, start = demo.shape[-1], demo.test_slices.start
+    bands = []
+    while start + WINDOW[2] <= depth:
+        band = range(start, start + WINDOW[2])
+        if float(demo.mask[0][..., band.start:band.stop].float().mean()) > 0.05:
+            bands.append(band)
+        start += WINDOW[2]
+    return bands
+
+
+def _windows(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [(x, y) for x in range(0, shape[0] - WINDOW[0] + 1, STRIDE) for y in range(0, shape[1] - WINDOW[1] + 1,
+                                                                                      STRIDE)]
+
+
+def _roundtrip(path: Path, volume: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    save_volume(path, volume.numpy(), affine)
+    return torch.from_numpy(load_volume(path)[0].copy())[None]
+
+
+def _material(out: Path, runs: dict[str, LoadedRun], progress: bool) -> tuple[dict[str, list[DetectInput]], list[str]]:
+    """Real and generated windows, each written and read back the same way; their group names."""
+    demo = DemoSource(runs["idm"].config).demo
+    source, target = runs["idm"].sources[0], runs["idm"].targets[0]
+    inputs: dict[str, list[DetectInput]] = {"real": [], **{g: [] for g in runs}}
+    groups = []
+    for band in _bands(demo):
+        z = slice(band.start, band.stop)
+        t1, t2, mask = (demo.record.channel(source)[..., z], demo.record.channel(target)[..., z], demo.mask[..., z])
+        fakes = {}
+        for name, run in runs.items():
+            _say(f"{name}: translating band z in [{band.start}, {band.stop})", progress)
+            fakes[name] = run.masked(run.infer(condition=t1[None]), mask[None])[0]
+        for x, y in _windows(tuple(t1.shape[1:])):
+            crop = (slice(None), slice(x, x + WINDOW[0]), slice(y, y + WINDOW[1]))
+            m = mask[crop]
+            if float(m.float().mean()) < MIN_BRAIN:
+                continue
+            shift = np.eye(4)
+            shift[:3, 3] = [x, y, band.start]
+            affine = demo.affine @ shift
+            group = f"z{band.start}_x{x}_y{y}"
+            groups.append(group)
+            cond = _roundtrip(out / "volumes" / "real" / f"{group}_{source}.nii.gz", t1[crop], affine)
+            for name, volume in (("real", t2), *fakes.items()):
+                vol = _roundtrip(out / "volumes" / name / f"{group}_{target}.nii.gz", volume[crop], affine)
+                inputs[name].append(as_input(f"{name}/{group}", vol, cond, m))
+    if len(groups) < 4:
+        raise ConfigError(f"study: only {len(groups)} held-out windows with brain; the demo grid is too small")
+    return inputs, groups
+
+
+def _timing(run: LoadedRun, settings: DetectSettings, threads: int) -> dict[str, Any]:
+    """Seconds (wall, process CPU) to score one 64^3 volume: a central crop of the template, twice."""
+    demo = DemoSource(run.config).demo
+    size = 64
+    starts = [max(0, (s - size) // 2) for s in demo.shape]
+    if min(demo.shape) < size:
+        raise ConfigError(f"study: the demo grid {demo.shape} is smaller than 64^3")
+    crop = tuple(slice(s, s + size) for s in starts)
+    item = as_input("t2_64", demo.record.channel(run.targets[0])[(slice(None), *crop)],
+                    demo.record.channel(run.sources[0])[(slice(None), *crop)], demo.mask[(slice(None), *crop)])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        records = []
+        for _ in range(2):
+            wall, cpu = time.perf_counter(), time.process_time()
+            extract(run, [item], 0, settings=settings)
+            records.append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu})
+    finally:
+        torch.set_num_threads(previous)
+    return {"shape": [size] * 3, "threads": threads, "first": records[0], "second": records[1]}
+
+
+def _goals(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    per = result["per_generator"]
+    zero = min(per[g]["zero_shot"]["auroc"] for g in per)
+    sup = min(max(per[g]["logistic"]["auroc"], per[g]["gradient_boosting"]["auroc"]) for g in per)
+    cross = min(max(e["logistic"]["auroc"], e["gradient_boosting"]["auroc"])
+                for e in result["cross_generator"].values())
+    secs = timing["second"]["wall_s"]
+    rows = {"zero_shot": zero, "supervised": sup, "cross_generator": cross, "seconds_64": secs}
+    return {k: {"measured": v, "goal": GOALS[k], "met": (v <= GOALS[k]) if k == "seconds_64" else (v >= GOALS[k])}
+            for k, v in rows.items()}
+
+
+def run_study(
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    runs: str | Path | None = None,
+    threads: int = 2,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the study into ``out`` and return its report (also ``report.json``/``report.md``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    steps = STUDY_STEPS if steps is None else int(steps)
+    if steps < 1:
+        raise ConfigError(f"--train-steps: expected a positive integer, got {steps}")
+    run_root = Path(runs) if runs is not None else out / "runs"
+    cpu = None
+    if runs is None:
+        cpu = _train(run_root, steps, progress)
+    loaded = {g: load_run(run_root / g, device="cpu") for g in GENERATORS}
+    inputs, groups = _material(out, loaded, progress)
+    detector_run = loaded["idm"]
+    settings = DetectSettings().resolved(detector_run)
+    _say(f"features of {len(groups)} windows x {1 + len(GENERATORS)} through the IDMUNet", progress)
+    tables = [extract(detector_run, inputs["real"], 0, settings=settings, generator="real", groups=groups)]
+    tables += [extract(detector_run, inputs[g], 1, settings=settings, generator=g, groups=groups) for g in GENERATORS]
+    table = FeatureTable.concat(tables)
+    result = evaluate(table, n_boot=n_boot, seed=seed)
+    _say("timing one 64^3 volume", progress)
+    timing = _timing(detector_run, settings, threads)
+    goals = _goals(result, timing)
+    budget = {g: {"steps": RunDir(run_root / g).read_state().step,
+                  "elapsed_s": RunDir(run_root / g).read_state().elapsed_s,
+                  **({"process_cpu_s": cpu[g]} if cpu else {})} for g in GENERATORS}
+    met = ", ".join(f"{k} {v['measured']:.3f} ({'met' if v['met'] else 'missed'}, goal {v['goal']})"
+                    for k, v in goals.items())
+    command = f"idm3d detect study --out {out} --train-steps {steps}" if runs is None else \
+        f"idm3d detect study --out {out} --runs {runs}"
+    extra = {"study": {"windows": len(groups), "window": list(WINDOW), "stride": STRIDE, "min_brain": MIN_BRAIN,
+                       "training": budget, "timing_64": timing, "goals": goals,
+                       "total_s": time.monotonic() - started},
+             "summary": f"goals: {met}", "command": command,
+             "notes": f"real = held-out MNI T2 windows; generated = the IDMUNet's and the MONAI baseline's T2 from "
+                      f"the same T1 windows, each net trained {steps} steps (a short budget; longer budgets are the "
+                      f"real study). Groups = windows; {met}."}
+    return write_report(out, detector_run, settings, table, result, detector_document(detector_run, settings, table),
+                        extra)
