@@ -68,9 +68,13 @@ def test_the_command_line_applies_it(monkeypatch, mallopt_calls):
     assert mallopt_calls == [1]
 
 
-@pytest.mark.parametrize("how", ["env", "in-process"])
+@pytest.mark.parametrize("how", ["default", "env", "in-process"])
 def test_opt_out_and_in_process_calls_leave_the_allocator_alone(monkeypatch, mallopt_calls, how):
-    if how == "env":
+    if how == "default":  # opt-in: it costs CPU time per step, which a time-budgeted run pays in steps
+        monkeypatch.delenv(ENV_VAR, raising=False)
+        monkeypatch.setattr(sys, "argv", ["idm3d", "bench", "memory", "--nets", "nope"])
+        assert main() == 2
+    elif how == "env":
         monkeypatch.setenv(ENV_VAR, "system")
         monkeypatch.setattr(sys, "argv", ["idm3d", "bench", "memory", "--nets", "nope"])
         assert main() == 2

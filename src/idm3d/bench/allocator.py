@@ -6,9 +6,12 @@ activation-sized blocks come from the heap, and freed heap memory stays resident
 process at 64^3 grows by ~0.7-0.9 GiB over four steps that it never uses again
 (``idm3d bench memory --malloc system``). Fixing the thresholds with ``mallopt`` (the same as
 ``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``) makes every block over 128 KiB an
-``mmap`` returned to the system when freed, and trims the heap top. The ``idm3d`` command applies it
-at start-up; ``IDM3D_MALLOC=system`` opts out (glibc's defaults), e.g. when measuring the cost: the
-kernel then zero-fills fresh pages on each large allocation (``idm3d bench memory`` reports both).
+``mmap`` returned to the system when freed, and trims the heap top. It costs CPU time: the kernel
+zero-fills fresh pages on each large allocation (~30% more CPU per IDMUNet step at 64^3 on 2 cores,
+``idm3d bench memory --malloc tuned,system`` reports both), which a time-budgeted run pays in steps.
+So it is opt-in: ``IDM3D_MALLOC=tuned`` makes the ``idm3d`` command apply it at start-up, for runs
+whose limit is memory; the default ``system`` keeps glibc's behaviour. The benchmarks' memory rows
+set ``tuned`` explicitly (their ``--malloc`` option).
 Off glibc (macOS, musl) this is a no-op.
 """
 
@@ -56,8 +59,12 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int | None
 
 
 def configure_from_env() -> dict[str, int] | None:
-    """Apply :func:`tune_malloc` unless ``IDM3D_MALLOC=system``; returns what was applied."""
-    choice = os.environ.get(ENV_VAR, "tuned").strip().lower()
+    """Apply :func:`tune_malloc` when ``IDM3D_MALLOC=tuned`` (default ``system``: glibc's defaults).
+
+    Returns:
+        The thresholds applied, or ``None``.
+    """
+    choice = os.environ.get(ENV_VAR, "system").strip().lower()
     if choice == "system":
         return None
     if choice != "tuned":

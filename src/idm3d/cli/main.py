@@ -19,8 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idm3d",
         description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
-        epilog="Environment: IDM3D_MALLOC=system keeps glibc's malloc defaults (by default idm3d fixes its "
-        "mmap/trim thresholds so freed tensors return to the system; see idm3d.bench.allocator).",
+        epilog="Environment: IDM3D_MALLOC=tuned fixes glibc's mmap/trim thresholds so freed tensors return to the "
+        "system (lower RSS, ~30% more CPU per step; default system; see idm3d.bench.allocator).",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if from_command_line:
-            configure_from_env()  # glibc then keeps RSS near the live tensors; IDM3D_MALLOC=system opts out
+            configure_from_env()  # IDM3D_MALLOC=tuned: RSS near the live tensors, at a CPU cost
         return int(args.func(args) or 0)
     except (IDM3DError, FileNotFoundError) as err:
         if args.debug:
