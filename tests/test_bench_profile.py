@@ -64,10 +64,12 @@ def test_idmunet_saved_bytes_sum_to_the_hook_total(efficient):
     core = fold(prof.records, 0)["core"]
     if efficient:  # the core keeps (almost) nothing through the forward; it rebuilds in backward
         assert core["saved_backward"] > 4 * core["saved_forward"]
+        assert core["peak_backward"] > 0  # the rebuilt graphs need memory beyond what the step held
     else:
         assert core["saved_backward"] == 0
         assert core["saved_forward"] > 0
-    assert core["peak_backward"] > 0
+        # No peak assertion here: plain backward mostly frees, and glibc may serve what it allocates from
+        # heap pages freed earlier in the step, so its RSS growth can be 0 (seen in a full-suite run).
     assert core["peak_forward"] >= 0
 
 
