@@ -16,7 +16,6 @@ from idm3d.bench.harness import (
     json_line,
     machine_info,
     markdown_table,
-    measure_training_step,
     parse_sizes,
     reset_peak_rss,
     run_config,
@@ -159,17 +158,11 @@ def test_watchdog_kills_a_child_over_budget(child_target):
 
 @pytest.mark.skipif(not reset_peak_rss(), reason="VmHWM cannot be reset here")
 @pytest.mark.parametrize("alloc_mib", [128, 256])
-def test_rss_growth_detects_a_known_allocation(alloc_mib):
-    model = nn.Linear(4, 4)
-    x = torch.randn(2, 4)
-
-    def step():
-        big = torch.ones(alloc_mib * MIB // 4)
-        big.mul_(2)
-        model(x).sum().backward()
-        del big
-
-    result = measure_training_step(model, step, "cpu", warmup=1, repeats=1, count_flops=False)
+def test_rss_growth_detects_a_known_allocation(child_target, alloc_mib):
+    # In a fresh process, as the benchmarks measure: inside the test process the heap left by earlier
+    # tests can serve the allocation from pages already resident (growth 0, seen in a full-suite run).
+    result = run_config(f"{child_target}:linear", {"batch": 2, "alloc_mib": alloc_mib}, timeout_s=120)
+    assert result["status"] == "ok", result
     assert result["memory_method"] == "vmhwm"
     # The steady step is the clean figure; the first also pays one-off start-up allocations.
     assert 0.95 * alloc_mib <= result["steady_growth_mib"] < alloc_mib + 48
