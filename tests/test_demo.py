@@ -1,4 +1,8 @@
-"""``idm3d demo`` end to end with a tiny budget (2 steps, 8-channel nets, 2 DDIM steps) on the MNI demo data."""
+"""``idm3d demo`` end to end with a tiny budget (2 steps, 8-channel nets, 2 DDIM steps) on the MNI demo data.
+
+The module's demo runs both directions, as ``make run`` does (the IDMUNets, then the baselines, train in
+two spawned processes side by side on a machine with 2+ cores).
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory) -> Path:
+def top_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -40,8 +44,44 @@ def demo_out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def demo_out(top_out: Path) -> Path:
+    """The T1 -> T2 direction's folder."""
+    return top_out / "t1_to_t2"
+
+
+@pytest.fixture(scope="module")
 def report(demo_out: Path) -> dict:
     return json.loads((demo_out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def headline(top_out: Path) -> dict:
+    return json.loads((top_out / "report.json").read_text())
+
+
+def test_headline_holds_both_directions_as_measured(top_out: Path, headline: dict):
+    md = (top_out / "report.md").read_text()
+    assert set(headline["directions"]) == {"t1-t2", "t2-t1"}
+    for name, (src, tgt) in (("t1-t2", ("t1", "t2")), ("t2-t1", ("t2", "t1"))):
+        d = headline["directions"][name]
+        assert (d["sources"], d["targets"]) == ([src], [tgt])
+        own = json.loads((top_out / d["folder"] / "report.json").read_text())
+        assert own["task"] == {"sources": [src], "targets": [tgt]}
+        assert d["metrics"] == own["metrics"]  # the headline repeats the direction's measurements
+        assert f"{own['metrics']['idm']['ssim_mask']:.4f}" in md
+        assert f"{src.upper()} -> {tgt.upper()}" in md
+        for label in ("idm", "monai"):
+            assert own["training"][label]["cpu_s"] > 0
+        # equal budget of the run's kind: the baseline gets the CPU time its IDMUNet used
+        assert own["settings"]["monai"]["train"]["max_cpu_seconds"] == pytest.approx(own["training"]["idm"]["cpu_s"])
+        assert own["settings"]["monai"]["train"]["max_seconds"] is None
+        truth = nib.load(top_out / d["folder"] / "predictions" / f"{tgt}_truth.nii.gz")
+        source = nib.load(top_out / d["folder"] / "predictions" / f"{src}_input.nii.gz")
+        assert truth.shape == source.shape
+    t2_from_t1 = np.asarray(nib.load(top_out / "t1_to_t2" / "predictions" / "t2_truth.nii.gz").dataobj)
+    t2_into_t1 = np.asarray(nib.load(top_out / "t2_to_t1" / "predictions" / "t2_input.nii.gz").dataobj)
+    assert np.array_equal(t2_from_t1, t2_into_t1)  # the reverse direction's input is the forward one's truth
+    assert demo_licence_text().strip() in md
 
 
 def test_report_has_finite_metrics_for_every_model(demo_out: Path, report: dict):
@@ -81,8 +121,8 @@ def test_memory_and_training_figures_come_from_this_run(report: dict):
         assert mem["peak_growth_mib"] >= 0.0
         assert mem["step_s"] > 0.0
         assert 1 <= train["steps"] <= 2
-    # Equal training time: the baseline's budget is the time the IDMUNet trained.
-    assert report["settings"]["monai"]["train"]["max_seconds"] == pytest.approx(report["training"]["idm"]["elapsed_s"])
+    # Equal training time: the baseline's budget is the CPU time the IDMUNet trained.
+    assert report["settings"]["monai"]["train"]["max_cpu_seconds"] == pytest.approx(report["training"]["idm"]["cpu_s"])
     assert report["settings"]["monai"]["model"]["name"] == "monai"
 
 
@@ -138,16 +178,18 @@ def test_predictions_are_written_on_the_band_grid_and_masked(demo_out: Path, rep
         (["--overwrite", "--set", "data.root=/nowhere"], "data.root"),
         (["--overwrite", "--set", "model.name=monai"], "model.name"),
         (["--overwrite", "--minutes", "0"], "--minutes"),
+        (["--overwrite", "--directions", "t1-flair"], "--directions"),
+        (["--overwrite", "--directions", ","], "--directions"),
     ],
 )
-def test_bad_requests_fail_with_one_line(demo_out: Path, capsys, extra: list[str], fault: str):
-    before = (demo_out / "report.json").stat().st_mtime_ns
-    assert main(["demo", "--out", str(demo_out), *TINY, *extra]) == 2
+def test_bad_requests_fail_with_one_line(top_out: Path, capsys, extra: list[str], fault: str):
+    before = (top_out / "report.json").stat().st_mtime_ns
+    assert main(["demo", "--out", str(top_out), *TINY, *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("idm3d: error:")
     assert fault in err[0]
-    assert (demo_out / "report.json").stat().st_mtime_ns == before  # nothing was touched
+    assert (top_out / "report.json").stat().st_mtime_ns == before  # nothing was touched
 
 
 @pytest.mark.parametrize(("slope", "offset"), [(-0.6, -0.1), (1.5, 0.25)])

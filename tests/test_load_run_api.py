@@ -90,6 +90,20 @@ def test_pipeline_sample_is_what_infer_returns(run_dir: Path):
     assert by_infer.shape == (1, 1, 16, 16, 16)
 
 
+def test_average_is_the_mean_of_chains_from_separate_seeds(run_dir: Path):
+    """``sample.average`` K: the mean of K chains, chain k seeded ``seed + k * AVERAGE_SEED_STRIDE``."""
+    from idm3d.training.run import AVERAGE_SEED_STRIDE
+
+    condition = torch.linspace(-1, 1, 16**3).reshape(1, 1, 16, 16, 16)
+    single = idm3d.load_run(run_dir, device="cpu")
+    averaged = idm3d.load_run(run_dir, device="cpu", average=3)
+    chains = [single.infer(condition=condition, seed=4 + k * AVERAGE_SEED_STRIDE) for k in range(3)]
+    mean = averaged.infer(condition=condition, seed=4)
+    assert torch.allclose(mean, sum(chains) / 3, atol=1e-6)
+    assert not torch.allclose(chains[0], chains[1])  # the chains really differ
+    assert torch.equal(idm3d.load_run(run_dir, device="cpu", average=1).infer(condition=condition, seed=4), chains[0])
+
+
 def test_sample_takes_a_loaded_run(run_dir: Path, tmp_path: Path):
     run = idm3d.load_run(run_dir, device="cpu")
     t1 = Path(run.config.data.root) / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii.gz"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -212,6 +214,24 @@ def test_time_budget_stops_training(data_dir: Path, tmp_path: Path):
     state = json.loads(latest_checkpoint(run / "checkpoints").read_text())
     assert state["step"] >= 1
     assert 0.5 <= state["elapsed_s"] < 10
+
+
+def test_cpu_time_budget_stops_training_and_resumes_from_what_was_used(data_dir: Path, tmp_path: Path):
+    cfg = tiny_config(data_dir, train={"max_steps": None, "max_cpu_seconds": 0.5, "checkpoint_every": 1000})
+    run = train(cfg, tmp_path / "run")
+    state = json.loads(latest_checkpoint(run / "checkpoints").read_text())
+    assert state["step"] >= 1
+    # the budget is this process's CPU time: at least what was asked, not far more (one step is < 1 s here)
+    assert 0.5 <= state["cpu_s"] < 5
+    assert state["elapsed_s"] > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["cpu_s"] == pytest.approx(state["cpu_s"])
+    # resuming with a larger budget continues from the CPU time already used
+    more = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_cpu_seconds=1.0))
+    train(more, run, resume=True)
+    resumed = json.loads(latest_checkpoint(run / "checkpoints").read_text())
+    assert resumed["step"] > state["step"]
+    assert 1.0 <= resumed["cpu_s"] < 6
 
 
 def test_monai_model_and_bf16_autocast_and_sample_prediction(data_dir: Path, tmp_path: Path):

@@ -21,7 +21,7 @@ import torch
 from monai.metrics import MAEMetric, PSNRMetric
 from monai.metrics.regression import compute_ssim_and_cs
 
-__all__ = ["evaluate_pair", "mae", "psnr", "ssim", "ssim_map"]
+__all__ = ["evaluate_pair", "mae", "psnr", "ssim", "ssim_map", "ssim_window"]
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -80,14 +80,15 @@ def mae(pred: ArrayLike, target: ArrayLike, mask: ArrayLike | None = None, data_
     return float(MAEMetric()(*_flat(p, t, m)).item())
 
 
-def _window(shape: tuple[int, ...]) -> tuple[int, ...]:
+def ssim_window(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The SSIM window per axis for a volume of ``shape`` (X, Y, Z): 11, or the largest odd size that fits."""
     return tuple(min(WIN_SIZE, s if s % 2 else s - 1) for s in shape)
 
 
 def ssim_map(pred: ArrayLike, target: ArrayLike, data_range: float = 2.0) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Local 3D SSIM map (B, C, X-w+1, Y-w+1, Z-w+1) from MONAI, and the window size used per axis."""
     p, t, _ = _prepare(pred, target, None, data_range)
-    win = _window(tuple(p.shape[2:]))
+    win = ssim_window(tuple(p.shape[2:]))
     if min(win) < 1:
         raise ValueError(f"ssim: volume {tuple(p.shape[2:])} is too small for a window")
     value, _ = compute_ssim_and_cs(

@@ -23,6 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--seed", type=int, help="RNG seed (case i uses seed + i)")
+    p.add_argument("--average", type=int, metavar="K",
+                   help="score the mean of K chains from different noise (default: the run's sample.average)")
     p.add_argument("--max-cases", type=int, help="evaluate at most this many cases")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--baseline", action="store_true", help="also train/evaluate a same-budget MONAI baseline")
@@ -37,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     evaluate(
         args.run, args.split, baseline=args.baseline, progress=not args.no_progress, sampler=args.sampler,
         steps=args.steps, eta=args.eta, seed=args.seed, max_cases=args.max_cases,
+        average=args.average,
         use_ema=False if args.raw_weights else None, device=args.device,
     )
     name = f"eval-{args.split}-vs-baseline.md" if args.baseline else f"eval-{args.split}.md"

@@ -54,7 +54,8 @@ def _say(message: str, progress: bool) -> None:
 
 def _train(out: Path, steps: int, progress: bool) -> dict[str, float]:
     cfg = demo_config(steps=steps)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_seconds=None, progress=progress))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_seconds=None, max_cpu_seconds=None,
+                                                          progress=progress))
     _say(f"training the IDMUNet for {steps} steps", progress)
     started = time.process_time()
     train(cfg, out / "idm")

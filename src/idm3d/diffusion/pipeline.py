@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idm3d.diffusion.sampling import denoise_fn
-from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, training_target
+from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, predict_x0, training_target
+from idm3d.diffusion.structural import ssim_loss
 
 __all__ = ["Denoiser", "DiffusionPipeline"]
 
@@ -44,6 +45,8 @@ class DiffusionPipeline:
         scheduler: the training scheduler (MONAI ``DDPMScheduler``/``DDIMScheduler``); its
             ``prediction_type`` is the pipeline's.
         loss: ``mse`` or ``l1`` between the network output and the training target.
+        ssim_weight: adds ``ssim_weight * (1 - SSIM)`` between the clean-volume estimate and the clean
+            target (:func:`~idm3d.diffusion.structural.ssim_loss`); 0 = off.
         roi_size: sampling only: run the network patch-wise on windows of this size (D, H, W).
         overlap: sliding-window overlap for ``roi_size``.
         autocast: a context manager factory wrapped around every network call (mixed precision).
@@ -58,12 +61,16 @@ class DiffusionPipeline:
         scheduler: Scheduler,
         *,
         loss: str = "mse",
+        ssim_weight: float = 0.0,
         roi_size: Sequence[int] | None = None,
         overlap: float = 0.25,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         if loss not in ("mse", "l1"):
             raise ValueError(f"loss: expected mse|l1, got {loss!r}")
+        if not ssim_weight >= 0:
+            raise ValueError(f"ssim_weight: expected >= 0, got {ssim_weight!r}")
+        self.ssim_weight = float(ssim_weight)
         self.model = model
         self.scheduler = scheduler
         self.loss_kind = loss
@@ -102,7 +109,13 @@ class DiffusionPipeline:
     def loss(self, batch: Mapping[str, Tensor | None], model: nn.Module | Denoiser | None = None) -> Tensor:
         """The training loss of ``batch``: the output against the prediction type's target, in float32."""
         target = training_target(self.scheduler, batch["target"], batch["noise"], batch["timesteps"])
-        return diffusion_loss(self.forward(batch, model), target, self.loss_kind)
+        output = self.forward(batch, model)
+        loss = diffusion_loss(output, target, self.loss_kind)
+        if self.ssim_weight:
+            x_t = self.scheduler.add_noise(batch["target"], batch["noise"], batch["timesteps"])
+            x0 = predict_x0(self.scheduler, x_t, output.float(), batch["timesteps"])
+            loss = loss + self.ssim_weight * ssim_loss(x0, batch["target"])
+        return loss
 
     def denoiser(self) -> Denoiser:
         """``f(x, t)``: the network under autocast, patch-wise when ``roi_size`` is set."""

@@ -235,6 +235,7 @@ class TrainState:
     optimizer: dict | None = None
     ema_updates: int = 0
     elapsed_s: float = 0.0
+    cpu_s: float = 0.0  # training CPU time of the process (rank 0), over all sessions
     skipped_total: int = 0
     last_loss: float | None = None
     precision: str = "fp32"

@@ -87,6 +87,8 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
     clip_sample: bool = True
     loss: Literal["mse", "l1"] = "mse"
+    # + ssim_weight * (1 - SSIM) of the clean-volume estimate against the clean target (0 = off)
+    ssim_weight: float = field(default=0.0, metadata=_range(0.0))
 
 
 @dataclass
@@ -105,6 +107,8 @@ class TrainConfig:
     seed: int = 0
     max_steps: int | None = field(default=1000, metadata=_range(1))
     max_seconds: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
+    # this process's CPU time (all threads; not DataLoader workers): the same work on a busy or idle machine
+    max_cpu_seconds: float | None = field(default=None, metadata=_range(0.0, lo_open=True))
     lr: float = field(default=1e-4, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
     warmup_steps: int = field(default=0, metadata=_range(0))
@@ -141,6 +145,9 @@ class SampleConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for the denoiser during sampling
     # Translation: voxels outside the sources' brain/foreground mask are set to the background (-1).
     mask_output: bool = False
+    # the mean of this many chains from different noise (seeds seed + k * 100003): an estimate of the
+    # posterior mean, which trades texture for PSNR/SSIM; 1 = one sample
+    average: int = field(default=1, metadata=_range(1, 1000))
 
 
 @dataclass
@@ -309,8 +316,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"data.test_fraction: val_fraction + test_fraction must be < 1, got {d.val_fraction + d.test_fraction}"
         )
-    if t.max_steps is None and t.max_seconds is None:
-        raise ConfigError("train.max_steps: set train.max_steps and/or train.max_seconds (both are null)")
+    if t.max_steps is None and t.max_seconds is None and t.max_cpu_seconds is None:
+        raise ConfigError("train.max_steps: set train.max_steps, train.max_seconds and/or train.max_cpu_seconds "
+                          "(all are null)")
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(
             f"diffusion.beta_end: expected > beta_start ({cfg.diffusion.beta_start}), got {cfg.diffusion.beta_end}"

@@ -72,6 +72,7 @@ def evaluate_run(
     seed: int | None = None,
     max_cases: int | None = None,
     use_ema: bool | None = None,
+    average: int | None = None,
     device: str = "auto",
     progress: bool = True,
     on_case: Callable[[HeldoutCase, torch.Tensor], None] | None = None,
@@ -82,7 +83,7 @@ def evaluate_run(
     (CPU, preprocessed intensities), e.g. to save or plot it.
     """
     run = load_run(run_dir, use_ema=use_ema, device=device, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                   max_cases=max_cases)
+                   max_cases=max_cases, average=average)
     sc, targets, sources = run.settings, run.targets, run.sources
     per_case: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -118,6 +119,7 @@ def evaluate_run(
         "steps": sc.steps,
         "eta": sc.eta,
         "seed": sc.seed,
+        "average": sc.average,
         "mask_output": bool(sc.mask_output and sources),
         "weights": run.weights,
         "checkpoint": str(run.checkpoint),
@@ -166,14 +168,21 @@ def report_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def baseline_config(cfg: Config, seconds: float, max_steps: int | None = None) -> Config:
+def baseline_config(
+    cfg: Config, seconds: float, max_steps: int | None = None, *, cpu_seconds: float | None = None
+) -> Config:
     """The same-budget MONAI baseline of an IDMUNet run: :func:`~idm3d.training.model_factory.baseline_model`,
-    the same data, diffusion and optimiser, ``seconds`` of training and at most ``max_steps`` steps."""
-    return dataclasses.replace(
-        cfg,
-        model=baseline_model(cfg.model),
-        train=dataclasses.replace(cfg.train, max_steps=max_steps, max_seconds=max(float(seconds), 1e-3)),
-    )
+    the same data, diffusion and optimiser, the run's training time and at most ``max_steps`` steps.
+
+    The budget is of the run's kind: ``cpu_seconds`` of CPU time when the run had a CPU-time budget
+    (``train.max_cpu_seconds``) and ``cpu_seconds`` is given, else ``seconds`` of wall time.
+    """
+    train = dataclasses.replace(cfg.train, max_steps=max_steps)
+    if cfg.train.max_cpu_seconds is not None and cpu_seconds is not None:
+        train = dataclasses.replace(train, max_seconds=None, max_cpu_seconds=max(float(cpu_seconds), 1e-3))
+    else:
+        train = dataclasses.replace(train, max_seconds=max(float(seconds), 1e-3), max_cpu_seconds=None)
+    return dataclasses.replace(cfg, model=baseline_model(cfg.model), train=train)
 
 
 def train_baseline(run_dir: str | Path, progress: bool = True) -> Path:
@@ -189,7 +198,8 @@ def train_baseline(run_dir: str | Path, progress: bool = True) -> Path:
         raise ConfigError(f"--baseline: run {run.path} is already a '{cfg.model.name}' model; nothing to compare")
     if run.latest_checkpoint() is None:
         raise ConfigError(f"--baseline: run {run.path} has no checkpoint")
-    base_cfg = baseline_config(cfg, run.read_state().elapsed_s)
+    state = run.read_state()
+    base_cfg = baseline_config(cfg, state.elapsed_s, cpu_seconds=state.cpu_s)
     base_cfg = dataclasses.replace(base_cfg, train=dataclasses.replace(base_cfg.train, progress=progress))
     split = run.read_split()
     if split is not None:  # same held-out cases

@@ -12,10 +12,17 @@ __all__ = ["Clock", "budget_postfix", "format_seconds"]
 
 @dataclasses.dataclass
 class Clock:
-    """Training time of this session on top of what earlier sessions used, and the logging window."""
+    """Training time of this session on top of what earlier sessions used, and the logging window.
+
+    Two clocks: wall time, and this process's CPU time (``time.process_time``, all its threads), which
+    other processes on the machine do not change - a budget in CPU seconds buys the same work on a busy
+    machine as on an idle one.
+    """
 
     base: float
+    cpu_base: float = 0.0
     started: float = dataclasses.field(default_factory=time.monotonic)
+    cpu_started: float = dataclasses.field(default_factory=time.process_time)
     window_start: float = dataclasses.field(default_factory=time.monotonic)
     window_steps: int = 0
     session_steps: int = 0
@@ -23,16 +30,20 @@ class Clock:
     def elapsed(self) -> float:
         return self.base + (time.monotonic() - self.started)
 
+    def cpu_elapsed(self) -> float:
+        return self.cpu_base + (time.process_time() - self.cpu_started)
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Time spent inside is not training time (TensorBoard previews): the budget and the rates skip it."""
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         try:
             yield
         finally:
             dt = time.monotonic() - t0
             self.started += dt
             self.window_start += dt
+            self.cpu_started += time.process_time() - c0
 
     def tick(self) -> None:
         self.window_steps += 1
@@ -49,6 +60,22 @@ class Clock:
         """Steps per second over this session (what the ETA extrapolates)."""
         return self.session_steps / max(time.monotonic() - self.started, 1e-9)
 
+    def cpu_per_wall(self) -> float:
+        """CPU seconds per wall second over this session (about the thread count on an idle machine)."""
+        wall = time.monotonic() - self.started
+        cpu = time.process_time() - self.cpu_started
+        return cpu / wall if wall > 0 and cpu > 0 else 1.0
+
+    def postfix(
+        self, step: int, max_steps: int | None, max_seconds: float | None, max_cpu_seconds: float | None
+    ) -> dict[str, str]:
+        """The progress bar's budget fields: a CPU-time budget when set, else the wall-time one."""
+        if max_cpu_seconds is None:
+            return budget_postfix(self.elapsed(), max_seconds, step, max_steps, self.session_rate())
+        per_wall = self.cpu_per_wall()
+        return budget_postfix(self.cpu_elapsed(), max_cpu_seconds, step, max_steps, self.session_rate() / per_wall,
+                              label="cpu", wall_per_second=1.0 / per_wall)
+
 
 def format_seconds(seconds: float) -> str:
     """``h:mm:ss`` (``m:ss`` under an hour)."""
@@ -59,12 +86,15 @@ def format_seconds(seconds: float) -> str:
 
 
 def budget_postfix(
-    elapsed: float, max_seconds: float | None, step: int, max_steps: int | None, rate: float
+    elapsed: float, max_seconds: float | None, step: int, max_steps: int | None, rate: float,
+    *, label: str = "time", wall_per_second: float = 1.0,
 ) -> dict[str, str]:
     """Progress-bar fields of a time-budgeted run: ``time`` used / budget and the ``eta`` of whichever ends first.
 
     Empty without ``max_seconds`` (tqdm's own step ETA then says it all). The step ETA extrapolates
-    ``rate`` (steps/s of this session); before any step it is unknown and only the time left counts.
+    ``rate`` (steps per budget second of this session); before any step it is unknown and only the
+    time left counts. A CPU-time budget passes ``label="cpu"`` and the wall seconds per CPU second, so
+    the ETA is still in wall time.
     """
     if max_seconds is None:
         return {}
@@ -73,4 +103,5 @@ def budget_postfix(
         left = min(left, max(0, max_steps - step) / rate)
     elif max_steps is not None and step >= max_steps:
         left = 0.0
-    return {"time": f"{format_seconds(elapsed)}/{format_seconds(max_seconds)}", "eta": format_seconds(left)}
+    return {label: f"{format_seconds(elapsed)}/{format_seconds(max_seconds)}",
+            "eta": format_seconds(left * wall_per_second)}

@@ -77,10 +77,14 @@ def build_pipeline(
         model,
         build_scheduler(cfg, "ddpm"),
         loss=cfg.diffusion.loss,
+        ssim_weight=cfg.diffusion.ssim_weight,
         roi_size=None if settings is None else settings.roi_size,
         overlap=0.25 if settings is None else settings.overlap,
         autocast=lambda: autocast(precision, device),
     )
+
+
+AVERAGE_SEED_STRIDE = 100003  # chain k of an average uses seed + k * stride: apart from the per-case seeds
 
 
 def mask_background(volume: Tensor, mask: Tensor) -> Tensor:
@@ -150,7 +154,8 @@ class LoadedRun:
 
         Translation runs take the sources' ``condition`` (1, sources, X, Y, Z). Unconditional runs take
         ``target`` (1, targets, X, Y, Z), noised to :attr:`start_timestep` and denoised back (SDEdit), or a
-        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``.
+        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``. With
+        ``sample.average`` K > 1 the result is the mean of K chains (seeds ``seed + k * 100003``).
         """
         sc = self.settings
         given = condition if condition is not None else target
@@ -158,11 +163,16 @@ class LoadedRun:
             raise ValueError(f"infer: this run takes {'condition=' if self.sources else 'target= or shape='}")
         grid = given.shape[2:] if shape is None else tuple(shape)
         start = {} if target is None else {"x_start": target, "start_timestep": self.start_timestep}
-        return self.pipeline.sample(
-            (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
-            generator=torch.Generator().manual_seed(sc.seed if seed is None else seed), eta=sc.eta,
-            device=self.device, progress=progress, **start,
-        ).cpu()
+        seed = sc.seed if seed is None else seed
+        total = None
+        for k in range(sc.average):  # sample.average chains, summed on the fly (one volume in memory)
+            volume = self.pipeline.sample(
+                (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
+                generator=torch.Generator().manual_seed(seed + k * AVERAGE_SEED_STRIDE), eta=sc.eta,
+                device=self.device, progress=progress, **start,
+            ).cpu()
+            total = volume if total is None else total + volume
+        return total / sc.average
 
     def masked(self, volume: Tensor, mask: Tensor) -> Tensor:
         """``volume`` outside ``mask`` set to the background when the run says so (``sample.mask_output``)."""

@@ -36,7 +36,7 @@ from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdic
 from idm3d.training.logs import memory_mb
 from idm3d.training.model_factory import architecture_signature, build_model, model_channels
 from idm3d.training.preview import preview_volumes
-from idm3d.training.progress import Clock, budget_postfix
+from idm3d.training.progress import Clock
 from idm3d.training.run import build_pipeline, resolve_device
 from idm3d.training.rundir import RunDir, versions
 from idm3d.training.state import restore_tensors, training_tensors
@@ -109,7 +109,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.scaler = mixed.grad_scaler(cfg.train.precision, self.device)
         self.step = 0
-        self.elapsed = 0.0
+        self.elapsed = self.cpu = 0.0
         self.nonfinite_streak = 0
         self.skipped_total = 0
         self.last_loss: float | None = None
@@ -147,6 +147,7 @@ class Trainer:
         tensors, state, _ = self.folder.load_checkpoint(path, expected_signature=self.signature)
         restore_tensors(path, tensors, state, self.model, self.ema, self.optimizer, self.scaler)
         self.step, self.elapsed, self.skipped_total = state.step, float(state.elapsed_s), state.skipped_total
+        self.cpu = float(state.cpu_s)
         if state.seed is not None and state.seed != self.cfg.train.seed:
             raise ConfigError(
                 f"train.seed: {self.cfg.train.seed} differs from the checkpoint's {state.seed} "
@@ -158,7 +159,7 @@ class Trainer:
         _, opt_meta = optimizer_to_flat(self.optimizer)
         return TrainState(
             step=self.step, seed=self.cfg.train.seed, config=config_to_dict(self.cfg), signature=self.signature,
-            optimizer=opt_meta, ema_updates=self.ema.num_updates, elapsed_s=self.elapsed,
+            optimizer=opt_meta, ema_updates=self.ema.num_updates, elapsed_s=self.elapsed, cpu_s=self.cpu,
             skipped_total=self.skipped_total, last_loss=self.last_loss, precision=self.cfg.train.precision,
             grad_scaler=mixed.scaler_state(self.scaler), world_size=self.dist.world_size, versions=versions(),
         )
@@ -322,10 +323,11 @@ class Trainer:
         tc = self.cfg.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return False
-        if tc.max_seconds is None:
+        if tc.max_seconds is None and tc.max_cpu_seconds is None:
             return True
         # Rank 0's clock decides for all: processes that disagreed would wait on each other forever.
-        return self.dist.agree(clock.elapsed() < tc.max_seconds)
+        return self.dist.agree((tc.max_seconds is None or clock.elapsed() < tc.max_seconds)
+                               and (tc.max_cpu_seconds is None or clock.cpu_elapsed() < tc.max_cpu_seconds))
 
     def _record(self, result: StepResult) -> dict[str, Any]:
         return {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm,
@@ -337,13 +339,13 @@ class Trainer:
         if self.step % self.cfg.train.log_every == 0 or "drift" in record or not self._budget_left(clock):
             rate = clock.steps_per_s()
             record.update(steps_per_s=rate, step_time_s=1.0 / rate if rate > 0 else None,
-                          mem_mb=memory_mb(self.device), elapsed_s=self.elapsed)
+                          mem_mb=memory_mb(self.device), elapsed_s=self.elapsed, cpu_s=self.cpu)
             if not result.skipped:
                 self.log.write(record)
                 self.board.scalars(record)
             tc = self.cfg.train
             fields = {"loss": f"{result.loss:.4g}", "mem": f"{record['mem_mb']:.0f}MiB",
-                      **budget_postfix(self.elapsed, tc.max_seconds, self.step, tc.max_steps, clock.session_rate())}
+                      **clock.postfix(self.step, tc.max_steps, tc.max_seconds, tc.max_cpu_seconds)}
             bar.set_postfix(fields, refresh=False)  # in this order (keyword fields would be sorted)
         bar.update(1)
 
@@ -375,17 +377,17 @@ class Trainer:
                 self.folder.plot_loss()
 
     def run(self) -> Path:
-        """Train until ``train.max_steps`` and/or ``train.max_seconds``; return the run folder."""
+        """Train until ``train.max_steps``, ``train.max_seconds`` and/or ``train.max_cpu_seconds``; return the run folder."""
         self._open()
         self._first_step = self.step  # the first step of every run (fresh or resumed) gets a drift check
-        clock = Clock(self.elapsed)
+        clock = Clock(self.elapsed, self.cpu)
         bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.cfg.train.progress or not self.dist.is_main)
         try:
             while self._budget_left(clock):
                 step = self.step
                 result = self.train_step(step)
-                self.step, self.elapsed = step + 1, clock.elapsed()
+                self.step, self.elapsed, self.cpu = step + 1, clock.elapsed(), clock.cpu_elapsed()
                 clock.tick()
                 self._guard_nonfinite(step, result)
                 record = self._record(result)
