@@ -70,7 +70,7 @@ def test_pipeline_adds_the_weighted_ssim_of_the_clean_estimate(prediction_type):
 def test_config_keys_are_checked():
     assert config_from_dict({"diffusion": {"ssim_weight": 0.5}}).diffusion.ssim_weight == 0.5
     assert config_from_dict({"sample": {"average": 4}}).sample.average == 4
-    with pytest.raises(ConfigError, match="diffusion.ssim_weight"):
+    with pytest.raises(ConfigError, match=r"diffusion\.ssim_weight"):
         config_from_dict({"diffusion": {"ssim_weight": -0.1}})
-    with pytest.raises(ConfigError, match="sample.average"):
+    with pytest.raises(ConfigError, match=r"sample\.average"):
         config_from_dict({"sample": {"average": 0}})

@@ -1,4 +1,4 @@
-"""``idm3d demo``: train, sample and score T1 -> T2 and T2 -> T1 on the MNI template; IDMUNet vs MONAI vs a linear map."""
+"""``idm3d demo``: T1 -> T2 and T2 -> T1 on the MNI template; IDMUNet vs MONAI vs a linear map."""
 
 from __future__ import annotations
 
@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
         direction = f"{d['sources'][0]}->{d['targets'][0]}"
         for label in ("idm", "monai", "linear"):
             row = d["metrics"][label]
-            print(f"{direction:<10} {label:<8} {row['psnr_mask']:>10.2f} {row['ssim_mask']:>10.4f} {row['psnr']:>10.2f} "
-                  f"{row['ssim']:>10.4f}")
+            print(f"{direction:<10} {label:<8} {row['psnr_mask']:>10.2f} {row['ssim_mask']:>10.4f} "
+                  f"{row['psnr']:>10.2f} {row['ssim']:>10.4f}")
     return 0

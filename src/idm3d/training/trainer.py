@@ -377,7 +377,7 @@ class Trainer:
                 self.folder.plot_loss()
 
     def run(self) -> Path:
-        """Train until ``train.max_steps``, ``train.max_seconds`` and/or ``train.max_cpu_seconds``; return the run folder."""
+        """Train until ``train.max_steps``, ``max_seconds`` and/or ``max_cpu_seconds``; return the run folder."""
         self._open()
         self._first_step = self.step  # the first step of every run (fresh or resumed) gets a drift check
         clock = Clock(self.elapsed, self.cpu)
