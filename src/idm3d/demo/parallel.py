@@ -36,22 +36,26 @@ def _train_child(cfg: Config, run_dir: Path, threads: int) -> Path:
     return train(cfg, run_dir)
 
 
-def train_all(runs: Sequence[tuple[Config, Path]], device: torch.device, threads: int | None = None) -> list[Path]:
-    """Train each ``(cfg, run_dir)``: concurrently on CPU (one spawned process each), else sequentially.
+def train_all(
+    runs: Sequence[tuple[Config, Path]], device: torch.device, jobs: int | None = None
+) -> list[Path]:
+    """Train each ``(cfg, run_dir)``: on CPU in up to ``jobs`` spawned processes at once, else sequentially.
 
     Args:
         runs: the configs and their run folders.
         device: the resolved training device; CUDA runs share the GPU one after the other.
-        threads: torch threads per concurrent process (default: the cores split evenly, at least 1).
+        jobs: processes at once (default: one per run, at most one per core); the cores are split evenly
+            between them (torch threads per process, at least 1).
 
     Raises:
         whatever :func:`~idm3d.training.trainer.train` raises in a child (re-raised here, same type).
     """
     cores = available_cores()
-    if device.type != "cpu" or len(runs) < 2 or cores < 2:
+    jobs = min(len(runs), cores if jobs is None else jobs)
+    if device.type != "cpu" or jobs < 2:
         return [train(cfg, run_dir) for cfg, run_dir in runs]
-    per_run = threads if threads is not None else max(1, cores // len(runs))
+    threads = max(1, cores // jobs)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool and locks
-    with ProcessPoolExecutor(len(runs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_child, cfg, Path(run_dir), per_run) for cfg, run_dir in runs]
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_child, cfg, Path(run_dir), threads) for cfg, run_dir in runs]
         return [f.result() for f in futures]

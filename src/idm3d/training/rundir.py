@@ -141,6 +141,10 @@ class RunDir:
         """The state JSON of the newest committed checkpoint, or ``None``."""
         return ckpt.latest_checkpoint(self.checkpoints)
 
+    def list_checkpoints(self) -> list[Path]:
+        """The state JSONs of every committed checkpoint, oldest first."""
+        return [path for _, path in ckpt.list_checkpoints(self.checkpoints)]
+
     def checkpoint(self, path: str | Path | None = None) -> Path:
         """``path`` (a checkpoint of this or another run), or the newest one of this run."""
         found = Path(path) if path is not None else self.latest_checkpoint()
