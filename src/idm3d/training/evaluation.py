@@ -80,7 +80,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score one run on its held-out cases; write ``eval-<split>.json`` and ``.md`` in the run; return the report.
 
-    ``checkpoint`` scores that checkpoint instead of the newest. ``on_case(case, prediction)``, if given, receives each held-out case and its (targets, X, Y, Z) prediction
+    ``checkpoint`` scores that checkpoint instead of the newest. ``on_case(case, prediction)``, if given,
+    receives each held-out case and its (targets, X, Y, Z) prediction
     (CPU, preprocessed intensities), e.g. to save or plot it.
     """
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
