@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,16 @@ def test_an_error_in_a_child_is_raised_here_with_its_type_and_message(tmp_path: 
     bad = dataclasses.replace(_tiny(max_steps=1), data=dataclasses.replace(_tiny().data, root=str(tmp_path / "none")))
     with pytest.raises(DataError, match="none"):
         parallel.train_all([(_tiny(max_steps=1), tmp_path / "ok"), (bad, tmp_path / "bad")], torch.device("cpu"))
+
+
+def test_a_child_whose_parent_is_gone_exits_instead_of_training_on():
+    code = ("import os, time\n"
+            "from idm3d.demo.parallel import _exit_with_parent\n"
+            "_exit_with_parent(os.getppid() + 999999, every_s=0.05)  # not our parent: as if it had died\n"
+            "time.sleep(20)\n"
+            "print('still here')\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "still here" not in done.stdout
+    assert time.monotonic() - started < 15

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,7 +33,24 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _train_child(cfg: Config, run_dir: Path, threads: int) -> Path:
+def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
+    """End this process soon after ``parent`` does, so a killed demo leaves no training orphans behind.
+
+    A watcher thread, not ``PR_SET_PDEATHSIG``: that signal follows the parent *thread* that started the
+    process, and the pool's start-up threads end early. Checkpoints are atomic, so an exit mid-write
+    loses nothing committed.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="idm3d-parent-watch", daemon=True).start()
+
+
+def _train_child(cfg: Config, run_dir: Path, threads: int, parent: int) -> Path:
+    _exit_with_parent(parent)
     torch.set_num_threads(threads)
     return train(cfg, run_dir)
 
@@ -57,5 +76,5 @@ def train_all(
     threads = max(1, cores // jobs)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool and locks
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_child, cfg, Path(run_dir), threads) for cfg, run_dir in runs]
+        futures = [pool.submit(_train_child, cfg, Path(run_dir), threads, os.getpid()) for cfg, run_dir in runs]
         return [f.result() for f in futures]
