@@ -1,10 +1,9 @@
 """Train several demo runs at once, each in its own process with its share of the CPU threads.
 
-The demo's networks are small: on a 2-core CPU one training process with 2 threads makes about 1.4x
-the steps of one with 1 thread, while two 1-thread processes make 2x. So the two translation
-directions train side by side, one process each, and a CPU-time budget (``train.max_cpu_seconds``,
-counted per process) gives every run the same work whatever else the machine does. On a GPU, or
-with one core, the runs go one after the other in this process.
+The demo's networks are small and its runs independent, so the two translation directions train side
+by side, one process each with an even share of the cores, and a CPU-time budget
+(``train.max_cpu_seconds``, counted per process) gives every run the same work whatever else the
+machine does. On a GPU, or with one core, the runs go one after the other in this process.
 """
 
 from __future__ import annotations
