@@ -91,9 +91,10 @@ def evaluate_run(
             break
         target = case.channels(targets)
         if sources:
-            pred = run.infer(condition=case.channels(sources)[None], seed=sc.seed + i, progress=progress)[0]
+            pred = run.infer(condition=case.channels(sources)[None], seed=sc.seed + i, progress=progress,
+                             position=case.position)[0]
         else:
-            pred = run.infer(target=target[None], seed=sc.seed + i, progress=progress)[0]
+            pred = run.infer(target=target[None], seed=sc.seed + i, progress=progress, position=case.position)[0]
         mask = case.mask[0] if bool(case.mask.any()) else None
         entry: dict[str, Any] = {"case": case.case_id}
         masked = run.masked(pred, case.mask)  # the case's mask comes from its sources (data.preprocess mask_from)

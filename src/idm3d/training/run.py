@@ -80,6 +80,7 @@ def build_pipeline(
         roi_size=None if settings is None else settings.roi_size,
         overlap=0.25 if settings is None else settings.overlap,
         autocast=lambda: autocast(precision, device),
+        coordinates=cfg.data.patch.coordinates,
     )
 
 
@@ -145,12 +146,15 @@ class LoadedRun:
         shape: Sequence[int] | None = None,
         seed: int | None = None,
         progress: bool = False,
+        position: Tensor | None = None,
     ) -> Tensor:
         """One ``(1, targets, X, Y, Z)`` volume on CPU, in the preprocessed intensity range.
 
         Translation runs take the sources' ``condition`` (1, sources, X, Y, Z). Unconditional runs take
         ``target`` (1, targets, X, Y, Z), noised to :attr:`start_timestep` and denoised back (SDEdit), or a
-        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``.
+        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``. ``position`` (2, 3):
+        with ``data.patch.coordinates``, the grid's corner in its whole volume and that volume's shape (None:
+        the grid is the whole volume, e.g. a whole scan of any size).
         """
         sc = self.settings
         given = condition if condition is not None else target
@@ -161,7 +165,7 @@ class LoadedRun:
         return self.pipeline.sample(
             (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
             generator=torch.Generator().manual_seed(sc.seed if seed is None else seed), eta=sc.eta,
-            device=self.device, progress=progress, **start,
+            device=self.device, progress=progress, position=position, **start,
         ).cpu()
 
     def masked(self, volume: Tensor, mask: Tensor) -> Tensor:
