@@ -85,3 +85,17 @@ def test_network_input_channels_follow_the_setting():
     assert model_channels(load_config(None, base).data) == (2, 1)
     assert model_channels(load_config(None, [*base, "data.patch.coordinates=true"]).data) == (5, 1)
     assert model_channels(load_config(None, ["data.patch.coordinates=true"]).data) == (4, 1)
+
+
+def test_the_demo_held_out_band_knows_its_place_in_the_template():
+    from idm3d.training.data_source import data_source
+
+    cfg = load_config("configs/demo.yaml", ["data.patch.coordinates=true"])
+    source = data_source(cfg)
+    case = next(source.heldout())
+    demo = source.demo
+    band = demo.test_slices
+    assert case.position.tolist() == [[0, 0, band.start], list(demo.record.image.shape[1:])]
+    c = coordinate_channels(case.image.shape[1:], case.position)
+    assert float(c[0, 2, 0, 0, 0]) == pytest.approx(_value(band.start, demo.record.image.shape[3]))
+    assert float(c[0, 2, 0, 0, -1]) == pytest.approx(_value(band.stop - 1, demo.record.image.shape[3]))

@@ -112,3 +112,10 @@ def test_the_run_schedule_scales_data_patch_size_by_the_model_multiple():
     assert schedule.shares == pytest.approx([0.5, 0.3, 0.2])
     fixed = patch_schedule(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, patch=PatchConfig())))
     assert fixed.sizes == [(80, 96, 16)]
+
+
+def test_scaled_sizes_keep_a_smallest_edge_without_exceeding_the_patch():
+    assert scaled_sizes((8, 8, 3), [0.25], multiple=2, smallest=4) == [(4, 4, 3)]
+    cfg = load_config(None, ["data.patch_size=[16,16,8]", "data.patch.schedule=mixed",
+                             "model.kwargs={levels: 2, channels: 8}"])
+    assert patch_schedule(cfg).sizes[-1] == (4, 4, 4)

@@ -25,20 +25,22 @@ PATCH_DIFFUSION_MIX: tuple[tuple[float, float], ...] = ((1.0, 0.5), (0.5, 0.3), 
 
 
 def scaled_sizes(
-    patch_size: Sequence[int], scales: Sequence[float], multiple: int = 1
+    patch_size: Sequence[int], scales: Sequence[float], multiple: int = 1, smallest: int = 1
 ) -> list[tuple[int, ...]]:
-    """Patch sizes ``scale * patch_size`` per axis, rounded down to ``multiple`` (at least ``multiple``).
+    """Patch sizes ``scale * patch_size`` per axis, rounded down to ``multiple``, and at least ``smallest``
+    (rounded up to ``multiple``) but never above ``patch_size``.
 
     Raises:
         ValueError: a scale outside (0, 1], or a multiple < 1.
     """
     if multiple < 1:
         raise ValueError(f"schedule: the size multiple must be >= 1, got {multiple}")
+    floor = multiple * math.ceil(max(1, smallest) / multiple)
     sizes = []
     for scale in scales:
         if not 0.0 < float(scale) <= 1.0:
             raise ValueError(f"schedule: a patch scale must be in (0, 1] (a share of data.patch_size), got {scale}")
-        sizes.append(tuple(max(multiple, math.floor(p * scale / multiple) * multiple) for p in patch_size))
+        sizes.append(tuple(min(p, max(floor, math.floor(p * scale / multiple) * multiple)) for p in patch_size))
     return sizes
 
 

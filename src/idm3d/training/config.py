@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 
+MIN_PATCH_EDGE = 4  # the smallest patch edge (data.patch_size, and the sizes of data.patch.schedule)
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
@@ -79,7 +80,7 @@ class DataConfig:
     task: Literal["generate", "translate"] = "generate"
     targets: list[str] = field(default_factory=lambda: ["t1"])
     sources: list[str] = field(default_factory=list)
-    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4, 1024))
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(MIN_PATCH_EDGE, 1024))
     batch_size: int = field(default=1, metadata=_range(1, 4096))
     val_fraction: float = field(default=0.0, metadata=_range(0.0, 0.9))
     test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))

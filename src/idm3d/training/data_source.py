@@ -36,7 +36,7 @@ from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
 from idm3d.data.split import Split, split_cases
 from idm3d.errors import ConfigError, DataError, IDM3DError
-from idm3d.training.config import Config
+from idm3d.training.config import MIN_PATCH_EDGE, Config
 from idm3d.training.model_factory import required_multiple
 
 __all__ = [
@@ -104,7 +104,7 @@ def patch_schedule(cfg: Config) -> PatchSchedule:
         return PatchSchedule.fixed(d.patch_size)
     pairs = PATCH_DIFFUSION_MIX if d.patch.schedule == "mixed" else [(s.scale, s.share) for s in d.patch.schedule]
     with naming_keys():
-        sizes = scaled_sizes(d.patch_size, [scale for scale, _ in pairs], required_multiple(cfg.model))
+        sizes = scaled_sizes(d.patch_size, [scale for scale, _ in pairs], required_multiple(cfg.model), MIN_PATCH_EDGE)
         return PatchSchedule(sizes, [share for _, share in pairs])
 
 
