@@ -75,14 +75,16 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     on_case: Callable[[HeldoutCase, torch.Tensor], None] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score one run on its held-out cases; write ``eval-<split>.json`` and ``.md`` in the run; return the report.
 
+    ``checkpoint`` scores that checkpoint instead of the newest (e.g. the points of a time-to-quality curve).
     ``on_case(case, prediction)``, if given, receives each held-out case and its (targets, X, Y, Z) prediction
     (CPU, preprocessed intensities), e.g. to save or plot it.
     """
-    run = load_run(run_dir, use_ema=use_ema, device=device, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                   max_cases=max_cases)
+    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
+                   eta=eta, seed=seed, max_cases=max_cases)
     sc, targets, sources = run.settings, run.targets, run.sources
     per_case: list[dict[str, Any]] = []
     started = time.monotonic()
