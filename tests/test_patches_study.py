@@ -23,8 +23,9 @@ def test_the_four_configurations_on_the_demo_grid():
     assert made["patches"].data.patch_size == [40, 48, 16]
     assert made["patches+coords"].data.patch_size == [40, 48, 16]
     assert made["mixed+coords"].data.patch_size == [80, 96, 16]
-    assert [made[n].data.patch.coordinates for n in CONFIGS] == [False, False, True, True]
-    assert [made[n].data.patch.schedule for n in CONFIGS] == ["fixed", "fixed", "fixed", "mixed"]
+    assert made["mixed"].data.patch_size == [80, 96, 16]
+    assert [made[n].data.patch.coordinates for n in CONFIGS] == [False, False, True, True, False]
+    assert [made[n].data.patch.schedule for n in CONFIGS] == ["fixed", "fixed", "fixed", "mixed", "mixed"]
     for cfg in made.values():
         assert cfg.train.max_steps == 50
         assert cfg.train.max_seconds is None

@@ -7,7 +7,8 @@ ways, each in a fresh process with the same budget of training CPU seconds:
 * ``patches``: fixed patches of half the in-plane edges (X/2 x Y/2 x 16), no coordinates;
 * ``patches+coords``: the same patches with the three coordinate channels (``data.patch.coordinates``);
 * ``mixed+coords``: Patch Diffusion's mix (``data.patch.schedule: mixed``: half the steps on the full
-  grid, 30% at 1/2 and 20% at 1/4 of every edge) with coordinates.
+  grid, 30% at 1/2 and 20% at 1/4 of every edge) with coordinates;
+* ``mixed`` (not run by default): the mix without coordinates, to tell the mix's effect from theirs.
 
 Each process first probes its configuration: per patch size of its schedule, the FLOPs of one training
 step (forward + backward, ``torch.utils.flop_counter``) and the process CPU time of a steady step. The
@@ -45,7 +46,9 @@ CONFIGS: dict[str, tuple[str, str, bool, str]] = {
     "patches": ("fixed patches (1/2 in-plane edges)", "half", False, "fixed"),
     "patches+coords": ("fixed patches + coordinates", "half", True, "fixed"),
     "mixed+coords": ("Patch Diffusion mix + coordinates", "full", True, "mixed"),
+    "mixed": ("Patch Diffusion mix, no coordinates (ablation)", "full", False, "mixed"),
 }
+DEFAULT_CONFIGS = ("full", "patches", "patches+coords", "mixed+coords")  # the four
 FLOP_NETS = ("patchddm", "idm-study", "idm")
 DEFAULT_CPU_SECONDS = 240.0
 DEFAULT_POINTS = 5
@@ -188,8 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training CPU seconds per configuration (default {DEFAULT_CPU_SECONDS:g})")
     parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
                         help=f"evaluated checkpoints per configuration (default {DEFAULT_POINTS})")
-    parser.add_argument("--configs", default=",".join(CONFIGS),
-                        help=f"configurations, comma-separated (default {','.join(CONFIGS)})")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"configurations, comma-separated, from {', '.join(CONFIGS)} "
+                        f"(default {','.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--flops-size", type=int, default=FLOPS_SIZE,
                         help=f"cube edge of the FLOPs comparison with PatchDDM-3D (default {FLOPS_SIZE}; "
                         "a multiple of 64)")
@@ -239,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         flops[net] = run_config("idm3d.bench.patch_study:flops_child", config, timeout_s=args.timeout)
     command = " ".join(["idm3d bench patches", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
                         f"--points {args.points}", f"--threads {threads}"]
-                       + ([f"--configs {args.configs}"] if names != list(CONFIGS) else [])
+                       + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
                        + (["--no-flops"] if args.no_flops else []))
     report = write_report(out, rows, flops, {"machine": info, "command": command, "config": config_path,
                                              "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size})

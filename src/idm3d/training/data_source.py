@@ -83,8 +83,8 @@ class TrainingData(Protocol):
     """Anything that yields the batch of a step: ``(target (B, T, *patch), source (B, S, *patch) or None)``.
 
     Data that also has ``positioned_batch(step) -> (target, source, position)`` tells where its patches lie
-    (``position`` (B, 2, 3): corner and volume shape), which runs with coordinate channels need; see
-    :func:`step_batch`."""
+    (``position`` (B, 2, 3): corner and volume shape), which runs with coordinate channels need (without it
+    each batch is taken for a whole volume); see :func:`step_batch`."""
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]: ...
 
