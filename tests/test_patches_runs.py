@@ -113,3 +113,16 @@ def test_whole_volume_sampling_of_128_cubed_in_one_pass_at_tiny_width(runs):
     out = run.infer(condition=torch.zeros(1, 1, 128, 128, 128))
     assert out.shape == (1, 1, 128, 128, 128)
     assert torch.isfinite(out).all()
+
+
+def test_the_training_preview_samples_its_patch_at_its_position(runs, tmp_path: Path):
+    from idm3d.training.preview import preview_volumes
+    from idm3d.training.trainer import Trainer
+
+    _, coords, _ = runs
+    cfg = idm3d.load_config(coords / "config.yaml")
+    trainer = Trainer(cfg, tmp_path / "unused")
+    assert trainer._inputs(0)["position"].shape == (1, 2, 3)
+    shown = preview_volumes(cfg, trainer.model, trainer.ema, trainer.data, torch.device("cpu"))
+    assert set(shown) == {"source_t1", "target_t2", "sample_t2"}
+    assert shown["sample_t2"].shape == shown["target_t2"].shape
