@@ -31,6 +31,8 @@ def test_the_four_configurations_on_the_demo_grid():
         assert cfg.train.max_seconds is None
         assert cfg.train.checkpoint_every == 10
         assert cfg.data.task == "translate"  # the demo's T1 -> T2 setup is kept
+        assert cfg.train.seed == base.train.seed
+    assert study_config(base, "patches", steps=50, points=5, seed=3).train.seed == 3
 
 
 def _row(points: list[tuple[float, float]]) -> dict:

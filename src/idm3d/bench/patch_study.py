@@ -55,8 +55,9 @@ DEFAULT_POINTS = 5
 FLOPS_SIZE = 128  # PatchDDM-3D's training patch edge
 
 
-def study_config(base: Any, name: str, steps: int, points: int) -> Any:
-    """``base`` (the demo config) as configuration ``name`` of the study, training ``steps`` steps."""
+def study_config(base: Any, name: str, steps: int, points: int, seed: int | None = None) -> Any:
+    """``base`` (the demo config) as configuration ``name`` of the study, training ``steps`` steps
+    (``seed``: ``train.seed`` - initial weights, patches, noise - instead of the base config's)."""
     from idm3d.training.config import PatchConfig
     from idm3d.training.data_source import DemoSource
     from idm3d.training.model_factory import required_multiple
@@ -71,6 +72,7 @@ def study_config(base: Any, name: str, steps: int, points: int) -> Any:
     data = dataclasses.replace(base.data, patch_size=patch, patch=PatchConfig(coordinates, schedule))
     train = dataclasses.replace(
         base.train, max_steps=steps, max_seconds=None, checkpoint_every=every, keep_checkpoints=points + 2,
+        seed=base.train.seed if seed is None else int(seed),
         progress=False, log=dataclasses.replace(base.train.log, tensorboard=False),
     )
     return dataclasses.replace(base, data=data, train=train)
@@ -119,10 +121,11 @@ def train_child(config: dict[str, Any]) -> dict[str, Any]:
 
     name, points = config["name"], int(config["points"])
     base = load_config(config["config"])
-    probe = _probe(study_config(base, name, points, points))
+    seed = config.get("seed")
+    probe = _probe(study_config(base, name, points, points, seed))
     cpu_per_step = sum(p["share"] * p["step_cpu_s"] for p in probe)
     steps = max(points, int(config["cpu_seconds"] // cpu_per_step))
-    cfg = study_config(base, name, steps, points)
+    cfg = study_config(base, name, steps, points, seed)
     run_dir = Path(config["out"]) / name
     trainer = Trainer(cfg, run_dir)
     cpu_at: dict[int, float] = {}
@@ -142,7 +145,8 @@ def train_child(config: dict[str, Any]) -> dict[str, Any]:
     voxels = sum(p["share"] * p["voxels"] for p in probe)
     return {
         "label": CONFIGS[name][0], "patch_size": cfg.data.patch_size, "coordinates": cfg.data.patch.coordinates,
-        "schedule": cfg.data.patch.schedule, "probe": probe, "probe_cpu_s_per_step": cpu_per_step,
+        "schedule": cfg.data.patch.schedule, "seed": cfg.train.seed, "probe": probe,
+        "probe_cpu_s_per_step": cpu_per_step,
         "steps": steps, "train_cpu_s": train_cpu, "cpu_s_per_step": train_cpu / steps,
         "flops_per_step": flops, "flops_per_voxel": flops / voxels, "voxels_per_step": voxels, "curve": curve,
         "final_ssim_mask": curve[-1]["ssim_mask"] if curve else None,
@@ -197,6 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flops-size", type=int, default=FLOPS_SIZE,
                         help=f"cube edge of the FLOPs comparison with PatchDDM-3D (default {FLOPS_SIZE}; "
                         "a multiple of 64)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train.seed of every configuration (default: the config's, 0 in configs/demo.yaml)")
     parser.add_argument("--no-flops", action="store_true", help="skip the 128^3 FLOPs comparison")
     add_common_arguments(parser, timeout_s=7200.0)
 
@@ -233,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         progress(f"bench patches: {name} ({args.cpu_seconds:g} CPU s of training, {threads} thread(s)) ...")
         config = {"bench": "patches", "name": name, "config": config_path, "out": str(out.resolve()),
-                  "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system"}
+                  "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system",
+                  "seed": args.seed}
         rows[name] = run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
     flops: dict[str, dict[str, Any]] = {}
     for net in () if args.no_flops else FLOP_NETS:
@@ -244,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(["idm3d bench patches", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
                         f"--points {args.points}", f"--threads {threads}"]
                        + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
+                       + ([f"--seed {args.seed}"] if args.seed is not None else [])
                        + (["--no-flops"] if args.no_flops else []))
     report = write_report(out, rows, flops, {"machine": info, "command": command, "config": config_path,
                                              "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size})
