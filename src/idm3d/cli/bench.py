@@ -18,6 +18,8 @@ BENCHMARKS: tuple[tuple[str, str, str], ...] = (
     ("profile", "idm3d.bench.profile", "per module of one training step: bytes saved for backward, peak memory"),
     ("max-size", "idm3d.bench.max_size", "largest trainable cube per network within a memory budget"),
     ("precision", "idm3d.bench.precision", "drift of rebuilt inputs and gradient error in bf16/fp16"),
+    ("sampling", "idm3d.bench.sampling", "whole-volume sampling (one pass per step): memory and time per cube edge"),
+    ("patches", "idm3d.bench.patch_study", "patch training on the demo data: time to quality, FLOPs vs PatchDDM-3D"),
 )
 
 

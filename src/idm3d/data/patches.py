@@ -7,6 +7,10 @@ Each training step ``s`` draws from a ``torch.Generator`` seeded by ``(seed, s)`
 Errors are ``ValueError`` naming this module's own arguments (``patch_size``, ``batch_size``...); the
 training layer names the config key (``data.patch_size``).
 
+With a :class:`~idm3d.data.patch_schedule.PatchSchedule` the patch size changes from step to step
+(one size per batch); every batch also says where its patches lie (``position``: corner and volume
+shape), from which the diffusion layer builds the coordinate channels.
+
 Whole-volume inference is left to :func:`monai.inferers.sliding_window_inference` (or a single pass
 when the volume fits), which needs nothing from this module.
 """
@@ -17,6 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from idm3d.data.patch_schedule import PatchSchedule
 
 __all__ = ["PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"]
 
@@ -149,6 +155,7 @@ class PatchSampler:
         foreground_prob: probability that a patch is centred inside the mask.
         regions: per case, the region patches must stay in (e.g. the demo's training slabs), or None.
         target_channels: if given, batches hold ``source`` (other channels) and ``target`` (these).
+        schedule: patch sizes drawn per step (Patch Diffusion's mix); ``None``: always ``patch_size``.
     """
 
     def __init__(
@@ -162,6 +169,7 @@ class PatchSampler:
         foreground_prob: float = 0.5,
         regions: Sequence[Region | None] | None = None,
         target_channels: Sequence[int] | None = None,
+        schedule: PatchSchedule | None = None,
     ) -> None:
         if not volumes:
             raise ValueError("volumes: no volumes to sample from")
@@ -172,7 +180,8 @@ class PatchSampler:
         self.volumes = list(volumes)
         self.masks = list(masks) if masks is not None else [None] * len(self.volumes)
         self.regions = list(regions) if regions is not None else [None] * len(self.volumes)
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.schedule = PatchSchedule.fixed(patch_size) if schedule is None else schedule
+        self.patch_size = self.schedule.largest
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.foreground_prob = float(foreground_prob)
@@ -184,30 +193,32 @@ class PatchSampler:
             self._boxes.append(None if mask is None else foreground_box(mask, region))
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """The batch of ``step``: ``image`` (B, C, *patch) or ``source``/``target``, ``mask``, ``case``, ``corner``."""
+        """The batch of ``step``: ``image`` (B, C, *patch) or ``source``/``target``, ``mask``, ``case``, ``corner``,
+        ``position`` (B, 2, 3: corner and the volume's shape)."""
         generator = generator_for_step(self.seed, step)
-        images, masks, cases, corners = [], [], [], []
+        # A fixed size draws nothing, so runs without a schedule see the patches they always saw.
+        size = self.schedule.draw(generator) if len(self.schedule.sizes) > 1 else self.schedule.sizes[0]
+        images, masks, cases, corners, extents = [], [], [], [], []
         for _ in range(self.batch_size):
             i = int(torch.randint(len(self.volumes), (), generator=generator))
             volume, mask = self.volumes[i], self.masks[i]
             corner = sample_corner(
                 volume.shape[1:],
-                self.patch_size,
+                size,
                 generator,
                 mask=mask,
                 foreground_prob=self.foreground_prob,
                 region=self.regions[i],
                 box=self._boxes[i],
             )
-            images.append(crop(volume, corner, self.patch_size))
-            masks.append(
-                crop(mask, corner, self.patch_size)
-                if mask is not None
-                else torch.ones((1, *self.patch_size), dtype=torch.bool)
-            )
+            images.append(crop(volume, corner, size))
+            masks.append(crop(mask, corner, size) if mask is not None else torch.ones((1, *size), dtype=torch.bool))
             cases.append(i)
             corners.append(corner)
-        out = {"mask": torch.stack(masks), "case": torch.tensor(cases), "corner": torch.tensor(corners)}
+            extents.append(tuple(volume.shape[1:]))
+        corner_t = torch.tensor(corners)
+        out = {"mask": torch.stack(masks), "case": torch.tensor(cases), "corner": corner_t,
+               "position": torch.stack([corner_t, torch.tensor(extents)], dim=1)}
         image = torch.stack(images)
         if self.target_channels is None:
             out["image"] = image
@@ -232,12 +243,14 @@ class PatchSampler:
             "patch_size": list(self.patch_size),
             "batch_size": self.batch_size,
             "foreground_prob": self.foreground_prob,
+            "schedule": self.schedule.describe(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state; the sampling options must match those of this sampler."""
-        for key in ("patch_size", "batch_size", "foreground_prob"):
-            mine = list(self.patch_size) if key == "patch_size" else getattr(self, key)
+        for key in ("patch_size", "batch_size", "foreground_prob", "schedule"):
+            mine = (list(self.patch_size) if key == "patch_size" else self.schedule.describe() if key == "schedule"
+                    else getattr(self, key))
             if key in state and state[key] != mine:
                 raise ValueError(f"patch sampler state: {key} is {state[key]} in the checkpoint, {mine} now")
         self.seed = int(state["seed"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from idm3d.diffusion.coordinates import coordinate_channels, position_of
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.diffusion.sampling import denoise_fn, sample
 from idm3d.diffusion.schedule import (
@@ -19,9 +20,11 @@ __all__ = [
     "PREDICTION_TYPES",
     "DiffusionPipeline",
     "build_scheduler",
+    "coordinate_channels",
     "denoise_fn",
     "diffusion_loss",
     "monai_schedule_name",
+    "position_of",
     "predict_epsilon",
     "predict_x0",
     "sample",

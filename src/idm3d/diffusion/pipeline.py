@@ -4,7 +4,8 @@ The one place that knows how a network is called in a diffusion model (diffusers
 ``DiffusionInferer`` with ``mode="concat"``):
 
 * :meth:`~DiffusionPipeline.model_input` puts the source modalities (translation) after the noisy
-  target on the channel axis - the only concat conditioning in idm3d;
+  target on the channel axis, then (``coordinates=True``) three channels of whole-volume voxel
+  coordinates (:mod:`idm3d.diffusion.coordinates`) - the only concat conditioning in idm3d;
 * :meth:`~DiffusionPipeline.loss` is the training loss of one batch (noise, timesteps and the target of
   the scheduler's prediction type);
 * :meth:`~DiffusionPipeline.sample` runs a DDPM/DDIM reverse chain from noise, or part-way from a noised
@@ -27,6 +28,7 @@ from monai.networks.schedulers import DDIMScheduler, Scheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from idm3d.diffusion.coordinates import coordinate_channels
 from idm3d.diffusion.sampling import denoise_fn
 from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, predict_x0, training_target
 from idm3d.diffusion.structural import ssim_loss
@@ -41,7 +43,7 @@ class DiffusionPipeline:
 
     Args:
         model: called as ``model(x, timesteps)`` with ``x`` the noisy target followed by the condition
-            channels; an ``nn.Module`` or a function ``f(x, t)``.
+            channels (and the coordinate channels); an ``nn.Module`` or a function ``f(x, t)``.
         scheduler: the training scheduler (MONAI ``DDPMScheduler``/``DDIMScheduler``); its
             ``prediction_type`` is the pipeline's.
         loss: ``mse`` or ``l1`` between the network output and the training target.
@@ -50,6 +52,8 @@ class DiffusionPipeline:
         roi_size: sampling only: run the network patch-wise on windows of this size (D, H, W).
         overlap: sliding-window overlap for ``roi_size``.
         autocast: a context manager factory wrapped around every network call (mixed precision).
+        coordinates: append each voxel's whole-volume coordinates in [-1, 1] as three input channels
+            (patch training with position; the network then has 3 more input channels).
 
     Raises:
         ValueError: an unknown loss (MONAI's schedulers refuse an unknown prediction type).
@@ -65,6 +69,7 @@ class DiffusionPipeline:
         roi_size: Sequence[int] | None = None,
         overlap: float = 0.25,
         autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+        coordinates: bool = False,
     ) -> None:
         if loss not in ("mse", "l1"):
             raise ValueError(f"loss: expected mse|l1, got {loss!r}")
@@ -77,6 +82,7 @@ class DiffusionPipeline:
         self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         self.overlap = float(overlap)
         self.autocast = autocast or contextlib.nullcontext
+        self.coordinates = bool(coordinates)
 
     @property
     def prediction_type(self) -> str:
@@ -85,20 +91,25 @@ class DiffusionPipeline:
 
     # ------------------------------------------------------------------------------- one network call
 
-    @staticmethod
-    def model_input(x_t: Tensor, condition: Tensor | None = None) -> Tensor:
-        """The network's input: the noisy target, then the condition's channels (concat conditioning)."""
-        if condition is None:
-            return x_t
-        if condition.shape[0] != x_t.shape[0] or condition.shape[2:] != x_t.shape[2:]:
-            raise ValueError(f"condition shape {tuple(condition.shape)} does not match sample shape "
-                             f"{tuple(x_t.shape)}")
-        return torch.cat([x_t, condition.to(x_t.device, x_t.dtype)], dim=1)
+    def model_input(self, x_t: Tensor, condition: Tensor | None = None, position: Tensor | None = None) -> Tensor:
+        """The network's input: the noisy target, the condition's channels, then (``coordinates``) the
+        whole-volume coordinates of the grid at ``position`` (``(B, 2, 3)`` corner and volume shape; ``None``:
+        the grid is the whole volume). Concat conditioning, here only."""
+        parts = [x_t]
+        if condition is not None:
+            if condition.shape[0] != x_t.shape[0] or condition.shape[2:] != x_t.shape[2:]:
+                raise ValueError(f"condition shape {tuple(condition.shape)} does not match sample shape "
+                                 f"{tuple(x_t.shape)}")
+            parts.append(condition.to(x_t.device, x_t.dtype))
+        if self.coordinates:
+            parts.append(coordinate_channels(x_t.shape[2:], position, batch=x_t.shape[0], device=x_t.device,
+                                             dtype=x_t.dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def noisy_input(self, batch: Mapping[str, Tensor | None]) -> Tensor:
-        """``model_input`` of a training batch (``target``, ``noise``, ``timesteps``, ``source``)."""
+        """``model_input`` of a training batch (``target``, ``noise``, ``timesteps``, ``source``, ``position``)."""
         x_t = self.scheduler.add_noise(batch["target"], batch["noise"], batch["timesteps"])
-        return self.model_input(x_t, batch.get("source"))
+        return self.model_input(x_t, batch.get("source"), batch.get("position"))
 
     def forward(self, batch: Mapping[str, Tensor | None], model: nn.Module | Denoiser | None = None) -> Tensor:
         """The network output for a training batch (``model`` replaces the pipeline's, e.g. a DDP wrapper)."""
@@ -155,6 +166,7 @@ class DiffusionPipeline:
         device: torch.device | str | None = None,
         progress: bool = False,
         noise: Tensor | None = None,
+        position: Tensor | None = None,
     ) -> Tensor:
         """Run the reverse chain set on ``scheduler`` (``set_timesteps`` already called).
 
@@ -169,6 +181,8 @@ class DiffusionPipeline:
             device: where to run (default: the model's parameters' device).
             progress: show a tqdm bar.
             noise: the initial noise instead of a draw from ``generator`` (e.g. the ``x_T`` of :meth:`invert`).
+            position: with ``coordinates``, where the grid lies in its whole volume (``(B, 2, 3)`` or ``(2, 3)``
+                corner and volume shape); ``None``: the sampled grid is the whole volume.
 
         Returns:
             The ``(B, C_target, D, H, W)`` volume (float32, on ``device``).
@@ -194,12 +208,12 @@ class DiffusionPipeline:
         else:
             image = noise
         cond = None if condition is None else condition.to(device, torch.float32)
-        self.model_input(image, cond)  # shape check before the first (expensive) network call
+        self.model_input(image, cond, position)  # shape checks before the first (expensive) network call
         f = self.denoiser()
         eta_arg = eta if isinstance(scheduler, DDIMScheduler) else None
         for t in tqdm(timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            out = f(self.model_input(image, cond), t_batch)
+            out = f(self.model_input(image, cond, position), t_batch)
             image = _step(scheduler, out, t, image, generator, eta_arg)
         return image
 
@@ -212,6 +226,7 @@ class DiffusionPipeline:
         scheduler: DDIMScheduler,
         device: torch.device | str | None = None,
         progress: bool = False,
+        position: Tensor | None = None,
     ) -> Tensor:
         """Deterministic DDIM inversion: the ``x_T`` from which ``sample(..., eta=0)`` returns about ``x0``.
 
@@ -228,6 +243,7 @@ class DiffusionPipeline:
             scheduler: a ``DDIMScheduler`` with ``set_timesteps`` called and the pipeline's prediction type.
             device: where to run (default: the model's device).
             progress: show a tqdm bar.
+            position: the grid's place in its whole volume (coordinate channels), as in :meth:`sample`.
 
         Returns:
             The recovered noise ``x_T`` (float32, same shape as ``x0``, on ``device``).
@@ -238,7 +254,7 @@ class DiffusionPipeline:
         device = self._device(device)
         image = x0.to(device, torch.float32)
         cond = None if condition is None else condition.to(device, torch.float32)
-        self.model_input(image, cond)
+        self.model_input(image, cond, position)
         f = self.denoiser()
         alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
         stride = scheduler.num_train_timesteps // scheduler.num_inference_steps
@@ -247,7 +263,7 @@ class DiffusionPipeline:
             a_t = alphas[t]
             a_prev = alphas[prev] if prev >= 0 else scheduler.final_alpha_cumprod.to(device)
             t_batch = torch.full((image.shape[0],), t, dtype=torch.long, device=device)
-            eps = predict_epsilon(scheduler, image, f(self.model_input(image, cond), t_batch), t_batch)
+            eps = predict_epsilon(scheduler, image, f(self.model_input(image, cond, position), t_batch), t_batch)
             x0_hat = (image - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             image = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
         return image

@@ -29,6 +29,8 @@ __all__ = [
     "DiffusionConfig",
     "LogConfig",
     "ModelConfig",
+    "PatchConfig",
+    "PatchScale",
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
@@ -39,11 +41,35 @@ __all__ = [
 ]
 
 
+MIN_PATCH_EDGE = 4  # the smallest patch edge (data.patch_size, and the sizes of data.patch.schedule)
 _YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
     return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass
+class PatchScale:
+    """One entry of a patch-size mix: patches ``scale * data.patch_size`` per edge on ``share`` of the steps."""
+
+    scale: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    share: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass
+class PatchConfig:
+    """Patch training (docs/patches.md): position channels and the patch-size schedule.
+
+    ``coordinates``: three input channels with each voxel's whole-volume coordinates in [-1, 1] (training
+    patches: their place in the volume; sampling: the whole grid). ``schedule``: ``fixed`` (every step at
+    ``data.patch_size``), ``mixed`` (Patch Diffusion's mix: half the steps at ``data.patch_size``, 30% at
+    1/2 and 20% at 1/4 of each edge, ``idm3d.data.patch_schedule.PATCH_DIFFUSION_MIX``) or a list of
+    ``{scale, share}`` (shares summing to 1); one size per step for the whole batch.
+    """
+
+    coordinates: bool = False
+    schedule: Literal["fixed", "mixed"] | list[PatchScale] = "fixed"
 
 
 @dataclass
@@ -54,7 +80,7 @@ class DataConfig:
     task: Literal["generate", "translate"] = "generate"
     targets: list[str] = field(default_factory=lambda: ["t1"])
     sources: list[str] = field(default_factory=list)
-    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(4, 1024))
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32], metadata=_range(MIN_PATCH_EDGE, 1024))
     batch_size: int = field(default=1, metadata=_range(1, 4096))
     val_fraction: float = field(default=0.0, metadata=_range(0.0, 0.9))
     test_fraction: float = field(default=0.2, metadata=_range(0.0, 0.9))
@@ -64,6 +90,7 @@ class DataConfig:
     spatial_size: list[int] | None = field(default=None, metadata=_range(1, 4096))
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5], metadata=_range(0.0, 100.0))
     margin: int = field(default=2, metadata=_range(0, 1000))
+    patch: PatchConfig = field(default_factory=PatchConfig)
 
 
 @dataclass
@@ -175,7 +202,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
+    if origin is dict or dataclasses.is_dataclass(tp):
         return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
         tp, str(tp)
@@ -195,6 +222,8 @@ def _convert(value: Any, tp: Any, key: str, meta: Mapping[str, Any]) -> Any:
                 return _convert(value, arg, key, meta)
             except ConfigError as err:
                 errors.append(err)
+                if isinstance(value, (list, tuple)) and typing.get_origin(arg) is list:
+                    raise  # a list for the list alternative: its own error names the faulty item
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -306,6 +335,12 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"data.targets: the demo data (data.root null) has modalities t1 and t2, got {d.sources + d.targets}"
         )
+    if isinstance(d.patch.schedule, list) and (
+        not d.patch.schedule or abs(sum(s.share for s in d.patch.schedule) - 1.0) > 1e-6
+    ):
+        shares = [s.share for s in d.patch.schedule]
+        raise ConfigError(f"data.patch.schedule: expected fixed|mixed or {{scale, share}} entries whose shares "
+                          f"sum to 1, got shares {shares}")
     if d.spacing is not None and len(d.spacing) not in (1, 3):
         raise ConfigError(f"data.spacing: expected 1 or 3 sizes in mm, or null, got {d.spacing}")
     if d.spatial_size is not None and len(d.spatial_size) != 3:

@@ -31,11 +31,12 @@ from torch import Tensor
 from idm3d.data.cases import check_dataset, find_cases
 from idm3d.data.dataset import VolumeDataset
 from idm3d.data.demo import DemoData, load_demo
+from idm3d.data.patch_schedule import PATCH_DIFFUSION_MIX, PatchSchedule, scaled_sizes
 from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
 from idm3d.data.split import Split, split_cases
 from idm3d.errors import ConfigError, DataError, IDM3DError
-from idm3d.training.config import Config
+from idm3d.training.config import MIN_PATCH_EDGE, Config
 from idm3d.training.model_factory import required_multiple
 
 __all__ = [
@@ -50,7 +51,9 @@ __all__ = [
     "data_modalities",
     "data_source",
     "naming_keys",
+    "patch_schedule",
     "preprocess_config",
+    "step_batch",
 ]
 
 _MAX_LISTED = 10
@@ -59,6 +62,7 @@ _MAX_LISTED = 10
 _KEYS = {name: f"data.{name}" for name in ("patch_size", "batch_size", "foreground_prob", "percentiles", "margin",
                                            "spacing", "spatial_size")}
 _KEYS["modalities"] = "data.sources/data.targets"
+_KEYS["schedule"] = "data.patch.schedule"
 
 
 @contextlib.contextmanager
@@ -76,9 +80,32 @@ def naming_keys() -> Iterator[None]:
 
 
 class TrainingData(Protocol):
-    """Anything that yields the batch of a step: ``(target (B, T, *patch), source (B, S, *patch) or None)``."""
+    """Anything that yields the batch of a step: ``(target (B, T, *patch), source (B, S, *patch) or None)``.
+
+    Data that also has ``positioned_batch(step) -> (target, source, position)`` tells where its patches lie
+    (``position`` (B, 2, 3): corner and volume shape), which runs with coordinate channels need (without it
+    each batch is taken for a whole volume); see :func:`step_batch`."""
 
     def batch(self, step: int) -> tuple[Tensor, Tensor | None]: ...
+
+
+def step_batch(data: TrainingData, step: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(target, source, position)`` of ``step``; ``position`` None for data that does not say where it lies."""
+    positioned = getattr(data, "positioned_batch", None)
+    if positioned is None:
+        return (*data.batch(step), None)
+    return positioned(step)
+
+
+def patch_schedule(cfg: Config) -> PatchSchedule:
+    """The patch sizes of ``data.patch.schedule`` (scales of ``data.patch_size``, rounded to the model's size step)."""
+    d = cfg.data
+    if d.patch.schedule == "fixed":
+        return PatchSchedule.fixed(d.patch_size)
+    pairs = PATCH_DIFFUSION_MIX if d.patch.schedule == "mixed" else [(s.scale, s.share) for s in d.patch.schedule]
+    with naming_keys():
+        sizes = scaled_sizes(d.patch_size, [scale for scale, _ in pairs], required_multiple(cfg.model), MIN_PATCH_EDGE)
+        return PatchSchedule(sizes, [share for _, share in pairs])
 
 
 def data_modalities(cfg: Config) -> tuple[str, ...]:
@@ -121,15 +148,19 @@ def check_data(cfg: Config) -> Path:
 
 
 class PatchData:
-    """Training batches from :class:`~idm3d.data.patches.PatchSampler`, split into target and source."""
+    """Training batches from :class:`~idm3d.data.patches.PatchSampler`: target, source and the patches' position."""
 
     def __init__(self, sampler: PatchSampler, has_source: bool) -> None:
         self.sampler = sampler
         self.has_source = has_source
 
-    def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+    def positioned_batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(target, source, position)``: the batch and where its patches lie (corner, volume shape)."""
         out = self.sampler.batch(step)
-        return out["target"].float(), (out["source"].float() if self.has_source else None)
+        return out["target"].float(), (out["source"].float() if self.has_source else None), out["position"]
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor | None]:
+        return self.positioned_batch(step)[:2]
 
 
 @dataclass
@@ -141,6 +172,9 @@ class HeldoutCase:
     mask: Tensor
     affine: np.ndarray
     modalities: tuple[str, ...]
+    # (2, 3): the case's lowest corner in its whole volume and that volume's shape (coordinate channels);
+    # None: the case is a whole volume.
+    position: Tensor | None = None
 
     def channels(self, names: list[str] | tuple[str, ...]) -> Tensor:
         return torch.cat([self.image[self.modalities.index(m)][None] for m in names])
@@ -203,7 +237,7 @@ class DataSource(abc.ABC):
             sampler = PatchSampler(
                 volumes, masks, d.patch_size, batch_size=d.batch_size, seed=self.cfg.train.seed,
                 foreground_prob=d.foreground_prob, regions=regions,
-                target_channels=list(range(n_src, len(self.modalities))),
+                target_channels=list(range(n_src, len(self.modalities))), schedule=patch_schedule(self.cfg),
             )
         return PatchData(sampler, has_source=n_src > 0)
 
@@ -260,8 +294,10 @@ class DemoSource(DataSource):
         shift = np.eye(4)
         shift[2, 3] = band.start
         image = torch.cat([demo.test_band(demo.record.channel(m)) for m in self.modalities])
+        # The band's place in the template: a run with coordinate channels sees where the band lies.
+        position = torch.tensor([[0, 0, band.start], list(demo.record.image.shape[1:])])
         yield HeldoutCase(f"{demo.record.case_id}[z={band.start}:{band.stop}]", image.contiguous(),
-                          demo.test_band(demo.mask).contiguous(), demo.affine @ shift, self.modalities)
+                          demo.test_band(demo.mask).contiguous(), demo.affine @ shift, self.modalities, position)
 
 
 class FolderSource(DataSource):

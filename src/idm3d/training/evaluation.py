@@ -80,8 +80,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score one run on its held-out cases; write ``eval-<split>.json`` and ``.md`` in the run; return the report.
 
-    ``checkpoint`` scores that checkpoint instead of the newest. ``on_case(case, prediction)``, if given,
-    receives each held-out case and its (targets, X, Y, Z) prediction
+    ``checkpoint`` scores that checkpoint instead of the newest (e.g. the points of a time-to-quality curve).
+    ``on_case(case, prediction)``, if given, receives each held-out case and its (targets, X, Y, Z) prediction
     (CPU, preprocessed intensities), e.g. to save or plot it.
     """
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device, sampler=sampler, steps=steps,
@@ -94,9 +94,10 @@ def evaluate_run(
             break
         target = case.channels(targets)
         if sources:
-            pred = run.infer(condition=case.channels(sources)[None], seed=sc.seed + i, progress=progress)[0]
+            pred = run.infer(condition=case.channels(sources)[None], seed=sc.seed + i, progress=progress,
+                             position=case.position)[0]
         else:
-            pred = run.infer(target=target[None], seed=sc.seed + i, progress=progress)[0]
+            pred = run.infer(target=target[None], seed=sc.seed + i, progress=progress, position=case.position)[0]
         mask = case.mask[0] if bool(case.mask.any()) else None
         entry: dict[str, Any] = {"case": case.case_id}
         masked = run.masked(pred, case.mask)  # the case's mask comes from its sources (data.preprocess mask_from)

@@ -4,8 +4,8 @@
 missing optional piece of the invertible stack only matters when it is asked for) with its own signature
 defaults; ``monai`` builds MONAI's ``DiffusionModelUNet`` with the one baseline recipe,
 :func:`idm3d.nets.baselines.monai_kwargs`. Both share the call ``net(x, timesteps, context=None)``. The channel
-counts come from the task: ``in = targets + sources`` (sources are concatenated to the noisy target),
-``out = targets``.
+counts come from the task: ``in = targets + sources`` (sources are concatenated to the noisy target;
+plus 3 with ``data.patch.coordinates``), ``out = targets``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ _SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")
 
 
 def model_channels(data: Any) -> tuple[int, int]:
-    """``(in_channels, out_channels)`` for a ``DataConfig``: targets (+ sources for translation)."""
+    """``(in_channels, out_channels)`` for a ``DataConfig``: targets (+ sources for translation, + the three
+    coordinate channels with ``data.patch.coordinates``)."""
     n_targets = len(data.targets)
     n_sources = len(data.sources) if data.task == "translate" else 0
-    return n_targets + n_sources, n_targets
+    n_coords = 0
+    if data.patch.coordinates:
+        from idm3d.diffusion.coordinates import COORDINATE_CHANNELS  # lazy: the diffusion package imports MONAI
+
+        n_coords = COORDINATE_CHANNELS
+    return n_targets + n_sources + n_coords, n_targets
 
 
 def _idm_class() -> type[nn.Module]:

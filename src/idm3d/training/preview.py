@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.training.config import Config
-from idm3d.training.data_source import TrainingData
+from idm3d.training.data_source import TrainingData, step_batch
 from idm3d.training.ema import EMA
 from idm3d.training.run import build_pipeline, build_scheduler
 
@@ -26,8 +26,9 @@ def preview_volumes(
     cfg: Config, model: nn.Module, ema: EMA, data: TrainingData, device: torch.device
 ) -> dict[str, Tensor]:
     """``{"source_<m>" | "target_<m>" | "sample_<m>": (X, Y, Z) CPU tensor}`` for the first patch of step 0."""
-    target, source = data.batch(0)
+    target, source, position = step_batch(data, 0)
     target, source = target[:1], None if source is None else source[:1]
+    position = None if position is None else position[:1]
     averaged = copy.deepcopy(model)  # the training model keeps its weights and mode
     ema.copy_to(averaged)
     averaged.eval()
@@ -36,7 +37,7 @@ def preview_volumes(
     sampled = pipeline.sample(
         tuple(target.shape), None if source is None else source.to(device),
         scheduler=build_scheduler(cfg, "ddim", steps), generator=torch.Generator().manual_seed(cfg.train.seed),
-        device=device,
+        device=device, position=position,
     ).cpu()
     out: dict[str, Tensor] = {}
     if source is not None:

@@ -81,6 +81,7 @@ def build_pipeline(
         roi_size=None if settings is None else settings.roi_size,
         overlap=0.25 if settings is None else settings.overlap,
         autocast=lambda: autocast(precision, device),
+        coordinates=cfg.data.patch.coordinates,
     )
 
 
@@ -149,13 +150,16 @@ class LoadedRun:
         shape: Sequence[int] | None = None,
         seed: int | None = None,
         progress: bool = False,
+        position: Tensor | None = None,
     ) -> Tensor:
         """One ``(1, targets, X, Y, Z)`` volume on CPU, in the preprocessed intensity range.
 
         Translation runs take the sources' ``condition`` (1, sources, X, Y, Z). Unconditional runs take
         ``target`` (1, targets, X, Y, Z), noised to :attr:`start_timestep` and denoised back (SDEdit), or a
-        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``. With
-        ``sample.average`` K > 1 the result is the mean of K chains (seeds ``seed + k * 100003``).
+        ``shape`` (X, Y, Z) to generate from noise. ``seed`` defaults to ``sample.seed``. ``position`` (2, 3):
+        with ``data.patch.coordinates``, the grid's corner in its whole volume and that volume's shape (None:
+        the grid is the whole volume, e.g. a whole scan of any size). With ``sample.average`` K > 1 the
+        result is the mean of K chains (seeds ``seed + k * 100003``).
         """
         sc = self.settings
         given = condition if condition is not None else target
@@ -169,7 +173,7 @@ class LoadedRun:
             volume = self.pipeline.sample(
                 (1, len(self.targets), *grid), condition, scheduler=self.scheduler(),
                 generator=torch.Generator().manual_seed(seed + k * AVERAGE_SEED_STRIDE), eta=sc.eta,
-                device=self.device, progress=progress, **start,
+                device=self.device, progress=progress, position=position, **start,
             ).cpu()
             total = volume if total is None else total + volume
         return total / sc.average

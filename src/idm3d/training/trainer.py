@@ -30,7 +30,7 @@ from idm3d.training import distributed
 from idm3d.training import precision as mixed
 from idm3d.training.checkpoint import TrainState, optimizer_to_flat
 from idm3d.training.config import Config, config_to_dict
-from idm3d.training.data_source import PreparedData, TrainingData, data_source
+from idm3d.training.data_source import PreparedData, TrainingData, data_source, step_batch
 from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.logs import memory_mb
@@ -195,7 +195,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ one step
 
     def _inputs(self, step: int) -> dict[str, Tensor | None]:
-        target, source = self.data.batch(step)
+        target, source, position = step_batch(self.data, step)  # position: for coordinate channels
         gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, _STREAM_NOISE))
         noise = torch.randn(target.shape, generator=gen)
         timesteps = sample_timesteps(self.scheduler, target.shape[0], gen)
@@ -206,6 +206,7 @@ class Trainer:
             "source": None if source is None else share(source).to(dev),
             "noise": share(noise).to(dev),
             "timesteps": share(timesteps).to(dev),
+            "position": None if position is None else share(position),
         }
 
     def train_step(self, step: int, batch: dict[str, Tensor | None] | None = None) -> StepResult:

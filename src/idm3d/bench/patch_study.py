@@ -1,0 +1,262 @@
+"""``idm3d bench patches``: what patch training buys in time to quality on the demo data, and its FLOPs.
+
+The demo's T1 -> T2 translation (``configs/demo.yaml``, the embedded MNI templates) is trained four
+ways, each in a fresh process with the same budget of training CPU seconds:
+
+* ``full``: the whole axial extent of the grid at the held-out band's depth (X x Y x 16), no coordinates;
+* ``patches``: fixed patches of half the in-plane edges (X/2 x Y/2 x 16), no coordinates;
+* ``patches+coords``: the same patches with the three coordinate channels (``data.patch.coordinates``);
+* ``mixed+coords``: Patch Diffusion's mix (``data.patch.schedule: mixed``: half the steps on the full
+  grid, 30% at 1/2 and 20% at 1/4 of every edge) with coordinates;
+* ``mixed`` (not run by default): the mix without coordinates, to tell the mix's effect from theirs.
+
+Each process first probes its configuration: per patch size of its schedule, the FLOPs of one training
+step (forward + backward, ``torch.utils.flop_counter``) and the process CPU time of a steady step. The
+budget becomes ``steps = budget / (expected CPU seconds per step)``; the trainer then runs those steps
+(``train.max_steps``) with ``--points`` checkpoints, recording the process CPU time at every step, and
+every checkpoint is scored on the held-out band by :func:`idm3d.training.evaluation.evaluate_run` (SSIM
+and PSNR inside the brain mask, the run's 10-step DDIM): held-out SSIM against training CPU time.
+
+Separately, training FLOPs per voxel of PatchDDM-3D (``bench.nets`` ``patchddm``, 8 input channels, its
+128^3 patch, counted on the meta device) and of IDMUNet (the study's network with 5 input channels, and
+IDMUNet's own defaults) on the same 128^3 patch, each in a fresh process. The report
+(``report.json``, ``report.md``, ``curves.png``) states each goal of docs/patches.md as met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idm3d.bench.harness import add_common_arguments, machine_info, measure_training_step, progress, run_config
+from idm3d.bench.sampling import find_config
+from idm3d.errors import ConfigError
+
+__all__ = ["CONFIGS", "add_arguments", "flops_child", "run", "study_config", "train_child"]
+
+# name -> (description, patch size: "full" | "half", coordinates, schedule)
+CONFIGS: dict[str, tuple[str, str, bool, str]] = {
+    "full": ("full grid (whole axial extent)", "full", False, "fixed"),
+    "patches": ("fixed patches (1/2 in-plane edges)", "half", False, "fixed"),
+    "patches+coords": ("fixed patches + coordinates", "half", True, "fixed"),
+    "mixed+coords": ("Patch Diffusion mix + coordinates", "full", True, "mixed"),
+    "mixed": ("Patch Diffusion mix, no coordinates (ablation)", "full", False, "mixed"),
+}
+DEFAULT_CONFIGS = ("full", "patches", "patches+coords", "mixed+coords")  # the issue's four
+FLOP_NETS = ("patchddm", "idm-study", "idm")
+DEFAULT_CPU_SECONDS = 240.0
+DEFAULT_POINTS = 5
+FLOPS_SIZE = 128  # PatchDDM-3D's training patch edge
+
+
+def study_config(base: Any, name: str, steps: int, points: int, seed: int | None = None) -> Any:
+    """``base`` (the demo config) as configuration ``name`` of the study, training ``steps`` steps
+    (``seed``: ``train.seed`` - initial weights, patches, noise - instead of the base config's)."""
+    from idm3d.training.config import PatchConfig
+    from idm3d.training.data_source import DemoSource
+    from idm3d.training.model_factory import required_multiple
+
+    _, size, coordinates, schedule = CONFIGS[name]
+    demo = DemoSource(base).demo
+    x, y, _ = demo.record.image.shape[1:]
+    depth = len(demo.test_slices)
+    multiple = required_multiple(base.model)
+    patch = [x, y, depth] if size == "full" else [x // 2 // multiple * multiple, y // 2 // multiple * multiple, depth]
+    every = max(1, steps // points)
+    data = dataclasses.replace(base.data, patch_size=patch, patch=PatchConfig(coordinates, schedule))
+    train = dataclasses.replace(
+        base.train, max_steps=steps, max_seconds=None, checkpoint_every=every, keep_checkpoints=points + 2,
+        seed=base.train.seed if seed is None else int(seed),
+        progress=False, log=dataclasses.replace(base.train.log, tensorboard=False),
+    )
+    return dataclasses.replace(base, data=data, train=train)
+
+
+def _probe(cfg: Any) -> list[dict[str, Any]]:
+    """Per patch size of the schedule: FLOPs and steady process CPU seconds of one forward + backward."""
+    from idm3d.data.patch_schedule import PatchSchedule
+    from idm3d.diffusion.schedule import sample_timesteps
+    from idm3d.training.data_source import data_source
+    from idm3d.training.model_factory import build_model, model_channels
+    from idm3d.training.run import build_pipeline
+
+    sampler = data_source(cfg).prepare().data.sampler
+    schedule = sampler.schedule
+    torch.manual_seed(0)
+    model = build_model(cfg.model, *model_channels(cfg.data))
+    pipeline = build_pipeline(cfg, model, torch.device("cpu"))
+    out = []
+    for size, share in zip(schedule.sizes, schedule.shares):
+        sampler.schedule = PatchSchedule.fixed(size)
+        b = sampler.batch(0)
+        gen = torch.Generator().manual_seed(0)
+        batch = {"target": b["target"].float(), "source": b["source"].float(), "position": b["position"],
+                 "noise": torch.randn(b["target"].shape, generator=gen),
+                 "timesteps": sample_timesteps(pipeline.scheduler, b["target"].shape[0], gen)}
+
+        def step(batch: dict = batch) -> None:
+            pipeline.loss(batch, model).backward()
+
+        m = measure_training_step(model, step, "cpu", warmup=1, repeats=2, count_flops=True)
+        voxels = int(b["target"].shape[0]) * int(torch.tensor(size).prod())
+        out.append({"size": list(size), "share": share, "voxels": voxels, "flops": m["flops"],
+                    "step_cpu_s": m["step_cpu_s"], "first_step_cpu_s": m["first_step_cpu_s"]})
+    sampler.schedule = schedule
+    return out
+
+
+def train_child(config: dict[str, Any]) -> dict[str, Any]:
+    """One configuration: probe, train for the budget, score every checkpoint (runs in a fresh process)."""
+    from idm3d.training.checkpoint import list_checkpoints
+    from idm3d.training.config import load_config
+    from idm3d.training.evaluation import evaluate_run
+    from idm3d.training.rundir import RunDir
+    from idm3d.training.trainer import Trainer
+
+    name, points = config["name"], int(config["points"])
+    base = load_config(config["config"])
+    seed = config.get("seed")
+    probe = _probe(study_config(base, name, points, points, seed))
+    cpu_per_step = sum(p["share"] * p["step_cpu_s"] for p in probe)
+    steps = max(points, int(config["cpu_seconds"] // cpu_per_step))
+    cfg = study_config(base, name, steps, points, seed)
+    run_dir = Path(config["out"]) / name
+    trainer = Trainer(cfg, run_dir)
+    cpu_at: dict[int, float] = {}
+    started = time.process_time()
+    trainer.on_step.append(lambda tr, _result: cpu_at.__setitem__(tr.step, time.process_time() - started))
+    trainer.run()
+    train_cpu = time.process_time() - started
+    run = RunDir(run_dir)
+    curve = []
+    for step, path in list_checkpoints(run.checkpoints):
+        report = evaluate_run(run_dir, checkpoint=path, progress=False, device="cpu")
+        summary = report["summary"][cfg.data.targets[0]]
+        curve.append({"step": step, "cpu_s": cpu_at.get(step), "wall_s": run.read_state(path).elapsed_s,
+                      "ssim_mask": summary["ssim_mask"]["mean"], "psnr_mask": summary["psnr_mask"]["mean"],
+                      "mae_mask": summary["mae_mask"]["mean"]})
+    flops = sum(p["share"] * p["flops"] for p in probe)
+    voxels = sum(p["share"] * p["voxels"] for p in probe)
+    return {
+        "label": CONFIGS[name][0], "patch_size": cfg.data.patch_size, "coordinates": cfg.data.patch.coordinates,
+        "schedule": cfg.data.patch.schedule, "seed": cfg.train.seed, "probe": probe,
+        "probe_cpu_s_per_step": cpu_per_step,
+        "steps": steps, "train_cpu_s": train_cpu, "cpu_s_per_step": train_cpu / steps,
+        "flops_per_step": flops, "flops_per_voxel": flops / voxels, "voxels_per_step": voxels, "curve": curve,
+        "final_ssim_mask": curve[-1]["ssim_mask"] if curve else None,
+        "parameters": sum(p.numel() for p in trainer.model.parameters()),
+    }
+
+
+def flops_child(config: dict[str, Any]) -> dict[str, Any]:
+    """Training FLOPs (forward + backward) of one network on a ``size^3`` patch, batch 1 (fresh process)."""
+    from idm3d.bench.harness import count_step_flops
+
+    size, net = int(config["size"]), config["net"]
+    if net == "patchddm":
+        from idm3d.bench.nets import build_net, in_channels
+
+        # PatchDDM-3D has no data-dependent ops: the meta device counts its 128^3 step without computing it.
+        device, channels = torch.device("meta"), in_channels(net)
+        with device:
+            model = build_net(net)
+    else:
+        from idm3d.nets.idm_unet import IDMUNet
+        from idm3d.training.config import load_config
+        from idm3d.training.model_factory import build_model, model_channels
+
+        device = torch.device("cpu")  # IDMUNet's couplings read values (.item()): counted on real tensors
+        if net == "idm-study":
+            cfg = load_config(config["config"], ["data.patch.coordinates=true"])
+            channels = model_channels(cfg.data)[0]
+            model = build_model(cfg.model, channels, len(cfg.data.targets))
+        else:
+            channels = 8  # PatchDDM-3D's input: 4 modalities, 3 coordinates, the noisy target
+            model = IDMUNet(in_channels=channels)
+    x = torch.randn(1, channels, size, size, size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    started = time.process_time()
+    flops = count_step_flops(model, lambda: model(x, t).square().mean().backward())
+    return {"in_channels": channels, "flops": flops, "flops_per_voxel": flops / size**3,
+            "parameters": sum(p.numel() for p in model.parameters()), "count_cpu_s": time.process_time() - started}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``idm3d bench patches``."""
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
+    parser.add_argument("--config", type=Path, help="the base config (default configs/demo.yaml)")
+    parser.add_argument("--cpu-seconds", type=float, default=DEFAULT_CPU_SECONDS,
+                        help=f"training CPU seconds per configuration (default {DEFAULT_CPU_SECONDS:g})")
+    parser.add_argument("--points", type=int, default=DEFAULT_POINTS,
+                        help=f"evaluated checkpoints per configuration (default {DEFAULT_POINTS})")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"configurations, comma-separated, from {', '.join(CONFIGS)} "
+                        f"(default {','.join(DEFAULT_CONFIGS)})")
+    parser.add_argument("--flops-size", type=int, default=FLOPS_SIZE,
+                        help=f"cube edge of the FLOPs comparison with PatchDDM-3D (default {FLOPS_SIZE}; "
+                        "a multiple of 64)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train.seed of every configuration (default: the config's, 0 in configs/demo.yaml)")
+    parser.add_argument("--no-flops", action="store_true", help="skip the 128^3 FLOPs comparison")
+    add_common_arguments(parser, timeout_s=7200.0)
+
+
+def _check(args: argparse.Namespace) -> list[str]:
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise ConfigError(f"--configs: unknown configuration(s) {unknown} (known: {', '.join(CONFIGS)})")
+    if not args.cpu_seconds > 0:
+        raise ConfigError(f"--cpu-seconds: expected a number > 0, got {args.cpu_seconds}")
+    if args.points < 1:
+        raise ConfigError(f"--points: expected an integer >= 1, got {args.points}")
+    if args.flops_size < 64 or args.flops_size % 64:
+        raise ConfigError(f"--flops-size: expected a positive multiple of 64 (PatchDDM-3D), got {args.flops_size}")
+    if args.device != "cpu":
+        raise ConfigError(f"--device: the study trains on CPU (CPU-second budgets), got {args.device!r}")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the study; write ``report.json``, ``report.md`` and ``curves.png`` into ``--out``."""
+    from idm3d.bench.patch_report import write_report
+
+    names = _check(args)
+    config_path = str(find_config(args.config).resolve())
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: not empty (the study trains fresh runs)")
+    out.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or 1
+    info = machine_info("cpu")
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        progress(f"bench patches: {name} ({args.cpu_seconds:g} CPU s of training, {threads} thread(s)) ...")
+        config = {"bench": "patches", "name": name, "config": config_path, "out": str(out.resolve()),
+                  "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system",
+                  "seed": args.seed}
+        rows[name] = run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
+    flops: dict[str, dict[str, Any]] = {}
+    for net in () if args.no_flops else FLOP_NETS:
+        progress(f"bench patches: training FLOPs of {net} at {args.flops_size}^3 ...")
+        config = {"bench": "patches-flops", "net": net, "size": args.flops_size, "config": config_path,
+                  "threads": threads, "malloc": "system"}
+        flops[net] = run_config("idm3d.bench.patch_study:flops_child", config, timeout_s=args.timeout)
+    command = " ".join(["idm3d bench patches", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
+                        f"--points {args.points}", f"--threads {threads}"]
+                       + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
+                       + ([f"--seed {args.seed}"] if args.seed is not None else [])
+                       + (["--no-flops"] if args.no_flops else []))
+    report = write_report(out, rows, flops, {"machine": info, "command": command, "config": config_path,
+                                             "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size})
+    if args.json:
+        print(json.dumps(report["goals"], indent=2))
+    else:
+        print((out / "report.md").read_text())
+    return 0 if all(r.get("status") == "ok" for r in [*rows.values(), *flops.values()]) else 1

@@ -1,0 +1,124 @@
+"""``idm3d bench patches`` / ``bench sampling``: the study's configurations, its goal verdicts on known
+measurements, the written report, option errors, and whole-volume sampling measured end to end (16^3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import TINY_IDM
+from idm3d.bench.patch_report import judge, write_report
+from idm3d.bench.patch_study import CONFIGS, study_config
+from idm3d.cli.main import main
+from idm3d.training.config import load_config
+
+
+def test_the_four_configurations_on_the_demo_grid():
+    base = load_config("configs/demo.yaml")
+    made = {name: study_config(base, name, steps=50, points=5) for name in CONFIGS}
+    assert made["full"].data.patch_size == [80, 96, 16]  # the whole axial extent, the band's depth
+    assert made["patches"].data.patch_size == [40, 48, 16]
+    assert made["patches+coords"].data.patch_size == [40, 48, 16]
+    assert made["mixed+coords"].data.patch_size == [80, 96, 16]
+    assert made["mixed"].data.patch_size == [80, 96, 16]
+    assert [made[n].data.patch.coordinates for n in CONFIGS] == [False, False, True, True, False]
+    assert [made[n].data.patch.schedule for n in CONFIGS] == ["fixed", "fixed", "fixed", "mixed", "mixed"]
+    for cfg in made.values():
+        assert cfg.train.max_steps == 50
+        assert cfg.train.max_seconds is None
+        assert cfg.train.checkpoint_every == 10
+        assert cfg.data.task == "translate"  # the demo's T1 -> T2 setup is kept
+        assert cfg.train.seed == base.train.seed
+    assert study_config(base, "patches", steps=50, points=5, seed=3).train.seed == 3
+
+
+def _row(points: list[tuple[float, float]]) -> dict:
+    return {"status": "ok", "label": "x", "curve": [{"step": i + 1, "cpu_s": c, "ssim_mask": s, "psnr_mask": 20.0}
+                                                    for i, (c, s) in enumerate(points)]}
+
+
+ROWS = {
+    "full": _row([(100.0, 0.50), (200.0, 0.60)]),
+    "patches+coords": _row([(50.0, 0.55), (90.0, 0.62), (200.0, 0.70)]),
+    "patches": _row([(60.0, 0.40), (200.0, 0.58)]),
+    "mixed+coords": _row([(150.0, 0.61), (200.0, 0.65)]),
+}
+FLOPS = {
+    "patchddm": {"status": "ok", "flops": 3e12, "flops_per_voxel": 3.0e6, "in_channels": 8, "parameters": 24},
+    "idm-study": {"status": "ok", "flops": 6e11, "flops_per_voxel": 0.6e6, "in_channels": 5, "parameters": 1},
+    "idm": {"status": "ok", "flops": 1.6e12, "flops_per_voxel": 1.6e6, "in_channels": 8, "parameters": 2},
+}
+
+
+def test_goal_verdicts_follow_the_measurements():
+    goals = judge(ROWS, FLOPS)
+    ttq = goals["time_to_full_quality"]
+    assert ttq["patches+coords"]["reached_at_cpu_s"] == 90.0
+    assert ttq["patches+coords"]["time_ratio"] == pytest.approx(0.45)
+    assert ttq["patches+coords"]["met"]
+    assert ttq["patches+coords"]["equal_time_ssim"] == 0.70
+    late = judge({"full": ROWS["full"], "late": _row([(90.0, 0.61), (210.0, 0.70)])}, {})["time_to_full_quality"]
+    assert late["late"]["equal_time_cpu_s"] == 90.0  # the point past the full grid's time is not "equal time"
+    assert late["late"]["met"]
+    assert ttq["patches"]["reached_at_cpu_s"] is None
+    assert not ttq["patches"]["met"]
+    assert ttq["mixed+coords"]["time_ratio"] == pytest.approx(0.75)
+    assert not ttq["mixed+coords"]["met"]  # reached, but later than half the full grid's time
+    assert goals["flops_per_voxel"]["idm-study"] == {"ratio_vs_patchddm": pytest.approx(0.2), "met": True}
+    assert goals["flops_per_voxel"]["idm"]["ratio_vs_patchddm"] == pytest.approx(1.6 / 3.0)
+    assert not goals["flops_per_voxel"]["idm"]["met"]
+
+
+def test_a_failed_reference_leaves_the_time_goal_unmeasured():
+    rows = {**ROWS, "full": {"status": "error", "error": "boom"}}
+    assert judge(rows, {})["time_to_full_quality"] == {}
+    assert judge(rows, {})["flops_per_voxel"] == {}
+
+
+def test_the_report_files(tmp_path: Path):
+    meta = {"machine": {"cpu": "test", "cores": 1}, "command": "idm3d bench patches --out x", "config": "demo.yaml",
+            "cpu_seconds": 200.0, "flops_size": 128}
+    write_report(tmp_path, ROWS, FLOPS, meta)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["goals"]["time_to_full_quality"]["patches+coords"]["met"] is True
+    text = (tmp_path / "report.md").read_text()
+    assert "patches+coords reaches the full grid's final SSIM 0.6000" in text
+    assert "ratio 0.45" in text
+    assert "idm-study: 0.20x PatchDDM-3D's FLOPs per voxel" in text
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "fault"),
+    [
+        (["--configs", "full,giant"], "--configs: unknown configuration"),
+        (["--cpu-seconds", "0"], "--cpu-seconds: expected a number > 0"),
+        (["--flops-size", "96"], "--flops-size: expected a positive multiple of 64"),
+        (["--points", "0"], "--points: expected an integer >= 1"),
+    ],
+)
+def test_study_option_errors_are_one_line(tmp_path: Path, capsys, args, fault):
+    assert main(["bench", "patches", "--out", str(tmp_path / "s"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fault in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bench_sampling_measures_a_whole_volume_step_with_coordinates(tmp_path: Path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"task": "translate", "sources": ["t1"], "targets": ["t2"]},
+                                   "model": {"name": "idm", "kwargs": TINY_IDM}}))
+    out = tmp_path / "rows.jsonl"
+    assert main(["bench", "sampling", "--sizes", "16,24", "--config", str(cfg), "--threads", "1",
+                 "--json-out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["size"] for r in rows] == [16, 24]
+    for r in rows:
+        assert r["status"] == "ok"
+        assert r["in_channels"] == 5  # noisy t2, t1, three coordinates
+        assert r["step_s"] > 0
+        assert r["first_step_growth_mib"] >= 0
+    assert "steady µs / voxel" in capsys.readouterr().out
