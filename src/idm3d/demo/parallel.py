@@ -48,19 +48,19 @@ def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
     threading.Thread(target=watch, name="idm3d-parent-watch", daemon=True).start()
 
 
-def _train_child(cfg: Config, run_dir: Path, threads: int, parent: int) -> Path:
+def _train_child(cfg: Config, run_dir: Path, resume: bool, threads: int, parent: int) -> Path:
     _exit_with_parent(parent)
     torch.set_num_threads(threads)
-    return train(cfg, run_dir)
+    return train(cfg, run_dir, resume=resume)
 
 
 def train_all(
-    runs: Sequence[tuple[Config, Path]], device: torch.device, jobs: int | None = None
+    runs: Sequence[tuple[Config, Path] | tuple[Config, Path, bool]], device: torch.device, jobs: int | None = None
 ) -> list[Path]:
-    """Train each ``(cfg, run_dir)``: on CPU in up to ``jobs`` spawned processes at once, else sequentially.
+    """Train each ``(cfg, run_dir[, resume])``: on CPU in up to ``jobs`` spawned processes at once, else sequentially.
 
     Args:
-        runs: the configs and their run folders.
+        runs: the configs, their run folders and (optionally) whether to resume each from its checkpoint.
         device: the resolved training device; CUDA runs share the GPU one after the other.
         jobs: processes at once (default: one per run, at most one per core); the cores are split evenly
             between them (torch threads per process, at least 1).
@@ -68,12 +68,16 @@ def train_all(
     Raises:
         whatever :func:`~idm3d.training.trainer.train` raises in a child (re-raised here, same type).
     """
+    runs = [(r[0], Path(r[1]), bool(r[2]) if len(r) > 2 else False) for r in runs]
+    if not runs:
+        return []
     cores = available_cores()
     jobs = min(len(runs), cores if jobs is None else jobs)
     if device.type != "cpu" or jobs < 2:
-        return [train(cfg, run_dir) for cfg, run_dir in runs]
+        return [train(cfg, run_dir, resume=resume) for cfg, run_dir, resume in runs]
     threads = max(1, cores // jobs)
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool and locks
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_train_child, cfg, Path(run_dir), threads, os.getpid()) for cfg, run_dir in runs]
+        parent = os.getpid()
+        futures = [pool.submit(_train_child, cfg, run_dir, resume, threads, parent) for cfg, run_dir, resume in runs]
         return [f.result() for f in futures]

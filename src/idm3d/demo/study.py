@@ -12,7 +12,8 @@ time (``train.max_cpu_seconds``), then sampled and scored on the held-out band l
 * ``idm-long``: the IDMUNet for ``long_minutes`` CPU minutes, scored at every checkpoint (a curve of
   held-out SSIM against training CPU time).
 
-Output: ``<out>/<variant>/`` run folders and ``<out>/study.md`` / ``study.json``.
+Output: ``<out>/<variant>/`` run folders and ``<out>/study.md`` / ``study.json``. Run again with the
+same ``--out``, an interrupted study continues: finished variants are kept, interrupted ones resume.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ def _variant_configs(cfg: Config, minutes: float, long_minutes: float, steps: in
     }
 
 
+def _todo(runs: list[tuple[str, Config]], out: Path) -> list[tuple[Config, Path, bool]]:
+    """The variants still to train, each with whether to resume it: an interrupted study continues
+    where it stopped (a run whose budget is spent is done; one with a checkpoint resumes)."""
+    todo = []
+    for name, cfg in runs:
+        run = RunDir(out / name)
+        if run.latest_checkpoint() is None:
+            todo.append((cfg, out / name, False))
+            continue
+        state, tc = run.read_state(), cfg.train
+        spent = ((tc.max_steps is not None and state.step >= tc.max_steps)
+                 or (tc.max_cpu_seconds is not None and state.cpu_s >= tc.max_cpu_seconds))
+        if not spent:
+            todo.append((cfg, out / name, True))
+    return todo
+
+
 def _scores(run_dir: Path, device: str, checkpoint: Path | None = None) -> dict[str, Any]:
     report = evaluate_run(run_dir, "test", device=device, progress=False, checkpoint=checkpoint)
     target = next(iter(report["summary"]))
@@ -120,11 +138,11 @@ def run_study(
         jobs: training processes at once (default: one per core).
 
     Raises:
-        ConfigError: bad options or an existing study in ``out``.
+        ConfigError: bad options or a finished study in ``out``.
     """
     out = Path(out)
     if (out / "study.json").exists():
-        raise ConfigError(f"--out {out}: already holds a study (study.json); choose another folder")
+        raise ConfigError(f"--out {out}: already holds a finished study (study.json); choose another folder")
     cfg = demo_config(None, overrides, device=device, steps=steps)
     if minutes is None:
         minutes = (cfg.train.max_cpu_seconds or 420.0) / 60.0
@@ -136,12 +154,12 @@ def run_study(
     _say(f"training {', '.join(idm_cfgs)}", progress)
     # the long run first, so that the short ones share the other processes meanwhile
     order = sorted(idm_cfgs, key=lambda name: name != "idm-long")
-    train_all([(idm_cfgs[name], out / name) for name in order], dev, jobs)
+    train_all(_todo([(name, idm_cfgs[name]) for name in order], out), dev, jobs)
     idm_state = RunDir(out / "idm").read_state()
     equal_time = baseline_config(idm_cfgs["idm"], idm_state.elapsed_s, max_steps=steps, cpu_seconds=idm_state.cpu_s)
     equal_steps = _budget(baseline_config(idm_cfgs["idm"], 0.0), None, idm_state.step)
     _say(f"training MONAI for {idm_state.cpu_s:.0f} CPU s and for {idm_state.step} steps", progress)
-    train_all([(equal_time, out / "monai-equal-time"), (equal_steps, out / "monai-equal-steps")], dev, jobs)
+    train_all(_todo([("monai-equal-time", equal_time), ("monai-equal-steps", equal_steps)], out), dev, jobs)
     _say("sampling and scoring every variant", progress)
     rows = {name: {"description": VARIANTS[name], **_scores(out / name, str(dev))} for name in VARIANTS}
     curve = _curve(out / "idm-long", str(dev))
