@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,4 +77,22 @@ def test_a_second_study_into_the_same_folder_fails_with_one_line(study, capsys):
     assert main(["demo", "--study", "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "already holds a study" in err[0]
+    assert "already holds a finished study" in err[0]
+
+
+def test_an_interrupted_study_continues_where_it_stopped(study, tmp_path):
+    out, report = study
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "study.json").unlink()  # as if it stopped before the report
+    shutil.rmtree(again / "monai-equal-steps")  # ... and before this variant trained
+    kept = {n: RunDir(again / n).latest_checkpoint().stat().st_mtime_ns for n in report["variants"]
+            if n != "monai-equal-steps"}
+    assert main(["demo", "--study", "--out", str(again), *TINY]) == 0
+    for name, mtime in kept.items():  # finished variants were not trained again
+        assert RunDir(again / name).latest_checkpoint().stat().st_mtime_ns == mtime
+    redone = json.loads((again / "study.json").read_text())
+    assert redone["variants"]["monai-equal-steps"]["steps"] == report["variants"]["idm"]["steps"]
+    for key in ("steps", "cpu_s", "parameters"):
+        assert redone["variants"]["idm"][key] == report["variants"]["idm"][key]
+    assert redone["variants"]["idm"]["ssim_mask"] == pytest.approx(report["variants"]["idm"]["ssim_mask"], abs=1e-5)
