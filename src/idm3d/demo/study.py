@@ -189,7 +189,8 @@ def study_markdown(r: Mapping[str, Any]) -> str:
     b, goal = r["budget"], r["goals"]["long_ssim_mask_at_least_0.93"]
     cap = "" if b["step_cap"] is None else f", step cap {b['step_cap']}"
     lines = [f"# {r['title']}", "", f"Written {r['created']}; each variant {b['cpu_minutes']:g} CPU minutes "
-             f"(idm-long {b['long_cpu_minutes']:g}){cap}; {r['wall_s'] / 60:.1f} minutes in all.", "",
+             f"(idm-long {b['long_cpu_minutes']:g}){cap}; {r['wall_s'] / 60:.1f} minutes of wall time in this "
+             "invocation (a resumed study counts only what it ran).", "",
              "| variant | what | parameters | steps | CPU s | PSNR brain (dB) | SSIM brain | PSNR band (dB) "
              "| SSIM band |",
              "|---|---|--:|--:|--:|--:|--:|--:|--:|"]
