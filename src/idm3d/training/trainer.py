@@ -326,9 +326,11 @@ class Trainer:
             return False
         if tc.max_seconds is None and tc.max_cpu_seconds is None:
             return True
-        # Rank 0's clock decides for all: processes that disagreed would wait on each other forever.
-        return self.dist.agree((tc.max_seconds is None or clock.elapsed() < tc.max_seconds)
-                               and (tc.max_cpu_seconds is None or clock.cpu_elapsed() < tc.max_cpu_seconds))
+        # The times recorded after the last step decide, the ones its checkpoint holds: a resumed run then
+        # continues exactly when the run it resumes would have (time spent since is counted at the next
+        # step). Rank 0's clock decides for all: processes that disagreed would wait on each other forever.
+        return self.dist.agree((tc.max_seconds is None or self.elapsed < tc.max_seconds)
+                               and (tc.max_cpu_seconds is None or self.cpu < tc.max_cpu_seconds))
 
     def _record(self, result: StepResult) -> dict[str, Any]:
         return {"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm,
