@@ -120,10 +120,12 @@ class DiffusionPipeline:
     def loss(self, batch: Mapping[str, Tensor | None], model: nn.Module | Denoiser | None = None) -> Tensor:
         """The training loss of ``batch``: the output against the prediction type's target, in float32."""
         target = training_target(self.scheduler, batch["target"], batch["noise"], batch["timesteps"])
-        output = self.forward(batch, model)
+        x_t = self.scheduler.add_noise(batch["target"], batch["noise"], batch["timesteps"])
+        net = self.model if model is None else model
+        with self.autocast():
+            output = net(self.model_input(x_t, batch.get("source"), batch.get("position")), batch["timesteps"])
         loss = diffusion_loss(output, target, self.loss_kind)
-        if self.ssim_weight:
-            x_t = self.scheduler.add_noise(batch["target"], batch["noise"], batch["timesteps"])
+        if self.ssim_weight:  # the noisy input once, for the network and the clean estimate
             x0 = predict_x0(self.scheduler, x_t, output.float(), batch["timesteps"])
             loss = loss + self.ssim_weight * ssim_loss(x0, batch["target"])
         return loss

@@ -320,7 +320,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def _budget_left(self, clock: Clock) -> bool:
+    def _budget_left(self) -> bool:
         tc = self.cfg.train
         if tc.max_steps is not None and self.step >= tc.max_steps:
             return False
@@ -339,7 +339,7 @@ class Trainer:
     def _log(self, record: dict[str, Any], result: StepResult, clock: Clock, bar: tqdm) -> None:
         """Every ``train.log_every`` steps, at drift checks and at the last step: a metrics record."""
         # Drift-check steps are always logged: the per-op errors are the point of the check.
-        if self.step % self.cfg.train.log_every == 0 or "drift" in record or not self._budget_left(clock):
+        if self.step % self.cfg.train.log_every == 0 or "drift" in record or not self._budget_left():
             rate = clock.steps_per_s()
             record.update(steps_per_s=rate, step_time_s=1.0 / rate if rate > 0 else None,
                           mem_mb=memory_mb(self.device), elapsed_s=self.elapsed, cpu_s=self.cpu)
@@ -387,7 +387,7 @@ class Trainer:
         bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.cfg.train.progress or not self.dist.is_main)
         try:
-            while self._budget_left(clock):
+            while self._budget_left():
                 step = self.step
                 result = self.train_step(step)
                 self.step, self.elapsed, self.cpu = step + 1, clock.elapsed(), clock.cpu_elapsed()
