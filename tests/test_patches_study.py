@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 from helpers import TINY_IDM
-from idm3d.bench.patch_report import judge, write_report
-from idm3d.bench.patch_study import CONFIGS, study_config
+from idm3d.bench.patch_report import judge, summarise, write_report
+from idm3d.bench.patch_study import CONFIGS, study_config, train_child
 from idm3d.cli.main import main
 from idm3d.training.config import load_config
 
 
 def test_the_four_configurations_on_the_demo_grid():
     base = load_config("configs/demo.yaml")
-    made = {name: study_config(base, name, steps=50, points=5) for name in CONFIGS}
+    made = {name: study_config(base, name, cpu_seconds=120.0, every=10) for name in CONFIGS}
     assert made["full"].data.patch_size == [80, 96, 16]  # the whole axial extent, the band's depth
     assert made["patches"].data.patch_size == [40, 48, 16]
     assert made["patches+coords"].data.patch_size == [40, 48, 16]
@@ -27,12 +27,14 @@ def test_the_four_configurations_on_the_demo_grid():
     assert [made[n].data.patch.coordinates for n in CONFIGS] == [False, False, True, True, False]
     assert [made[n].data.patch.schedule for n in CONFIGS] == ["fixed", "fixed", "fixed", "mixed", "mixed"]
     for cfg in made.values():
-        assert cfg.train.max_steps == 50
+        assert cfg.train.max_cpu_seconds == 120.0  # the budget is the trainer's own CPU clock, not steps
+        assert cfg.train.max_steps is None
         assert cfg.train.max_seconds is None
         assert cfg.train.checkpoint_every == 10
+        assert cfg.train.keep_checkpoints >= 10**6  # every checkpoint is a point of the curve
         assert cfg.data.task == "translate"  # the demo's T1 -> T2 setup is kept
         assert cfg.train.seed == base.train.seed
-    assert study_config(base, "patches", steps=50, points=5, seed=3).train.seed == 3
+    assert study_config(base, "patches", cpu_seconds=120.0, every=10, seed=3).train.seed == 3
 
 
 def _row(points: list[tuple[float, float]]) -> dict:
@@ -78,15 +80,38 @@ def test_a_failed_reference_leaves_the_time_goal_unmeasured():
     assert judge(rows, {})["flops_per_voxel"] == {}
 
 
+def test_the_goal_over_seeds_needs_a_majority_and_counts_never_reached_as_infinite():
+    slow = {"full": ROWS["full"], "patches+coords": _row([(150.0, 0.61), (200.0, 0.65)]),
+            "patches": _row([(60.0, 0.40), (200.0, 0.58)])}
+    per_seed = {"0": judge(ROWS, {})["time_to_full_quality"], "1": judge(slow, {})["time_to_full_quality"],
+                "2": judge(ROWS, {})["time_to_full_quality"]}
+    over = summarise(per_seed)
+    assert over["patches+coords"]["time_ratios"] == {"0": pytest.approx(0.45), "1": pytest.approx(0.75),
+                                                     "2": pytest.approx(0.45)}
+    assert over["patches+coords"]["median_time_ratio"] == pytest.approx(0.45)
+    assert over["patches+coords"]["met_seeds"] == 2
+    assert over["patches+coords"]["met"]  # two of three seeds
+    assert over["patches"]["median_time_ratio"] is None  # never reached with any seed
+    assert not over["patches"]["met"]
+    two = summarise({"0": per_seed["0"], "1": per_seed["1"]})
+    assert two["patches+coords"]["met_seeds"] == 1
+    assert not two["patches+coords"]["met"]  # one of two is no majority
+    assert two["patches+coords"]["median_time_ratio"] == pytest.approx(0.6)
+
+
 def test_the_report_files(tmp_path: Path):
     meta = {"machine": {"cpu": "test", "cores": 1}, "command": "idm3d bench patches --out x", "config": "demo.yaml",
             "cpu_seconds": 200.0, "flops_size": 128}
-    write_report(tmp_path, ROWS, FLOPS, meta)
+    write_report(tmp_path, {"0": ROWS, "1": ROWS}, FLOPS, meta)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["goals"]["time_to_full_quality"]["patches+coords"]["met"] is True
+    assert report["seeds"]["1"]["goals"]["patches+coords"]["met"] is True
+    assert report["goals"]["time_to_full_quality"]["patches+coords"]["met_seeds"] == 2
     text = (tmp_path / "report.md").read_text()
+    assert "## Seed 0" in text
+    assert "## Seed 1" in text
     assert "patches+coords reaches the full grid's final SSIM 0.6000" in text
     assert "ratio 0.45" in text
+    assert "met with 2 of 2 seeds" in text
     assert "idm-study: 0.20x PatchDDM-3D's FLOPs per voxel" in text
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
@@ -98,6 +123,9 @@ def test_the_report_files(tmp_path: Path):
         (["--cpu-seconds", "0"], "--cpu-seconds: expected a number > 0"),
         (["--flops-size", "96"], "--flops-size: expected a positive multiple of 64"),
         (["--points", "0"], "--points: expected an integer >= 1"),
+        (["--seeds", "0,x"], "--seeds: expected distinct integers"),
+        (["--seeds", "1,1"], "--seeds: expected distinct integers"),
+        (["--jobs", "0"], "--jobs: expected an integer >= 1"),
     ],
 )
 def test_study_option_errors_are_one_line(tmp_path: Path, capsys, args, fault):
@@ -105,6 +133,27 @@ def test_study_option_errors_are_one_line(tmp_path: Path, capsys, args, fault):
     err = capsys.readouterr().err.strip()
     assert fault in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_configuration_trains_for_its_cpu_budget_and_scores_every_checkpoint(tmp_path: Path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"task": "translate", "sources": ["t1"], "targets": ["t2"]},
+                                   "model": {"name": "idm", "kwargs": TINY_IDM},
+                                   "diffusion": {"num_train_timesteps": 20, "prediction_type": "sample"},
+                                   "train": {"max_steps": None, "max_cpu_seconds": 1.0},
+                                   "sample": {"steps": 2}}))
+    budget = 1.5
+    row = train_child({"name": "patches+coords", "config": str(cfg), "out": str(tmp_path / "run"),
+                       "cpu_seconds": budget, "points": 3, "seed": 2})
+    curve = row["curve"]
+    assert row["seed"] == 2
+    assert row["coordinates"] is True
+    assert row["train_cpu_s"] >= budget  # the trainer's CPU clock ended the run, not a step count
+    assert curve[-1]["step"] == row["steps"]
+    assert curve[-1]["cpu_s"] == pytest.approx(row["train_cpu_s"])
+    assert len(curve) >= 2  # the spaced checkpoints are all kept and scored, plus the last step
+    assert [p["cpu_s"] for p in curve] == sorted(p["cpu_s"] for p in curve)
+    assert all(0.0 <= p["ssim_mask"] <= 1.0 for p in curve)
 
 
 def test_bench_sampling_measures_a_whole_volume_step_with_coordinates(tmp_path: Path, capsys):

@@ -11,11 +11,13 @@ ways, each in a fresh process with the same budget of training CPU seconds:
 * ``mixed`` (not run by default): the mix without coordinates, to tell the mix's effect from theirs.
 
 Each process first probes its configuration: per patch size of its schedule, the FLOPs of one training
-step (forward + backward, ``torch.utils.flop_counter``) and the process CPU time of a steady step. The
-budget becomes ``steps = budget / (expected CPU seconds per step)``; the trainer then runs those steps
-(``train.max_steps``) with ``--points`` checkpoints, recording the process CPU time at every step, and
-every checkpoint is scored on the held-out band by :func:`idm3d.training.evaluation.evaluate_run` (SSIM
-and PSNR inside the brain mask, the run's 10-step DDIM): held-out SSIM against training CPU time.
+step (forward + backward, ``torch.utils.flop_counter``) and the process CPU time of a steady step (which
+only spaces the ``--points`` checkpoints). The trainer then trains until the budget of training CPU
+seconds is spent (``train.max_cpu_seconds``: every configuration gets the same CPU time, whatever its
+steps cost), keeping every checkpoint, and each is scored on the held-out band by
+:func:`idm3d.training.evaluation.evaluate_run` (SSIM and PSNR inside the brain mask, the run's 10-step
+DDIM): held-out SSIM against training CPU time. ``--seeds`` repeats every configuration per training
+seed; the goals are judged per seed and over the seeds (``patch_report``).
 
 Separately, training FLOPs per voxel of PatchDDM-3D (``bench.nets`` ``patchddm``, 8 input channels, its
 128^3 patch, counted on the meta device) and of IDMUNet (the study's network with 5 input channels, and
@@ -29,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +56,13 @@ FLOP_NETS = ("patchddm", "idm-study", "idm")
 DEFAULT_CPU_SECONDS = 240.0
 DEFAULT_POINTS = 5
 FLOPS_SIZE = 128  # PatchDDM-3D's training patch edge
+KEEP_ALL = 10**6  # train.keep_checkpoints: every checkpoint is a point of the curve
 
 
-def study_config(base: Any, name: str, steps: int, points: int, seed: int | None = None) -> Any:
-    """``base`` (the demo config) as configuration ``name`` of the study, training ``steps`` steps
-    (``seed``: ``train.seed`` - initial weights, patches, noise - instead of the base config's)."""
+def study_config(base: Any, name: str, cpu_seconds: float, every: int, seed: int | None = None) -> Any:
+    """``base`` (the demo config) as configuration ``name`` of the study: trained for ``cpu_seconds`` of
+    process CPU time (``train.max_cpu_seconds``), a kept checkpoint every ``every`` steps (``seed``:
+    ``train.seed`` - initial weights, patches, noise - instead of the base config's)."""
     from idm3d.training.config import PatchConfig
     from idm3d.training.data_source import DemoSource
     from idm3d.training.model_factory import required_multiple
@@ -68,10 +73,10 @@ def study_config(base: Any, name: str, steps: int, points: int, seed: int | None
     depth = len(demo.test_slices)
     multiple = required_multiple(base.model)
     patch = [x, y, depth] if size == "full" else [x // 2 // multiple * multiple, y // 2 // multiple * multiple, depth]
-    every = max(1, steps // points)
     data = dataclasses.replace(base.data, patch_size=patch, patch=PatchConfig(coordinates, schedule))
     train = dataclasses.replace(
-        base.train, max_steps=steps, max_seconds=None, checkpoint_every=every, keep_checkpoints=points + 2,
+        base.train, max_steps=None, max_seconds=None, max_cpu_seconds=float(cpu_seconds),
+        checkpoint_every=max(1, int(every)), keep_checkpoints=KEEP_ALL,
         seed=base.train.seed if seed is None else int(seed),
         progress=False, log=dataclasses.replace(base.train.log, tensorboard=False),
     )
@@ -112,42 +117,41 @@ def _probe(cfg: Any) -> list[dict[str, Any]]:
 
 
 def train_child(config: dict[str, Any]) -> dict[str, Any]:
-    """One configuration: probe, train for the budget, score every checkpoint (runs in a fresh process)."""
-    from idm3d.training.checkpoint import list_checkpoints
+    """One configuration and seed: probe, train for the CPU budget, score every checkpoint (a fresh process)."""
     from idm3d.training.config import load_config
     from idm3d.training.evaluation import evaluate_run
     from idm3d.training.rundir import RunDir
     from idm3d.training.trainer import Trainer
 
-    name, points = config["name"], int(config["points"])
+    name, points, budget = config["name"], int(config["points"]), float(config["cpu_seconds"])
     base = load_config(config["config"])
     seed = config.get("seed")
-    probe = _probe(study_config(base, name, points, points, seed))
+    probe = _probe(study_config(base, name, budget, 1, seed))
     cpu_per_step = sum(p["share"] * p["step_cpu_s"] for p in probe)
-    steps = max(points, int(config["cpu_seconds"] // cpu_per_step))
-    cfg = study_config(base, name, steps, points, seed)
-    run_dir = Path(config["out"]) / name
+    # The probe only spaces the checkpoints; the trainer's own CPU clock ends the run.
+    every = max(1, round(budget / cpu_per_step / points))
+    cfg = study_config(base, name, budget, every, seed)
+    run_dir = Path(config["out"])
     trainer = Trainer(cfg, run_dir)
-    cpu_at: dict[int, float] = {}
-    started = time.process_time()
-    trainer.on_step.append(lambda tr, _result: cpu_at.__setitem__(tr.step, time.process_time() - started))
     trainer.run()
-    train_cpu = time.process_time() - started
     run = RunDir(run_dir)
     curve = []
-    for step, path in list_checkpoints(run.checkpoints):
+    for path in run.list_checkpoints():
+        state = run.read_state(path)
+        step = state.step
         report = evaluate_run(run_dir, checkpoint=path, progress=False, device="cpu")
         summary = report["summary"][cfg.data.targets[0]]
-        curve.append({"step": step, "cpu_s": cpu_at.get(step), "wall_s": run.read_state(path).elapsed_s,
+        curve.append({"step": step, "cpu_s": state.cpu_s, "wall_s": state.elapsed_s,
                       "ssim_mask": summary["ssim_mask"]["mean"], "psnr_mask": summary["psnr_mask"]["mean"],
                       "mae_mask": summary["mae_mask"]["mean"]})
+    steps, train_cpu = trainer.step, trainer.cpu
     flops = sum(p["share"] * p["flops"] for p in probe)
     voxels = sum(p["share"] * p["voxels"] for p in probe)
     return {
         "label": CONFIGS[name][0], "patch_size": cfg.data.patch_size, "coordinates": cfg.data.patch.coordinates,
         "schedule": cfg.data.patch.schedule, "seed": cfg.train.seed, "probe": probe,
         "probe_cpu_s_per_step": cpu_per_step,
-        "steps": steps, "train_cpu_s": train_cpu, "cpu_s_per_step": train_cpu / steps,
+        "steps": steps, "budget_cpu_s": budget, "train_cpu_s": train_cpu, "cpu_s_per_step": train_cpu / steps,
         "flops_per_step": flops, "flops_per_voxel": flops / voxels, "voxels_per_step": voxels, "curve": curve,
         "final_ssim_mask": curve[-1]["ssim_mask"] if curve else None,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -201,10 +205,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flops-size", type=int, default=FLOPS_SIZE,
                         help=f"cube edge of the FLOPs comparison with PatchDDM-3D (default {FLOPS_SIZE}; "
                         "a multiple of 64)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="train.seed of every configuration (default: the config's, 0 in configs/demo.yaml)")
+    parser.add_argument("--seeds", default=None,
+                        help="train.seed values, comma-separated: every configuration runs once per seed "
+                        "(default: the config's, 0 in configs/demo.yaml)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="configurations trained side by side, one process each (default 1; CPU budgets "
+                        "keep them comparable, but each job needs a core)")
     parser.add_argument("--no-flops", action="store_true", help="skip the 128^3 FLOPs comparison")
     add_common_arguments(parser, timeout_s=7200.0)
+
+
+def _seeds(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct integers, comma-separated, got {text!r}")
+    return seeds
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -214,6 +234,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         raise ConfigError(f"--configs: unknown configuration(s) {unknown} (known: {', '.join(CONFIGS)})")
     if not args.cpu_seconds > 0:
         raise ConfigError(f"--cpu-seconds: expected a number > 0, got {args.cpu_seconds}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs: expected an integer >= 1, got {args.jobs}")
     if args.points < 1:
         raise ConfigError(f"--points: expected an integer >= 1, got {args.points}")
     if args.flops_size < 64 or args.flops_size % 64:
@@ -228,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     from idm3d.bench.patch_report import write_report
 
     names = _check(args)
+    seeds = _seeds(args.seeds)
     config_path = str(find_config(args.config).resolve())
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -235,13 +258,23 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or 1
     info = machine_info("cpu")
-    rows: dict[str, dict[str, Any]] = {}
-    for name in names:
-        progress(f"bench patches: {name} ({args.cpu_seconds:g} CPU s of training, {threads} thread(s)) ...")
-        config = {"bench": "patches", "name": name, "config": config_path, "out": str(out.resolve()),
+    jobs = [(seed, name) for seed in seeds for name in names]
+
+    def train(job: tuple[int | None, str]) -> dict[str, Any]:
+        seed, name = job
+        progress(f"bench patches: {name}, seed {'default' if seed is None else seed} ({args.cpu_seconds:g} CPU s "
+                 f"of training, {threads} thread(s)) ...")
+        folder = out / (name if seed is None else f"seed{seed}/{name}")
+        config = {"bench": "patches", "name": name, "config": config_path, "out": str(folder.resolve()),
                   "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system",
-                  "seed": args.seed}
-        rows[name] = run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
+                  "seed": seed}
+        return run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job waits on its own child process
+        results = list(pool.map(train, jobs))
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    for (seed, name), row in zip(jobs, results):
+        rows.setdefault("default" if seed is None else str(seed), {})[name] = row
     flops: dict[str, dict[str, Any]] = {}
     for net in () if args.no_flops else FLOP_NETS:
         progress(f"bench patches: training FLOPs of {net} at {args.flops_size}^3 ...")
@@ -251,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(["idm3d bench patches", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
                         f"--points {args.points}", f"--threads {threads}"]
                        + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
-                       + ([f"--seed {args.seed}"] if args.seed is not None else [])
+                       + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
+                       + ([f"--jobs {args.jobs}"] if args.jobs != 1 else [])
                        + (["--no-flops"] if args.no_flops else []))
     report = write_report(out, rows, flops, {"machine": info, "command": command, "config": config_path,
                                              "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size})
@@ -259,4 +293,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report["goals"], indent=2))
     else:
         print((out / "report.md").read_text())
-    return 0 if all(r.get("status") == "ok" for r in [*rows.values(), *flops.values()]) else 1
+    return 0 if all(r.get("status") == "ok" for r in [*results, *flops.values()]) else 1
