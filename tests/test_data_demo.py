@@ -57,6 +57,19 @@ def test_train_and_test_slabs_are_disjoint_and_documented(data: demo.DemoData) -
     assert data.train_region == (None, None, (0, data.train_slices.stop))
 
 
+def test_the_around_split_trains_on_both_sides_of_the_band(data: demo.DemoData) -> None:
+    below, above = data.train_regions("around")
+    assert below == data.train_region
+    assert above[2] == (data.test_slices.stop + 2, data.shape[2])  # the same 2-slice gap above the band
+    assert above[2][1] - above[2][0] >= 16  # room for the demo's 16-slice patches
+    assert data.train_regions("below") == [data.train_region]
+    text = data.describe("around")
+    assert f"[{above[2][0]}, {above[2][1]})" in text
+    assert "are unused" not in text
+    with pytest.raises(ValueError, match="split: expected 'below' or 'around'"):
+        data.train_regions("inside")
+
+
 def test_record_inverts_to_template_grid(data: demo.DemoData) -> None:
     back = data.record.to_original(data.t1, "t1")
     assert back.shape == (193, 229, 193)

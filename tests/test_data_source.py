@@ -62,3 +62,30 @@ def test_too_few_cases_for_the_split_is_one_line_naming_the_folder_and_the_fract
     root = write_brats_folder(tmp_path / "data", n_cases=2, modalities=("t1", "t2"))
     with pytest.raises(DataError, match=r"^data\.root .*: 2 cases cannot give a non-empty train set .*test_fraction"):
         data_source(_config(root, val_fraction=0.4, test_fraction=0.5)).prepare()
+
+
+def test_the_demo_around_split_draws_patches_below_and_above_the_held_out_band():
+    cfg = config_from_dict({
+        "data": {"task": "translate", "sources": ["t1"], "targets": ["t2"], "patch_size": [32, 32, 16],
+                 "demo_split": "around"},
+        "model": {"name": "idm", "kwargs": {"channels": 8, "levels": 2, "attention_levels": [False, False]}},
+        "train": {"max_steps": 1, "device": "cpu"},
+    })
+    source = data_source(cfg)
+    demo, sampler = source.demo, source.prepare().data.sampler
+    band = demo.test_slices
+    z = [int(sampler.batch(step)["corner"][0, 2]) for step in range(64)]
+    below = [c for c in z if c + 16 <= demo.train_slices.stop]
+    above = [c for c in z if c >= demo.above_slices.start]
+    assert len(below) + len(above) == len(z)  # no patch touches the band or its gaps
+    assert below
+    assert above
+    assert all(c + 16 <= band.start or c >= band.stop for c in z)
+    held = next(iter(source.heldout()))
+    assert held.position[0].tolist() == [0, 0, band.start]  # the band keeps its place (inside the trained z range)
+
+
+def test_the_demo_split_is_refused_for_a_folder(tmp_path: Path):
+    root = write_brats_folder(tmp_path / "data", n_cases=3, modalities=("t1", "t2"))
+    with pytest.raises(ConfigError, match=r"^data\.demo_split: only for the demo data"):
+        _config(root, demo_split="around")

@@ -35,6 +35,8 @@ def test_the_four_configurations_on_the_demo_grid():
         assert cfg.data.task == "translate"  # the demo's T1 -> T2 setup is kept
         assert cfg.train.seed == base.train.seed
     assert study_config(base, "patches", cpu_seconds=120.0, every=10, seed=3).train.seed == 3
+    assert made["full"].data.demo_split == "below"
+    assert study_config(base, "full", cpu_seconds=1.0, every=1, split="around").data.demo_split == "around"
 
 
 def _row(points: list[tuple[float, float]]) -> dict:
@@ -144,9 +146,10 @@ def test_a_configuration_trains_for_its_cpu_budget_and_scores_every_checkpoint(t
                                    "sample": {"steps": 2}}))
     budget = 1.5
     row = train_child({"name": "patches+coords", "config": str(cfg), "out": str(tmp_path / "run"),
-                       "cpu_seconds": budget, "points": 3, "seed": 2})
+                       "cpu_seconds": budget, "points": 3, "seed": 2, "split": "around"})
     curve = row["curve"]
     assert row["seed"] == 2
+    assert row["split"] == "around"
     assert row["coordinates"] is True
     assert row["train_cpu_s"] >= budget  # the trainer's CPU clock ended the run, not a step count
     assert curve[-1]["step"] == row["steps"]

@@ -152,7 +152,9 @@ def _markdown(report: Mapping[str, Any]) -> str:
         f"Budget: {meta['cpu_seconds']:g} training CPU seconds per configuration and seed "
         "(`train.max_cpu_seconds`: the trainer stops at the first step past it; the probe of each patch size "
         "only spaces the checkpoints). Held-out SSIM/PSNR inside the brain mask of the demo's held-out band, "
-        "EMA weights, the run's DDIM sampler.", "",
+        "EMA weights, the run's DDIM sampler. Training slabs: "
+        + ("below and above the band (`--split around`: the band's coordinates lie inside the trained range)."
+           if meta.get("split") == "around" else "below the band, as in the demo (`--split below`)."), "",
     ]
     for seed, part in seeds.items():
         lines += [f"## Seed {seed}", "", _config_table(part["configs"]), "",

@@ -59,10 +59,13 @@ FLOPS_SIZE = 128  # PatchDDM-3D's training patch edge
 KEEP_ALL = 10**6  # train.keep_checkpoints: every checkpoint is a point of the curve
 
 
-def study_config(base: Any, name: str, cpu_seconds: float, every: int, seed: int | None = None) -> Any:
+def study_config(
+    base: Any, name: str, cpu_seconds: float, every: int, seed: int | None = None, split: str = "below"
+) -> Any:
     """``base`` (the demo config) as configuration ``name`` of the study: trained for ``cpu_seconds`` of
     process CPU time (``train.max_cpu_seconds``), a kept checkpoint every ``every`` steps (``seed``:
-    ``train.seed`` - initial weights, patches, noise - instead of the base config's)."""
+    ``train.seed`` - initial weights, patches, noise - instead of the base config's; ``split``:
+    ``data.demo_split``, training slabs below the held-out band or around it)."""
     from idm3d.training.config import PatchConfig
     from idm3d.training.data_source import DemoSource
     from idm3d.training.model_factory import required_multiple
@@ -73,7 +76,8 @@ def study_config(base: Any, name: str, cpu_seconds: float, every: int, seed: int
     depth = len(demo.test_slices)
     multiple = required_multiple(base.model)
     patch = [x, y, depth] if size == "full" else [x // 2 // multiple * multiple, y // 2 // multiple * multiple, depth]
-    data = dataclasses.replace(base.data, patch_size=patch, patch=PatchConfig(coordinates, schedule))
+    data = dataclasses.replace(base.data, patch_size=patch, patch=PatchConfig(coordinates, schedule),
+                               demo_split=split)
     train = dataclasses.replace(
         base.train, max_steps=None, max_seconds=None, max_cpu_seconds=float(cpu_seconds),
         checkpoint_every=max(1, int(every)), keep_checkpoints=KEEP_ALL,
@@ -125,12 +129,12 @@ def train_child(config: dict[str, Any]) -> dict[str, Any]:
 
     name, points, budget = config["name"], int(config["points"]), float(config["cpu_seconds"])
     base = load_config(config["config"])
-    seed = config.get("seed")
-    probe = _probe(study_config(base, name, budget, 1, seed))
+    seed, split = config.get("seed"), config.get("split", "below")
+    probe = _probe(study_config(base, name, budget, 1, seed, split))
     cpu_per_step = sum(p["share"] * p["step_cpu_s"] for p in probe)
     # The probe only spaces the checkpoints; the trainer's own CPU clock ends the run.
     every = max(1, round(budget / cpu_per_step / points))
-    cfg = study_config(base, name, budget, every, seed)
+    cfg = study_config(base, name, budget, every, seed, split)
     run_dir = Path(config["out"])
     trainer = Trainer(cfg, run_dir)
     trainer.run()
@@ -149,7 +153,7 @@ def train_child(config: dict[str, Any]) -> dict[str, Any]:
     voxels = sum(p["share"] * p["voxels"] for p in probe)
     return {
         "label": CONFIGS[name][0], "patch_size": cfg.data.patch_size, "coordinates": cfg.data.patch.coordinates,
-        "schedule": cfg.data.patch.schedule, "seed": cfg.train.seed, "probe": probe,
+        "schedule": cfg.data.patch.schedule, "seed": cfg.train.seed, "split": split, "probe": probe,
         "probe_cpu_s_per_step": cpu_per_step,
         "steps": steps, "budget_cpu_s": budget, "train_cpu_s": train_cpu, "cpu_s_per_step": train_cpu / steps,
         "flops_per_step": flops, "flops_per_voxel": flops / voxels, "voxels_per_step": voxels, "curve": curve,
@@ -208,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default=None,
                         help="train.seed values, comma-separated: every configuration runs once per seed "
                         "(default: the config's, 0 in configs/demo.yaml)")
+    parser.add_argument("--split", choices=("below", "around"), default="below",
+                        help="training slabs (data.demo_split): below the held-out band, as the demo (default), "
+                        "or below and above it, so that the band's coordinates lie inside the trained range")
     parser.add_argument("--jobs", type=int, default=1,
                         help="configurations trained side by side, one process each (default 1; CPU budgets "
                         "keep them comparable, but each job needs a core)")
@@ -267,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         folder = out / (name if seed is None else f"seed{seed}/{name}")
         config = {"bench": "patches", "name": name, "config": config_path, "out": str(folder.resolve()),
                   "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system",
-                  "seed": seed}
+                  "seed": seed, "split": args.split}
         return run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job waits on its own child process
@@ -285,10 +292,12 @@ def run(args: argparse.Namespace) -> int:
                         f"--points {args.points}", f"--threads {threads}"]
                        + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
                        + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
+                       + ([f"--split {args.split}"] if args.split != "below" else [])
                        + ([f"--jobs {args.jobs}"] if args.jobs != 1 else [])
                        + (["--no-flops"] if args.no_flops else []))
     report = write_report(out, rows, flops, {"machine": info, "command": command, "config": config_path,
-                                             "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size})
+                                             "cpu_seconds": args.cpu_seconds, "flops_size": args.flops_size,
+                                             "split": args.split})
     if args.json:
         print(json.dumps(report["goals"], indent=2))
     else:

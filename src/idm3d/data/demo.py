@@ -75,6 +75,8 @@ class DemoData:
         train_slices: axial indices z that training patches may touch (``range(0, train_stop)``).
         test_slices: held-out axial indices for evaluation, disjoint from ``train_slices`` and separated
             from them by ``gap`` slices.
+        above_slices: the axial indices above the held-out band, ``gap`` slices away from it
+            (``range(test_stop + gap, Z)``): unused unless a run trains ``around`` the band.
         record: the same data as a :class:`CaseRecord` (channels t1, t2) for generic code paths.
     """
 
@@ -87,6 +89,7 @@ class DemoData:
     test_slices: range
     record: CaseRecord
     skull_stripped: bool
+    above_slices: range = range(0)
 
     axial_axis: int = 2  # index among the spatial axes (X, Y, Z); tensor dim -1
 
@@ -99,6 +102,15 @@ class DemoData:
         """Region for :mod:`idm3d.data.patches`: whole in-plane extent, training slabs along z."""
         return (None, None, (self.train_slices.start, self.train_slices.stop))
 
+    def train_regions(self, split: str = "below") -> list[tuple[None, None, tuple[int, int]]]:
+        """The training regions of a split: ``below`` the held-out band (the default), or ``around`` it
+        (below and above, so that every held-out slice lies between training slices)."""
+        if split == "below":
+            return [self.train_region]
+        if split == "around":
+            return [self.train_region, (None, None, (self.above_slices.start, self.above_slices.stop))]
+        raise ValueError(f"split: expected 'below' or 'around', got {split!r}")
+
     def test_band(self, volume: torch.Tensor) -> torch.Tensor:
         """The held-out axial slabs of a (..., X, Y, Z) tensor."""
         return volume[..., self.test_slices.start : self.test_slices.stop]
@@ -106,19 +118,21 @@ class DemoData:
     def _world_z(self, index: int) -> float:
         return float((self.affine @ np.array([0.0, 0.0, index, 1.0]))[2])
 
-    def describe(self) -> str:
-        """Plain-text summary for reports, naming the exact slab indices."""
+    def describe(self, split: str = "below") -> str:
+        """Plain-text summary for reports, naming the exact slab indices (of :meth:`train_regions`)."""
         x, y, z = self.shape
         z_lo, z_hi = self._world_z(self.test_slices.start), self._world_z(self.test_slices.stop - 1)
         kind = "skull-stripped (bet) " if self.skull_stripped else ""
+        train = " and ".join(f"[{r[2][0]}, {r[2][1]})" for r in self.train_regions(split))
+        above = (f"slices z >= {self.test_slices.stop} are unused" if split == "below" else
+                 f"{self.above_slices.start - self.test_slices.stop} unused gap slices above it")
         return (
             f"MNI ICBM152 2009c symmetric {kind}T1/T2 templates (an average of 152 adult brains, not a patient "
             f"scan), {self.spacing_mm:g} mm isotropic, RAS grid {x}x{y}x{z}; axial slices z are indexed "
-            f"0..{z - 1} inferior to superior. Training patches: z in [{self.train_slices.start}, "
-            f"{self.train_slices.stop}); held-out evaluation slabs: z in [{self.test_slices.start}, "
-            f"{self.test_slices.stop}) ({len(self.test_slices)} slices, MNI z {z_lo:+g} to {z_hi:+g} mm, "
-            f"{self.test_slices.start - self.train_slices.stop} unused gap slices between them); "
-            f"slices z >= {self.test_slices.stop} are unused."
+            f"0..{z - 1} inferior to superior. Training patches: z in {train}; held-out evaluation slabs: z in "
+            f"[{self.test_slices.start}, {self.test_slices.stop}) ({len(self.test_slices)} slices, MNI z "
+            f"{z_lo:+g} to {z_hi:+g} mm, {self.test_slices.start - self.train_slices.stop} unused gap slices "
+            f"below it); {above}."
         )
 
 
@@ -193,4 +207,5 @@ def load_demo(
         test_slices=range(start, start + n_test_slices),
         record=record,
         skull_stripped=skull_stripped,
+        above_slices=range(min(start + n_test_slices + gap, depth), depth),
     )

@@ -77,6 +77,8 @@ class DataConfig:
     """Which volumes, which modalities, and how patches are drawn from them."""
 
     root: str | None = None  # null: the embedded MNI T1/T2 demo templates (train/held-out axial slabs)
+    # demo data only: train on the slabs below the held-out band, or below and above it (docs/patches.md)
+    demo_split: Literal["below", "around"] = "below"
     task: Literal["generate", "translate"] = "generate"
     targets: list[str] = field(default_factory=lambda: ["t1"])
     sources: list[str] = field(default_factory=list)
@@ -335,6 +337,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(
             f"data.targets: the demo data (data.root null) has modalities t1 and t2, got {d.sources + d.targets}"
         )
+    if d.root is not None and d.demo_split != "below":
+        raise ConfigError(f"data.demo_split: only for the demo data (data.root null), got {d.demo_split!r} with "
+                          f"data.root {d.root!r}")
     if isinstance(d.patch.schedule, list) and (
         not d.patch.schedule or abs(sum(s.share for s in d.patch.schedule) - 1.0) > 1e-6
     ):

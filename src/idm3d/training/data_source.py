@@ -283,8 +283,10 @@ class DemoSource(DataSource):
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         demo = self.demo
         volume = torch.cat([demo.record.channel(m) for m in self.modalities])
-        data = self._sampler([volume], [demo.mask], [demo.train_region])
-        return PreparedData(data, self._info([demo.record], {"demo": demo.describe()}))
+        # Training around the band: the template twice, one region each (each patch draws one of the two).
+        regions = demo.train_regions(self.cfg.data.demo_split)
+        data = self._sampler([volume] * len(regions), [demo.mask] * len(regions), regions)
+        return PreparedData(data, self._info([demo.record], {"demo": demo.describe(self.cfg.data.demo_split)}))
 
     def heldout(self, split: Split | None = None, part: str = "test") -> Iterator[HeldoutCase]:
         if part != "test":
