@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from sklearn.linear_model import LogisticRegression
 
 from helpers import write_brats_folder, write_volume
 from idm3d.cli.main import main
 from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import preprocess_case
 from idm3d.detect.core import FeatureTable, evaluate, extract
-from idm3d.detect.detector import Supervised, ZeroShot, out_of_fold
+from idm3d.detect.detector import Supervised, ZeroShot, gradient_boosting, out_of_fold
 from idm3d.detect.inputs import read_inputs
 from idm3d.detect.stats import auroc, auroc_with_ci
 from idm3d.diffusion.detection import FEATURE_NAMES, detection_features, noise_statistics
@@ -171,6 +172,35 @@ def test_fitted_detectors_round_trip_through_json():
     sup2 = Supervised.from_dict(json.loads(json.dumps(sup.to_dict())))
     assert np.allclose(sup2.score(table.features), sup.score(table.features))
     assert 0 <= sup.score(table.features).min() <= sup.score(table.features).max() <= 1
+
+
+def test_the_supervised_detectors_transfer_to_a_generator_that_leaves_the_reals_the_other_way():
+    # Two generators whose fakes deviate from the reals in opposite directions of the same features: a
+    # boundary on the signed features fitted on A's fakes calls B's fakes "more real than real"; one on
+    # the deviations from the reals catches both.
+    rng = np.random.default_rng(0)
+    f, n = len(FEATURE_NAMES), 40
+    shift = 3.0 * (np.arange(f) % 3 == 0)
+    real, fake_a, fake_b = (rng.normal(size=(n, f)) + k * shift for k in (0.0, 1.0, -1.0))
+    x_fit, y_fit = np.concatenate([real[:20], fake_a[:20]]), np.repeat([0, 1], 20)
+    x_test, y_test = np.concatenate([real[20:], fake_b[20:]]), np.repeat([0, 1], 20)
+    fitted = Supervised.fit(x_fit, y_fit)
+    assert auroc(y_test, fitted.score(x_test)) > 0.95
+    assert auroc(y_test, gradient_boosting(0)(x_fit, y_fit).score(x_test)) > 0.95
+    signed = LogisticRegression(max_iter=5000).fit(x_fit, y_fit)
+    assert auroc(y_test, signed.decision_function(x_test)) < 0.1  # what the signed features did
+
+
+def test_a_detector_json_with_signed_features_still_scores_as_written():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, len(FEATURE_NAMES)))
+    old = {"mean": [0.5] * x.shape[1], "scale": [2.0] * x.shape[1], "coef": list(np.linspace(-1, 1, x.shape[1])),
+           "intercept": 0.25}  # the format before the deviation features: no "features" key
+    logit = ((x - 0.5) / 2.0) @ np.asarray(old["coef"]) + 0.25
+    assert np.allclose(Supervised.from_dict(old).score(x), 1 / (1 + np.exp(-logit)))
+    assert Supervised.from_dict(Supervised.fit(x, np.array([0, 0, 0, 1, 1, 1])).to_dict()).signed is False
+    with pytest.raises(ValueError, match="unknown features 'squared'"):
+        Supervised.from_dict({**old, "features": "squared"})
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -3,9 +3,13 @@
 * :class:`ZeroShot`: each feature standardised by the real volumes' mean and spread, then the Mahalanobis
   distance under a Ledoit-Wolf shrunk covariance of the reals (stable with fewer volumes than features).
   No generated volume is seen; a volume far from the reals in any direction scores high.
-* :class:`Supervised`: scikit-learn logistic regression on standardised features (kept as plain numbers, so
-  a fitted detector is JSON, never a pickle); :func:`gradient_boosting` is the non-linear alternative that
-  cross-validation also reports.
+* :class:`Supervised`: scikit-learn logistic regression (kept as plain numbers, so a fitted detector is
+  JSON, never a pickle); :func:`gradient_boosting` is the non-linear alternative that cross-validation also
+  reports. Both see each feature's *deviation from the real volumes*, ``|x - mean_real| / std_real``
+  (:func:`deviation`), not the signed value: fakes of different generators leave the reals in different
+  directions (the IDMUNet's recovered noise is too smooth where the MONAI net's is too rough, say), so a
+  signed boundary fitted on one generator's fakes misses the other's; the size of the deviation transfers
+  (docs/detect.md, cross-generator AUROC).
 
 :func:`out_of_fold` scores every row by a model fitted on other groups only (``StratifiedGroupKFold``), so
 the fakes made from a real volume never sit on the other side of a fold from it.
@@ -22,7 +26,7 @@ from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-__all__ = ["Supervised", "ZeroShot", "gradient_boosting", "n_folds", "out_of_fold"]
+__all__ = ["Supervised", "ZeroShot", "deviation", "gradient_boosting", "n_folds", "out_of_fold"]
 
 _EPS = 1e-12
 
@@ -34,6 +38,17 @@ def _matrix(x: np.ndarray, n_features: int | None = None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("features: contain NaN or Inf")
     return x
+
+
+def _real_stats(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    real = x[np.asarray(labels) == 0]
+    mean, scale = real.mean(0), real.std(0)
+    return mean, np.where(scale > _EPS, scale, 1.0)
+
+
+def deviation(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Each feature's absolute deviation from the reals' mean, in units of their spread."""
+    return np.abs((x - mean) / scale)
 
 
 @dataclass
@@ -78,47 +93,57 @@ class ZeroShot:
 
 @dataclass
 class Supervised:
-    """Logistic regression on standardised features: ``probability`` of being generated."""
+    """Logistic regression on the features' deviations from the reals: ``probability`` of being generated.
+
+    ``signed`` detectors (``detector.json`` files written before the deviation features) standardise by all
+    training rows and keep the sign; they still load and score as they did.
+    """
 
     mean: np.ndarray
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
+    signed: bool = False
 
     @classmethod
     def fit(cls, x: np.ndarray, labels: np.ndarray, c: float = 1.0) -> Supervised:
         x, labels = _matrix(x), np.asarray(labels).astype(int)
         if set(np.unique(labels)) != {0, 1}:
             raise ValueError("labels: need both real (0) and generated (1) volumes")
-        mean, scale = x.mean(0), x.std(0)
-        scale = np.where(scale > _EPS, scale, 1.0)
-        lr = LogisticRegression(C=c, max_iter=5000).fit((x - mean) / scale, labels)
+        mean, scale = _real_stats(x, labels)
+        lr = LogisticRegression(C=c, max_iter=5000).fit(deviation(x, mean, scale), labels)
         return cls(mean, scale, lr.coef_[0].copy(), float(lr.intercept_[0]))
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        logit = ((_matrix(x, self.mean.size) - self.mean) / self.scale) @ self.coef + self.intercept
+        z = (_matrix(x, self.mean.size) - self.mean) / self.scale
+        logit = (z if self.signed else np.abs(z)) @ self.coef + self.intercept
         return 1.0 / (1.0 + np.exp(-logit))
 
     def to_dict(self) -> dict:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
-                "intercept": self.intercept}
+                "intercept": self.intercept, "features": "signed" if self.signed else "deviation"}
 
     @classmethod
     def from_dict(cls, data: dict) -> Supervised:
+        kind = data.get("features", "signed")  # files without the key predate the deviation features
+        if kind not in ("signed", "deviation"):
+            raise ValueError(f"supervised detector: unknown features {kind!r} (expected signed or deviation)")
         return cls(*(np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")),
-                   float(data["intercept"]))
+                   float(data["intercept"]), signed=kind == "signed")
 
 
 class _Boosting:
     def __init__(self, x: np.ndarray, labels: np.ndarray, seed: int) -> None:
-        self.model = GradientBoostingClassifier(n_estimators=100, max_depth=2, random_state=seed).fit(x, labels)
+        self.mean, self.scale = _real_stats(x, labels)
+        self.model = GradientBoostingClassifier(n_estimators=100, max_depth=2, random_state=seed).fit(
+            deviation(x, self.mean, self.scale), labels)
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(x)[:, 1]
+        return self.model.predict_proba(deviation(x, self.mean, self.scale))[:, 1]
 
 
 def gradient_boosting(seed: int = 0) -> Callable[[np.ndarray, np.ndarray], _Boosting]:
-    """A ``fit(x, labels)`` for scikit-learn gradient boosting (depth-2 trees), seeded."""
+    """A ``fit(x, labels)`` for scikit-learn gradient boosting (depth-2 trees) on the deviations, seeded."""
     return lambda x, labels: _Boosting(x, labels, seed)
 
 
