@@ -1,11 +1,12 @@
-"""Cross-generator transfer of the supervised detectors: deviation features (idm3d's) against signed ones.
+"""Cross-generator transfer of the supervised detectors: distance features (idm3d's) against signed ones.
 
 Reads a ``features.csv`` written by ``idm3d detect`` / ``idm3d detect study`` (two or more generators) and
 prints, for every ordered pair of generators A -> B, the AUROC of a detector fitted on the reals and A's
 fakes of the training folds, scored on the reals and B's fakes of the held-out folds (the same
 ``out_of_fold`` folds as the report), for logistic regression and gradient boosting, each on the signed
-standardised features (what ``idm3d detect`` fitted before) and on the deviations from the reals (what it
-fits now). Mean over ``--fold-seeds`` fold shuffles.
+standardised features (what ``idm3d detect`` fitted before) and on how far each volume lies from the reals
+(``RealReference``: per-feature deviations and the zero-shot distance; what it fits now). Mean over
+``--fold-seeds`` fold shuffles.
 
     python benchmarks/detect_transfer.py docs/detect/features.csv [--fold-seeds 3]
 """
@@ -27,7 +28,7 @@ _META = ("file", "label", "group", "generator", "seconds")
 
 
 class _Signed:
-    """The detectors on signed features standardised by all training rows (before deviation features)."""
+    """The detectors on signed features standardised by all training rows (before the distance features)."""
 
     def __init__(self, x: np.ndarray, labels: np.ndarray, boosting: bool) -> None:
         self.mean, self.scale = x.mean(0), np.where(x.std(0) > 1e-12, x.std(0), 1.0)
@@ -53,9 +54,9 @@ def main() -> None:
     gens = np.array([r["generator"] for r in rows])
     fakes = sorted(set(gens[y == 1]))
     fits = {"logistic, signed": lambda a, b: _Signed(a, b, boosting=False),
-            "logistic, deviation": Supervised.fit,
+            "logistic, distance": Supervised.fit,
             "boosting, signed": lambda a, b: _Signed(a, b, boosting=True),
-            "boosting, deviation": gradient_boosting(0)}
+            "boosting, distance": gradient_boosting(0)}
     pairs = [(a, b) for a in fakes for b in fakes]
     print("| detector | " + " | ".join(f"{a} -> {b}" for a, b in pairs) + " |")
     print("|---|" + "--:|" * len(pairs))

@@ -177,7 +177,7 @@ def test_fitted_detectors_round_trip_through_json():
 def test_the_supervised_detectors_transfer_to_a_generator_that_leaves_the_reals_the_other_way():
     # Two generators whose fakes deviate from the reals in opposite directions of the same features: a
     # boundary on the signed features fitted on A's fakes calls B's fakes "more real than real"; one on
-    # the deviations from the reals catches both.
+    # how far a volume lies from the reals catches both.
     rng = np.random.default_rng(0)
     f, n = len(FEATURE_NAMES), 40
     shift = 3.0 * (np.arange(f) % 3 == 0)
@@ -195,10 +195,11 @@ def test_a_detector_json_with_signed_features_still_scores_as_written():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, len(FEATURE_NAMES)))
     old = {"mean": [0.5] * x.shape[1], "scale": [2.0] * x.shape[1], "coef": list(np.linspace(-1, 1, x.shape[1])),
-           "intercept": 0.25}  # the format before the deviation features: no "features" key
+           "intercept": 0.25}  # the format before the distance features: no "features" key
     logit = ((x - 0.5) / 2.0) @ np.asarray(old["coef"]) + 0.25
     assert np.allclose(Supervised.from_dict(old).score(x), 1 / (1 + np.exp(-logit)))
-    assert Supervised.from_dict(Supervised.fit(x, np.array([0, 0, 0, 1, 1, 1])).to_dict()).signed is False
+    new = Supervised.from_dict(json.loads(json.dumps(Supervised.fit(x, np.array([0, 0, 0, 1, 1, 1])).to_dict())))
+    assert new.zero_shot is not None
     with pytest.raises(ValueError, match="unknown features 'squared'"):
         Supervised.from_dict({**old, "features": "squared"})
 

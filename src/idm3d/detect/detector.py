@@ -5,11 +5,10 @@
   No generated volume is seen; a volume far from the reals in any direction scores high.
 * :class:`Supervised`: scikit-learn logistic regression (kept as plain numbers, so a fitted detector is
   JSON, never a pickle); :func:`gradient_boosting` is the non-linear alternative that cross-validation also
-  reports. Both see each feature's *deviation from the real volumes*, ``|x - mean_real| / std_real``
-  (:func:`deviation`), not the signed value: fakes of different generators leave the reals in different
-  directions (the IDMUNet's recovered noise is too smooth where the MONAI net's is too rough, say), so a
-  signed boundary fitted on one generator's fakes misses the other's; the size of the deviation transfers
-  (docs/detect.md, cross-generator AUROC).
+  reports. Both see how far a volume lies from the real training volumes (:class:`RealReference`): each
+  feature's *deviation* ``|x - mean_real| / std_real`` and the zero-shot distance, not the signed features.
+  Fakes of different generators leave the reals in different directions, so a signed boundary fitted on
+  one generator's fakes misses another's; how far they lie transfers (docs/detect.md, cross-generator AUROC).
 
 :func:`out_of_fold` scores every row by a model fitted on other groups only (``StratifiedGroupKFold``), so
 the fakes made from a real volume never sit on the other side of a fold from it.
@@ -26,7 +25,7 @@ from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-__all__ = ["Supervised", "ZeroShot", "deviation", "gradient_boosting", "n_folds", "out_of_fold"]
+__all__ = ["RealReference", "Supervised", "ZeroShot", "gradient_boosting", "n_folds", "out_of_fold"]
 
 _EPS = 1e-12
 
@@ -38,17 +37,6 @@ def _matrix(x: np.ndarray, n_features: int | None = None) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError("features: contain NaN or Inf")
     return x
-
-
-def _real_stats(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    real = x[np.asarray(labels) == 0]
-    mean, scale = real.mean(0), real.std(0)
-    return mean, np.where(scale > _EPS, scale, 1.0)
-
-
-def deviation(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Each feature's absolute deviation from the reals' mean, in units of their spread."""
-    return np.abs((x - mean) / scale)
 
 
 @dataclass
@@ -92,58 +80,95 @@ class ZeroShot:
 
 
 @dataclass
-class Supervised:
-    """Logistic regression on the features' deviations from the reals: ``probability`` of being generated.
+class RealReference:
+    """How far a volume lies from the real training volumes: what the supervised detectors see.
 
-    ``signed`` detectors (``detector.json`` files written before the deviation features) standardise by all
-    training rows and keep the sign; they still load and score as they did.
+    Per row, each feature's absolute deviation from the reals' mean in units of their spread, then the
+    :class:`ZeroShot` distance to the reals (one more column).
+    """
+
+    zero_shot: ZeroShot
+
+    @classmethod
+    def fit(cls, x: np.ndarray, labels: np.ndarray) -> RealReference:
+        return cls(ZeroShot.fit(x[np.asarray(labels) == 0]))
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        zs = self.zero_shot
+        return np.concatenate([np.abs((_matrix(x, zs.mean.size) - zs.mean) / zs.scale), zs.score(x)[:, None]], 1)
+
+    def training_features(self, x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """:meth:`features` of the rows it was fitted on, each real's distance left-one-out: as far as a new
+        real would lie, so the classifier does not learn that reals sit closer than unseen ones do."""
+        out = self.features(x)
+        real = np.flatnonzero(np.asarray(labels) == 0)
+        if real.size >= 3:  # the zero-shot fit needs 2 reals
+            for i in real:
+                others = np.delete(real, np.flatnonzero(real == i))
+                out[i, -1] = ZeroShot.fit(x[others]).score(x[i : i + 1])[0]
+        return out
+
+
+@dataclass
+class Supervised:
+    """Logistic regression on :class:`RealReference` features: ``probability`` of being generated.
+
+    Without ``zero_shot`` (``detector.json`` files written before these features, ``"features": "signed"``
+    or absent) it is the older detector on signed features standardised by all training rows, and scores as
+    it did.
     """
 
     mean: np.ndarray
     scale: np.ndarray
     coef: np.ndarray
     intercept: float
-    signed: bool = False
+    zero_shot: ZeroShot | None = None
 
     @classmethod
     def fit(cls, x: np.ndarray, labels: np.ndarray, c: float = 1.0) -> Supervised:
         x, labels = _matrix(x), np.asarray(labels).astype(int)
         if set(np.unique(labels)) != {0, 1}:
             raise ValueError("labels: need both real (0) and generated (1) volumes")
-        mean, scale = _real_stats(x, labels)
-        lr = LogisticRegression(C=c, max_iter=5000).fit(deviation(x, mean, scale), labels)
-        return cls(mean, scale, lr.coef_[0].copy(), float(lr.intercept_[0]))
+        ref = RealReference.fit(x, labels)
+        lr = LogisticRegression(C=c, max_iter=5000).fit(ref.training_features(x, labels), labels)
+        return cls(ref.zero_shot.mean, ref.zero_shot.scale, lr.coef_[0].copy(), float(lr.intercept_[0]),
+                   ref.zero_shot)
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        z = (_matrix(x, self.mean.size) - self.mean) / self.scale
-        logit = (z if self.signed else np.abs(z)) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-logit))
+        if self.zero_shot is None:
+            z = (_matrix(x, self.mean.size) - self.mean) / self.scale
+        else:
+            z = RealReference(self.zero_shot).features(x)
+        return 1.0 / (1.0 + np.exp(-(z @ self.coef + self.intercept)))
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
-                "intercept": self.intercept, "features": "signed" if self.signed else "deviation"}
+        out = {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
+               "intercept": self.intercept, "features": "signed" if self.zero_shot is None else "distance"}
+        return out if self.zero_shot is None else {**out, "zero_shot": self.zero_shot.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Supervised:
-        kind = data.get("features", "signed")  # files without the key predate the deviation features
-        if kind not in ("signed", "deviation"):
-            raise ValueError(f"supervised detector: unknown features {kind!r} (expected signed or deviation)")
+        kind = data.get("features", "signed")  # files without the key predate the distance features
+        if kind not in ("signed", "distance"):
+            raise ValueError(f"supervised detector: unknown features {kind!r} (expected signed or distance)")
+        zero_shot = ZeroShot.from_dict(data["zero_shot"]) if kind == "distance" else None
         return cls(*(np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")),
-                   float(data["intercept"]), signed=kind == "signed")
+                   float(data["intercept"]), zero_shot)
 
 
 class _Boosting:
     def __init__(self, x: np.ndarray, labels: np.ndarray, seed: int) -> None:
-        self.mean, self.scale = _real_stats(x, labels)
+        self.reference = RealReference.fit(x, labels)
         self.model = GradientBoostingClassifier(n_estimators=100, max_depth=2, random_state=seed).fit(
-            deviation(x, self.mean, self.scale), labels)
+            self.reference.training_features(x, labels), labels)
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        return self.model.predict_proba(deviation(x, self.mean, self.scale))[:, 1]
+        return self.model.predict_proba(self.reference.features(x))[:, 1]
 
 
 def gradient_boosting(seed: int = 0) -> Callable[[np.ndarray, np.ndarray], _Boosting]:
-    """A ``fit(x, labels)`` for scikit-learn gradient boosting (depth-2 trees) on the deviations, seeded."""
+    """A ``fit(x, labels)`` for scikit-learn gradient boosting (depth-2 trees) on :class:`RealReference`
+    features, seeded."""
     return lambda x, labels: _Boosting(x, labels, seed)
 
 

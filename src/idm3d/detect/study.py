@@ -192,6 +192,9 @@ def run_study(
     budget = {g: {"steps": RunDir(run_root / g).read_state().step,
                   "elapsed_s": RunDir(run_root / g).read_state().elapsed_s,
                   **({"process_cpu_s": cpu[g]} if cpu else {})} for g in GENERATORS}
+    trained = (f"each net trained {steps} steps (a short budget; longer budgets are the real study)" if runs is None
+               else "the nets of " + str(runs) + " (" + ", ".join(f"{g} {b['steps']} steps in {b['elapsed_s']:.0f} s"
+                                                             for g, b in budget.items()) + ")")
     met = ", ".join(f"{k} {v['measured']:.3f} ({'met' if v['met'] else 'missed'}, goal {v['goal']})"
                     for k, v in goals.items())
     command = f"idm3d detect study --out {out} --train-steps {steps}" if runs is None else \
@@ -201,7 +204,6 @@ def run_study(
                        "total_s": time.monotonic() - started},
              "summary": f"goals: {met}", "command": command,
              "notes": f"real = held-out MNI T2 windows; generated = the IDMUNet's and the MONAI baseline's T2 from "
-                      f"the same T1 windows, each net trained {steps} steps (a short budget; longer budgets are the "
-                      f"real study). Groups = windows; {met}."}
+                      f"the same T1 windows, {trained}. Groups = windows; {met}."}
     return write_report(out, detector_run, settings, table, result, detector_document(detector_run, settings, table),
                         extra)
