@@ -36,6 +36,9 @@ class _SegmentFunction(torch.autograd.Function):
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         # Outputs that are views (a split at the end) would alias each other for autograd.
         out = tuple(t.clone() if t._base is not None else t for t in out)
+        inputs = {_storage(t) for t in state}
+        # never an output that is (memory of) an input: the caller owns that
+        ctx.reuse = tuple(segment.reuse_output and _storage(t) not in inputs for t in out)
         ctx.segment, ctx.n_state, ctx.n_cond, ctx.n_out = segment, n_state, n_cond, len(out)
         ctx.save_for_backward(*out, *cond)
         return out
@@ -54,14 +57,31 @@ class _SegmentFunction(torch.autograd.Function):
         slot = {id(p): i for i, p in enumerate(params)}
         grad_params: list[Tensor | None] = [None] * len(params)
         device_type, enabled, dtype = ctx.autocast
+        # Memory the caller owns (the incoming gradients, which autograd may share with other
+        # nodes, and the output unless ``reuse_output``) is never written; buffers made by this
+        # backward are handed on as writable, so an op can rebuild its input and gradient in place.
+        kept = [t for t, reuse in zip(saved[: ctx.n_out], ctx.reuse) if not reuse]
+        foreign = {_storage(t) for t in (*kept, *cond_inputs, *grad_out) if t is not None}
         for op in reversed(ctx.segment.ops):
+            writable = tuple((_writable(t, foreign), _writable(g, foreign)) for t, g in zip(state, grads))
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                state, grads, g_cond, g_params = op.backward_pass(state, grads, cond)
+                state, grads, g_cond, g_params = op.backward_pass(state, grads, cond, writable)
             grad_cond = [_add(a, b) for a, b in zip(grad_cond, g_cond)]
             for p, g in zip(grad_parameters(op), g_params):
                 grad_params[slot[id(p)]] = _add(grad_params[slot[id(p)]], g)
         grad_state = [g if n else None for g, n in zip(grads, needs[: ctx.n_state])]
         return (None, None, None, *grad_state, *grad_cond, *grad_params)
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _writable(t: Tensor | None, foreign: set[int]) -> bool:
+    """Made by this backward (not caller memory) and free of broadcast (zero-stride) dimensions."""
+    if t is None or _storage(t) in foreign:
+        return False
+    return all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -78,13 +98,18 @@ class InvertibleSequence(nn.Module):
             :class:`~idm3d.invertible.stack.StackOp` s.
         memory_efficient: store only the output and rebuild inputs in backward (``True``), or run
             plain autograd through the same modules (``False``; for debugging and reference).
+        reuse_output: let the memory-efficient backward rebuild activations in the memory of the
+            segment's output, one output-sized buffer less for the whole backward. The output
+            tensor then holds other values after backward: only for an output nothing reads once
+            backward has run (IDMUNet's core). A second backward through the same graph raises
+            autograd's in-place modification error instead of computing wrong gradients.
 
     Call it as ``seq(x, *cond)`` with ``x`` a tensor or a tuple of tensors (the state stack); it
     returns a tensor when the final state holds one, else a tuple. ``cond`` tensors (e.g. a
     timestep embedding) go to every op, are kept and receive gradients.
     """
 
-    def __init__(self, ops: Iterable[nn.Module], memory_efficient: bool = True) -> None:
+    def __init__(self, ops: Iterable[nn.Module], memory_efficient: bool = True, reuse_output: bool = False) -> None:
         super().__init__()
         wrapped = []
         for op in ops:
@@ -95,6 +120,7 @@ class InvertibleSequence(nn.Module):
             wrapped.append(op)
         self.ops = nn.ModuleList(wrapped)
         self.memory_efficient = memory_efficient
+        self.reuse_output = reuse_output
 
     def _unique_parameters(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}

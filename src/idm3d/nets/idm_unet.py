@@ -118,7 +118,9 @@ class IDMUNet(nn.Module):
         ops, self.op_names = self._core_ops(
             widths, blocks_per_level, attention_levels, attention, hidden_multiplier, num_heads, resample
         )
-        self.core = InvertibleSequence(ops, memory_efficient=memory_efficient)
+        # The core's output only feeds the head (checkpointed, its backward runs first), so the
+        # core's backward may rebuild activations in that output's memory.
+        self.core = InvertibleSequence(ops, memory_efficient=memory_efficient, reuse_output=True)
         self.memory_efficient = memory_efficient  # propagates to the couplings' sub-networks
 
     def _core_ops(
