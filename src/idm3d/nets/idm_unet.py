@@ -118,9 +118,7 @@ class IDMUNet(nn.Module):
         ops, self.op_names = self._core_ops(
             widths, blocks_per_level, attention_levels, attention, hidden_multiplier, num_heads, resample
         )
-        # The core's output only feeds the head (checkpointed, its backward runs first), so the
-        # core's backward may rebuild activations in that output's memory.
-        self.core = InvertibleSequence(ops, memory_efficient=memory_efficient, reuse_output=True)
+        self.core = InvertibleSequence(ops, memory_efficient=memory_efficient)
         self.memory_efficient = memory_efficient  # propagates to the couplings' sub-networks
 
     def _core_ops(
@@ -213,9 +211,10 @@ class IDMUNet(nn.Module):
         emb = self.embed(x, timesteps, context)
         if self.memory_efficient and torch.is_grad_enabled():
             # Recomputing the bookends in backward keeps only their inputs: their full-resolution
-            # activations then never coexist with the core's, which is what bounds the peak.
-            h = self.core(checkpoint(self._stem, x, use_reentrant=False), emb)
-            return checkpoint(self.head, h, use_reentrant=False)
+            # activations then never coexist with the core's, which is what bounds the peak. The
+            # head runs inside the core's node, so the core's backward can work in the memory of
+            # its output and of the head's gradient (see InvertibleSequence).
+            return self.core(checkpoint(self._stem, x, use_reentrant=False), emb, head=self.head)
         return self.head(self.core(self._stem(x), emb))
 
     def _stem(self, x: Tensor) -> Tensor:
