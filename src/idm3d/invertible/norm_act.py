@@ -29,10 +29,23 @@ def _film_shape(t: Tensor, x: Tensor, name: str) -> Tensor:
     return t
 
 
+_CL = torch.channels_last_3d
+_CHUNK = 1 << 15  # positions per product chunk of the channels-last dots
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    return _CL if t.is_contiguous(memory_format=_CL) and not t.is_contiguous() else torch.contiguous_format
+
+
 def _channel_dots(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum`` over the spatial axes, per (sample, channel), without forming ``a * b``."""
     n, c = a.shape[:2]
-    return torch.bmm(a.reshape(n * c, 1, -1), b.reshape(n * c, -1, 1)).reshape(n, c, 1, 1, 1)
+    if _layout(a) == torch.contiguous_format:
+        return torch.bmm(a.reshape(n * c, 1, -1), b.reshape(n * c, -1, 1)).reshape(n, c, 1, 1, 1)
+    # channels last: (N, positions, C) views; the products are formed a bounded chunk at a time
+    a, b = a.permute(0, 2, 3, 4, 1).reshape(n, -1, c), b.permute(0, 2, 3, 4, 1).reshape(n, -1, c)
+    dots = sum((a[:, i : i + _CHUNK] * b[:, i : i + _CHUNK]).sum(1) for i in range(0, a.shape[1], _CHUNK))
+    return dots.reshape(n, c, 1, 1, 1)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -46,14 +59,21 @@ class _GroupNormSiLU(torch.autograd.Function):
         eps: float,
         scale: Tensor | None,
         shift: Tensor | None,
+        channels_last: bool,
     ) -> Tensor:
         n, c = x.shape[:2]
         hw = x[0, 0].numel()
-        x = x.contiguous()
-        out, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, hw, groups, eps)
+        ctx.layout = _layout(x)
+        # x is saved as given (a channel view of a coupling's state costs nothing); a dense copy
+        # lives only while a kernel needs it
+        dense = x.contiguous(memory_format=ctx.layout)
+        out, mean, rstd = torch.native_group_norm(dense, weight, bias, n, c, hw, groups, eps)
+        del dense
         if scale is not None:
             out = torch.addcmul(shift, out, scale)  # the same op the composite module runs
         out = torch.nn.functional.silu(out, inplace=True)
+        if channels_last:
+            out = out.contiguous(memory_format=_CL)
         ctx.save_for_backward(x, weight, bias, mean, rstd, scale, shift)
         ctx.groups, ctx.eps = groups, eps
         return out
@@ -61,14 +81,16 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, bias, mean, rstd, scale, shift = ctx.saved_tensors
-        need_x, need_w, need_b, _, _, need_scale, need_shift = ctx.needs_input_grad
+        need_x, need_w, need_b, _, _, need_scale, need_shift = ctx.needs_input_grad[:7]
         n, c = x.shape[:2]
         hw = x[0, 0].numel()
+        x = x.contiguous(memory_format=ctx.layout)
         # z: the SiLU input, rebuilt as the forward made it, then overwritten by dL/dz.
         z = torch.native_group_norm(x, weight, bias, n, c, hw, ctx.groups, ctx.eps)[0]
         if scale is not None:
             torch.addcmul(shift, z, scale, out=z)
-        torch.ops.aten.silu_backward.grad_input(grad.contiguous(), z, grad_input=z)
+        # grad may come channels-last (from a convolution): elementwise kernels take mixed layouts
+        torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z)
         g_scale = g_shift = None
         if scale is not None:
             dz_sum = z.sum(dim=(2, 3, 4), keepdim=True)
@@ -87,17 +109,26 @@ class _GroupNormSiLU(torch.autograd.Function):
             z.mul_(scale)  # dL/d(normalised x)
         mask = [need_x, need_w and weight is not None, need_b and bias is not None]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(z, x, mean, rstd, weight, n, c, hw, ctx.groups, mask)
-        return gx, gw, gb, None, None, g_scale, g_shift
+        return gx, gw, gb, None, None, g_scale, g_shift, None
 
 
-def group_norm_silu(x: Tensor, norm: nn.GroupNorm, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+def group_norm_silu(
+    x: Tensor,
+    norm: nn.GroupNorm,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    channels_last: bool = False,
+) -> Tensor:
     """``silu(addcmul(shift, norm(x), scale))`` (or ``silu(norm(x))``) as one memory-lean autograd node.
 
     Args:
-        x: ``(B, C, D, H, W)``.
+        x: ``(B, C, D, H, W)``, contiguous or channels-last.
         norm: the ``nn.GroupNorm`` whose groups, eps and affine parameters apply.
         scale: FiLM multiplier ``(B, C, 1, 1, 1)`` (``1 + s``), or ``None``.
         shift: FiLM offset ``(B, C, 1, 1, 1)``; given exactly when ``scale`` is.
+        channels_last: return the result in ``torch.channels_last_3d`` layout (the values are
+            the same): oneDNN's 3D convolutions then need no reordered copies of their operands,
+            and their backward runs faster. The result keeps ``x``'s layout otherwise.
     """
     if (scale is None) != (shift is None):
         raise ValueError("group_norm_silu: scale and shift go together")
@@ -112,5 +143,6 @@ def group_norm_silu(x: Tensor, norm: nn.GroupNorm, scale: Tensor | None = None, 
         out = norm(x)
         if scale is not None:
             out = torch.addcmul(shift, out, scale)
-        return torch.nn.functional.silu(out)
-    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+        out = torch.nn.functional.silu(out)
+        return out.contiguous(memory_format=_CL) if channels_last else out
+    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, channels_last)
