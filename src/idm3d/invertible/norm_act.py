@@ -34,7 +34,9 @@ _CHUNK = 1 << 15  # positions per product chunk of the channels-last dots
 
 
 def _layout(t: Tensor) -> torch.memory_format:
-    return _CL if t.is_contiguous(memory_format=_CL) and not t.is_contiguous() else torch.contiguous_format
+    """The layout the kernels run in: channels-last where ``t`` has it, on CPU (where it was measured)."""
+    cl = t.device.type == "cpu" and t.is_contiguous(memory_format=_CL) and not t.is_contiguous()
+    return _CL if cl else torch.contiguous_format
 
 
 def _channel_dots(a: Tensor, b: Tensor) -> Tensor:
@@ -126,9 +128,9 @@ def group_norm_silu(
         norm: the ``nn.GroupNorm`` whose groups, eps and affine parameters apply.
         scale: FiLM multiplier ``(B, C, 1, 1, 1)`` (``1 + s``), or ``None``.
         shift: FiLM offset ``(B, C, 1, 1, 1)``; given exactly when ``scale`` is.
-        channels_last: return the result in ``torch.channels_last_3d`` layout (the values are
-            the same): oneDNN's 3D convolutions then need no reordered copies of their operands,
-            and their backward runs faster. The result keeps ``x``'s layout otherwise.
+        channels_last: on CPU, return the result in ``torch.channels_last_3d`` layout (the
+            values are the same): oneDNN's 3D convolutions then need no reordered copies of their
+            operands, and their backward runs faster. The result keeps ``x``'s layout otherwise.
     """
     if (scale is None) != (shift is None):
         raise ValueError("group_norm_silu: scale and shift go together")
@@ -138,6 +140,7 @@ def group_norm_silu(
         _film_shape(scale, x, "scale")
         _film_shape(shift, x, "shift")
     device = x.device.type
+    channels_last = channels_last and device == "cpu"
     if torch.is_autocast_enabled(device):
         # GroupNorm autocasts to fp32: keep the composite path there (the fused node has one dtype).
         out = norm(x)

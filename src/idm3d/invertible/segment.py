@@ -6,6 +6,12 @@ reverse: each rebuilds its input from its output and backpropagates (see
 ``InvertibleModule.backward_pass``), so activation memory does not grow with depth. With
 ``memory_efficient=False`` the very same modules run under plain autograd: the reference for
 tests and for debugging.
+
+Backward works in place where it may: memory the caller owns (the incoming gradient, a returned
+output) is only read; the buffers backward makes are handed to the ops as writable, so a coupling
+rebuilds its input and gradient in its output's memory, and a skip join refills the buffer it was
+split from. With ``head=`` (a non-invertible output block run inside the segment's node) the
+segment output is private too: see ``InvertibleSequence``.
 """
 
 from __future__ import annotations

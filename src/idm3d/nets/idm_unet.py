@@ -51,8 +51,11 @@ class IDMUNet(nn.Module):
             channels before they are merged back (on the bottleneck for the last level).
         attention: ``"channel"``, ``"spatial"`` or ``"none"``.
         bookends: nonlinear stem/head (``True``) or single 1x1x1 linear convolutions (ablation).
-        memory_efficient: rebuild core activations in backward and recompute the bookends
-            (activation checkpointing) instead of storing them; ``False``: plain autograd throughout.
+        memory_efficient: rebuild core activations in backward (in place, in the memory of the
+            core's output and of the head's gradient: the head runs inside the core's autograd
+            node) and recompute the bookends instead of storing them; each GroupNorm-SiLU is one
+            lean node and, on CPU, the sub-networks' convolutions run channels-last. ``False``:
+            plain autograd throughout, the reference the memory-efficient gradients equal.
         down_fraction: fraction of a level's channels that goes down (``8 f`` is the channel
             growth per level; ``0.25`` doubles it, as a standard U-Net).
         hidden_multiplier: width of each coupling's sub-network relative to its level's width, one
