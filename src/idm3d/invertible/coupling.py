@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +58,15 @@ class ConditionedConvNet(nn.Module):
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
         fused = self.recompute_norms and torch.is_grad_enabled()
-        return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x, fused)), *cond, fused=fused))
+        if not fused or torch.is_autocast_enabled(x.device.type):
+            return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x, fused)), *cond, fused=fused))
+        # The first convolution's input is not kept: its backward rebuilds it from x (one cheap
+        # GroupNorm-SiLU), so that map is not alive through the second convolution's backward.
+        a = self._norm_act_in(x, fused)
+        with _rebuilt_on_unpack(a, lambda: self._norm_act_in(x.detach(), fused), x):
+            h = self.conv1(a)
+        del a
+        return self.conv2(self._norm_act_hidden(h, *cond, fused=fused))
 
     def _norm_act_in(self, x: Tensor, fused: bool) -> Tensor:
         # fused (memory-efficient): the convolutions run channels-last, no reordered copies
@@ -180,6 +188,32 @@ class AdditiveCoupling(InvertibleModule):
         cond_iter = iter(rest[: len(wanted_cond)])
         grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
         return x, grad_x, grad_cond, rest[len(wanted_cond) :]
+
+
+def _rebuilt_on_unpack(
+    target: Tensor, rebuild: Callable[[], Tensor], source: Tensor
+) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that keep ``target`` out of the graph and call ``rebuild`` when backward needs it.
+
+    ``rebuild`` computes it from ``source``; a write to ``source`` in between is an error, as for
+    any saved tensor.
+    """
+    version = source._version
+    # the hooks outlive the forward (autograd keeps them with the saved tensor): no reference to target
+    key = (target.data_ptr(), target.shape, target.stride())
+
+    def pack(t: Tensor) -> Tensor | tuple[()]:
+        return () if (t.data_ptr(), t.shape, t.stride()) == key else t
+
+    def unpack(packed: Tensor | tuple[()]) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        if source._version != version:
+            raise RuntimeError("ConditionedConvNet: its input was modified in place before backward")
+        with torch.no_grad():
+            return rebuild()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _alias(t: Tensor) -> Tensor:

@@ -40,8 +40,13 @@ class Stem(nn.Module):
             )
         else:
             self.body = nn.Conv3d(in_channels, width, 1)
+        # set by IDMUNet.memory_efficient: GroupNorm-SiLU as one lean node, last convolution channels-last
+        self.recompute_norms = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.recompute_norms and isinstance(self.body, nn.Sequential) and torch.is_grad_enabled():
+            conv1, norm, _, conv2 = self.body
+            return conv2(group_norm_silu(conv1(x), norm, channels_last=True)).contiguous()
         return self.body(x)
 
 

@@ -185,7 +185,7 @@ class IDMUNet(nn.Module):
         for module in self.core.modules():
             if isinstance(module, ConditionedConvNet):
                 module.recompute_norms = bool(value)
-        self.head.recompute_norms = bool(value)
+        self.stem.recompute_norms = self.head.recompute_norms = bool(value)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
