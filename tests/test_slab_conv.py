@@ -112,3 +112,19 @@ def test_bad_arguments_are_value_errors(call, message):
 def test_slab_ranges_cover_the_depth_once():
     assert slab_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert slab_ranges(3, 8) == [(0, 3)]
+
+
+def test_channels_last_input_takes_the_slab_path_exactly():
+    """The memory-efficient IDMUNet feeds channels-last maps (its sub-networks' layout): same results."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 10, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    w = torch.randn(3, 4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = slab_conv3d(x, w, b, slab_bytes=_bytes_for_planes(x, 3, 3, 3))
+    assert type(y.grad_fn).__name__ == "_SlabConv3dFunctionBackward"
+    ref = F.conv3d(x, w, b, padding=1)
+    grad = torch.randn_like(ref)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(y, [x, w, b], grad), torch.autograd.grad(ref, [x, w, b], grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

@@ -29,7 +29,14 @@ def grad_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 class InvertibleModule(nn.Module):
-    """Base class: ``y = forward(x, *cond)`` and ``x = inverse(y, *cond)`` exactly."""
+    """Base class: ``y = forward(x, *cond)`` and ``x = inverse(y, *cond)`` exactly.
+
+    A subclass whose ``backward_pass`` takes ``reuse=(reuse_y, reuse_grad)`` (it may then build ``x``
+    in the memory of ``y``, and ``dL/dx`` in that of ``dL/dy``, which the caller no longer needs)
+    sets ``reuses_buffers = True``; a segment passes it only for memory it may overwrite.
+    """
+
+    reuses_buffers = False
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

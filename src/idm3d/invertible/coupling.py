@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+from idm3d.invertible.norm_act import group_norm_silu
 from idm3d.invertible.norms import group_count
 from idm3d.invertible.slab_conv import SlabConv3d
 
@@ -27,9 +27,10 @@ class ConditionedConvNet(nn.Module):
         hidden_channels: width of the hidden layer.
         cond_dim: size of the conditioning vector (``(B, cond_dim)``), or ``None`` for none.
         kernel_size: spatial kernel size (odd).
-        recompute_norms: recompute each GroupNorm(-FiLM)-SiLU in backward instead of storing its
-            intermediate tensors (activation checkpointing of the cheap elementwise part): the
-            graph then holds three feature maps instead of seven, for a few elementwise ops more.
+        recompute_norms: run each GroupNorm(-FiLM)-SiLU as one autograd node that saves only its
+            input and recomputes the rest in backward (:func:`~idm3d.invertible.norm_act.group_norm_silu`):
+            the graph then holds three feature maps instead of seven and its backward about two
+            transient ones, for a few elementwise ops more.
     """
 
     def __init__(
@@ -56,29 +57,41 @@ class ConditionedConvNet(nn.Module):
         self.recompute_norms = recompute_norms
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
-        if self.recompute_norms and torch.is_grad_enabled():
-            h = self.conv1(checkpoint(self._norm_act_in, x, use_reentrant=False))
-            return self.conv2(checkpoint(self._norm_act_hidden, h, *cond, use_reentrant=False))
-        return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x)), *cond))
+        fused = self.recompute_norms and torch.is_grad_enabled()
+        if not fused or torch.is_autocast_enabled(x.device.type):
+            return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x, fused)), *cond, fused=fused))
+        # The first convolution's input is not kept: its backward rebuilds it from x (one cheap
+        # GroupNorm-SiLU), so that map is not alive through the second convolution's backward.
+        a = self._norm_act_in(x, fused)
+        with _rebuilt_on_unpack(a, lambda: self._norm_act_in(x.detach(), fused), x):
+            h = self.conv1(a)
+        del a
+        return self.conv2(self._norm_act_hidden(h, *cond, fused=fused))
 
-    def _norm_act_in(self, x: Tensor) -> Tensor:
-        return self.act(self.norm1(x))
+    def _norm_act_in(self, x: Tensor, fused: bool) -> Tensor:
+        # fused (memory-efficient): the convolutions run channels-last, no reordered copies
+        return group_norm_silu(x, self.norm1, channels_last=True) if fused else self.act(self.norm1(x))
 
-    def _norm_act_hidden(self, h: Tensor, *cond: Tensor) -> Tensor:
-        h = self.norm2(h)
-        if self.film is not None:
-            if not cond:
-                raise ValueError(f"ConditionedConvNet: expected a conditioning vector of size {self.cond_dim}")
-            emb = cond[0]
-            if emb.dim() != 2 or emb.shape[1] != self.cond_dim:
-                raise ValueError(
-                    f"ConditionedConvNet: expected conditioning of shape (B, {self.cond_dim}), "
-                    f"got {tuple(emb.shape)}"
-                )
-            scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, dim=1)
-            # one fused op: a full-resolution temporary fewer than h * (1 + scale) + shift
-            h = torch.addcmul(shift, h, 1 + scale)
-        return self.act(h)
+    def _norm_act_hidden(self, h: Tensor, *cond: Tensor, fused: bool = False) -> Tensor:
+        if self.film is None:
+            return group_norm_silu(h, self.norm2) if fused else self.act(self.norm2(h))
+        scale, shift = self._film(h, cond)
+        if fused:
+            return group_norm_silu(h, self.norm2, 1 + scale, shift)
+        # one fused op: a full-resolution temporary fewer than h * (1 + scale) + shift
+        return self.act(torch.addcmul(shift, self.norm2(h), 1 + scale))
+
+    def _film(self, h: Tensor, cond: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        assert self.film is not None
+        if not cond:
+            raise ValueError(f"ConditionedConvNet: expected a conditioning vector of size {self.cond_dim}")
+        emb = cond[0]
+        if emb.dim() != 2 or emb.shape[1] != self.cond_dim:
+            raise ValueError(
+                f"ConditionedConvNet: expected conditioning of shape (B, {self.cond_dim}), got {tuple(emb.shape)}"
+            )
+        scale, shift = self.film(emb)[:, :, None, None, None].chunk(2, dim=1)
+        return scale, shift
 
 
 class AdditiveCoupling(InvertibleModule):
@@ -96,6 +109,8 @@ class AdditiveCoupling(InvertibleModule):
         split: size of the conditioning part ``x1``; defaults to ``channels // 2``.
         kernel_size: spatial kernel size of ``F``.
     """
+
+    reuses_buffers = True
 
     def __init__(
         self,
@@ -137,19 +152,76 @@ class AdditiveCoupling(InvertibleModule):
         y1, y2 = self._halves(y)
         return self._join(y1, y2 - self.net(y1, *cond))
 
-    def backward_pass(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
+    def backward_pass(
+        self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor], reuse: tuple[bool, bool] = (False, False)
+    ) -> BackwardResult:
         # x1 == y1, so the F(y1) the inverse needs is the very F(x1) the backward needs:
         # one evaluation of F with a graph serves both, making this cost what plain autograd costs.
+        reuse_y, reuse_grad = reuse
         y1, y2 = self._halves(y)
         g1, g2 = self._halves(grad_y)
-        x1 = y1.detach().requires_grad_(True)
+        # Reusing y, x2 = y2 - F goes into y's memory before F's backward runs and F's output is
+        # freed then; x1 needs a version counter of its own for that (the write leaves its
+        # channels alone, but autograd counts writes per buffer).
+        x1 = (_alias(y1) if reuse_y else y1.detach()).requires_grad_(True)
         params = grad_parameters(self)
         wanted_cond = [c for c in cond if c.requires_grad]
         with torch.enable_grad():
             f = self.net(x1, *cond)
-        x2 = y2 - f.detach()
-        grads = torch.autograd.grad(f, [x1, *wanted_cond, *params], g2, allow_unused=True)
-        grad_x1 = g1 if grads[0] is None else g1 + grads[0]
-        cond_iter = iter(grads[1 : 1 + len(wanted_cond)])
+        root: Tensor | torch.autograd.graph.GradientEdge = f
+        if reuse_y:
+            root = torch.autograd.graph.get_gradient_edge(f)
+            with torch.no_grad():
+                y2.sub_(f)
+            del f
+        grads = torch.autograd.grad(root, [x1, *wanted_cond, *params], g2, allow_unused=True)
+        x = y if reuse_y else self._join(x1.detach(), y2 - root.detach())  # type: ignore[union-attr]
+        rest = list(grads[1:])
+        if reuse_grad:
+            if grads[0] is not None:
+                with torch.no_grad():
+                    g1.add_(grads[0])
+            grad_x = grad_y
+            rest = [_unaliased(g, grad_y) for g in rest]  # later ops overwrite grad_y
+        else:
+            grad_x = self._join(g1 if grads[0] is None else g1 + grads[0], g2)
+        cond_iter = iter(rest[: len(wanted_cond)])
         grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
-        return self._join(x1.detach(), x2), self._join(grad_x1, g2), grad_cond, list(grads[1 + len(wanted_cond) :])
+        return x, grad_x, grad_cond, rest[len(wanted_cond) :]
+
+
+def _rebuilt_on_unpack(
+    target: Tensor, rebuild: Callable[[], Tensor], source: Tensor
+) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that keep ``target`` out of the graph and call ``rebuild`` when backward needs it.
+
+    ``rebuild`` computes it from ``source``; a write to ``source`` in between is an error, as for
+    any saved tensor.
+    """
+    version = source._version
+    # the hooks outlive the forward (autograd keeps them with the saved tensor): no reference to target
+    key = (target.data_ptr(), target.shape, target.stride())
+
+    def pack(t: Tensor) -> Tensor | tuple[()]:
+        return () if (t.data_ptr(), t.shape, t.stride()) == key else t
+
+    def unpack(packed: Tensor | tuple[()]) -> Tensor:
+        if isinstance(packed, Tensor):
+            return packed
+        if source._version != version:
+            raise RuntimeError("ConditionedConvNet: its input was modified in place before backward")
+        with torch.no_grad():
+            return rebuild()
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def _alias(t: Tensor) -> Tensor:
+    """A new tensor over ``t``'s memory, with a version counter of its own."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _unaliased(g: Tensor | None, buffer: Tensor) -> Tensor | None:
+    if g is not None and g.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        return g.clone()
+    return g

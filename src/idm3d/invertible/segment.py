@@ -6,6 +6,12 @@ reverse: each rebuilds its input from its output and backpropagates (see
 ``InvertibleModule.backward_pass``), so activation memory does not grow with depth. With
 ``memory_efficient=False`` the very same modules run under plain autograd: the reference for
 tests and for debugging.
+
+Backward works in place where it may: memory the caller owns (the incoming gradient, a returned
+output) is only read; the buffers backward makes are handed to the ops as writable, so a coupling
+rebuilds its input and gradient in its output's memory, and a skip join refills the buffer it was
+split from. With ``head=`` (a non-invertible output block run inside the segment's node) the
+segment output is private too: see ``InvertibleSequence``.
 """
 
 from __future__ import annotations
@@ -24,10 +30,18 @@ State = tuple[Tensor, ...]
 
 
 class _SegmentFunction(torch.autograd.Function):
-    """Forward without a graph; backward by inversion. Inputs: state, cond, then parameters."""
+    """Forward without a graph; backward by inversion. Inputs: state, cond, parameters, head parameters."""
 
     @staticmethod
-    def forward(ctx, segment: InvertibleSequence, n_state: int, n_cond: int, *args: Tensor) -> State:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx,
+        segment: InvertibleSequence,
+        head: nn.Module | None,
+        n_state: int,
+        n_cond: int,
+        n_params: int,
+        *args: Tensor,
+    ) -> State:
         state, cond = tuple(args[:n_state]), tuple(args[n_state : n_state + n_cond])
         out = segment._run(state, cond)
         # backward must evaluate every sub-network exactly as forward did (same autocast state),
@@ -36,32 +50,79 @@ class _SegmentFunction(torch.autograd.Function):
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         # Outputs that are views (a split at the end) would alias each other for autograd.
         out = tuple(t.clone() if t._base is not None else t for t in out)
-        ctx.segment, ctx.n_state, ctx.n_cond, ctx.n_out = segment, n_state, n_cond, len(out)
+        ctx.segment, ctx.head, ctx.n_state, ctx.n_cond, ctx.n_out = segment, head, n_state, n_cond, len(out)
+        ctx.head_params = args[n_state + n_cond + n_params :]
+        inputs = {_storage(t) for t in state}
+        # Behind a head the segment output is private: backward may rebuild activations in its
+        # memory (never in memory of an input, which the caller owns).
+        ctx.reuse = tuple(head is not None and _storage(t) not in inputs for t in out)
         ctx.save_for_backward(*out, *cond)
-        return out
+        if head is None:
+            return out
+        result = head(*out)
+        result = (result,) if isinstance(result, Tensor) else tuple(result)
+        private = inputs | {_storage(t) for t in out}
+        return tuple(r.clone() if r._base is not None or _storage(r) in private else r for r in result)
 
     @staticmethod
     def backward(ctx, *grad_out: Tensor):  # type: ignore[override]
         saved = ctx.saved_tensors
-        state = tuple(t.detach() for t in saved[: ctx.n_out])
-        cond_inputs = saved[ctx.n_out :]
-        needs = ctx.needs_input_grad[3:]
+        outputs, cond_inputs = saved[: ctx.n_out], saved[ctx.n_out :]
+        needs = ctx.needs_input_grad[5:]
         cond_needs = needs[ctx.n_state : ctx.n_state + ctx.n_cond]
         cond = [c.detach().requires_grad_(bool(n)) for c, n in zip(cond_inputs, cond_needs)]
-        grads = tuple(grad_out)
+        device_type, enabled, dtype = ctx.autocast
+        # Memory the caller owns (the incoming gradients, which autograd may share with other
+        # nodes, and a returned output) is never written; buffers made by this backward are
+        # handed on as writable, so an op can rebuild its input and gradient in place.
+        kept = [t for t, reuse in zip(outputs, ctx.reuse) if not reuse]
+        foreign = {_storage(t) for t in (*kept, *cond_inputs, *grad_out) if t is not None}
+        state = tuple(t.detach() for t in outputs)
+        grads: tuple[Tensor, ...] = tuple(grad_out)
+        grad_head: list[Tensor | None] = []
+        if ctx.head is not None:
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                grads, grad_head = _head_backward(ctx.head, state, ctx.head_params, grad_out)
         grad_cond: list[Tensor | None] = [None] * len(cond)
         params = ctx.segment._unique_parameters()
         slot = {id(p): i for i, p in enumerate(params)}
         grad_params: list[Tensor | None] = [None] * len(params)
-        device_type, enabled, dtype = ctx.autocast
         for op in reversed(ctx.segment.ops):
+            writable = tuple((_writable(t, foreign), _writable(g, foreign)) for t, g in zip(state, grads))
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                state, grads, g_cond, g_params = op.backward_pass(state, grads, cond)
+                state, grads, g_cond, g_params = op.backward_pass(state, grads, cond, writable)
             grad_cond = [_add(a, b) for a, b in zip(grad_cond, g_cond)]
             for p, g in zip(grad_parameters(op), g_params):
                 grad_params[slot[id(p)]] = _add(grad_params[slot[id(p)]], g)
         grad_state = [g if n else None for g, n in zip(grads, needs[: ctx.n_state])]
-        return (None, None, None, *grad_state, *grad_cond, *grad_params)
+        return (None, None, None, None, None, *grad_state, *grad_cond, *grad_params, *grad_head)
+
+
+def _head_backward(
+    head: nn.Module, state: State, params: Sequence[Tensor], grad_out: Sequence[Tensor]
+) -> tuple[tuple[Tensor, ...], list[Tensor | None]]:
+    """Recompute ``head(*state)`` with a graph; the gradients w.r.t. ``state`` and ``params``."""
+    inputs = tuple(t.detach().requires_grad_(True) for t in state)
+    with torch.enable_grad():
+        result = head(*inputs)
+    result = (result,) if isinstance(result, Tensor) else tuple(result)
+    pairs = [(r, g) for r, g in zip(result, grad_out) if r.requires_grad]
+    grads = torch.autograd.grad(
+        [r for r, _ in pairs], [*inputs, *params], [g for _, g in pairs], allow_unused=True
+    ) if pairs else (None,) * (len(inputs) + len(params))
+    grad_state = tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs))
+    return grad_state, list(grads[len(inputs) :])
+
+
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _writable(t: Tensor | None, foreign: set[int]) -> bool:
+    """Made by this backward (not caller memory) and free of broadcast (zero-stride) dimensions."""
+    if t is None or _storage(t) in foreign:
+        return False
+    return all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape))
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -82,6 +143,13 @@ class InvertibleSequence(nn.Module):
     Call it as ``seq(x, *cond)`` with ``x`` a tensor or a tuple of tensors (the state stack); it
     returns a tensor when the final state holds one, else a tuple. ``cond`` tensors (e.g. a
     timestep embedding) go to every op, are kept and receive gradients.
+
+    ``seq(x, *cond, head=module)`` returns ``module(*final_state)`` instead, ``module`` being any
+    (non-invertible) network, e.g. a U-Net's output block. Memory-efficient, it runs inside the
+    segment's autograd node: its activations are recomputed in backward (as under activation
+    checkpointing), and because the segment output is then never handed out, the backward
+    rebuilds activations in that output's memory and in the gradient the head produces, instead
+    of keeping both, as it must for a returned output and for autograd's incoming gradient.
     """
 
     def __init__(self, ops: Iterable[nn.Module], memory_efficient: bool = True) -> None:
@@ -112,16 +180,20 @@ class InvertibleSequence(nn.Module):
     def _as_state(x: Tensor | Sequence[Tensor]) -> State:
         return (x,) if isinstance(x, Tensor) else tuple(x)
 
-    def forward(self, x: Tensor | Sequence[Tensor], *cond: Tensor) -> Tensor | State:
+    def forward(self, x: Tensor | Sequence[Tensor], *cond: Tensor, head: nn.Module | None = None) -> Tensor | State:
         state = self._as_state(x)
         params = self._unique_parameters()
+        head_params = grad_parameters(head) if head is not None else []
         wants_grad = torch.is_grad_enabled() and (
-            any(t.requires_grad for t in (*state, *cond)) or len(params) > 0
+            any(t.requires_grad for t in (*state, *cond)) or len(params) + len(head_params) > 0
         )
         if self.memory_efficient and wants_grad:
-            out = _SegmentFunction.apply(self, len(state), len(cond), *state, *cond, *params)
+            n = (len(state), len(cond), len(params))
+            out = _SegmentFunction.apply(self, head, *n, *state, *cond, *params, *head_params)
         else:
             out = self._run(state, cond)
+            if head is not None:
+                return head(*out)
         return out[0] if len(out) == 1 else tuple(out)
 
     def inverse(self, y: Tensor | Sequence[Tensor], *cond: Tensor) -> Tensor | State:

@@ -31,8 +31,14 @@ class StackOp(nn.Module):
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward_pass(self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor]) -> StackBackward:
-        """Rebuild the input state from the output ``state`` and backpropagate ``grads``."""
+    def backward_pass(
+        self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor], writable: Sequence[tuple[bool, bool]] = ()
+    ) -> StackBackward:
+        """Rebuild the input state from the output ``state`` and backpropagate ``grads``.
+
+        ``writable[i]``: whether ``state[i]`` and ``grads[i]`` are memory the caller no longer needs,
+        so the op may rebuild its input and gradient there (empty: none is).
+        """
         raise NotImplementedError  # pragma: no cover - abstract
 
     @staticmethod
@@ -62,9 +68,15 @@ class Apply(StackOp):
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
         return self._replace(state, self.module.inverse(state[self._index(state, self.index, "Apply")], *cond))
 
-    def backward_pass(self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor]) -> StackBackward:
+    def backward_pass(
+        self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor], writable: Sequence[tuple[bool, bool]] = ()
+    ) -> StackBackward:
         i = self._index(state, self.index, "Apply")
-        x, grad_x, grad_cond, grad_params = self.module.backward_pass(state[i], grads[i], cond)
+        reuse = tuple(writable[i]) if i < len(writable) else (False, False)
+        if self.module.reuses_buffers and any(reuse):
+            x, grad_x, grad_cond, grad_params = self.module.backward_pass(state[i], grads[i], cond, reuse=reuse)
+        else:
+            x, grad_x, grad_cond, grad_params = self.module.backward_pass(state[i], grads[i], cond)
         return self._replace(state, x), (*grads[:i], grad_x, *grads[i + 1 :]), grad_cond, grad_params
 
 
@@ -95,8 +107,15 @@ class ChannelSplit(StackOp):
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
         return (*state[:-2], torch.cat(state[-2:], dim=1))
 
-    def backward_pass(self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor]) -> StackBackward:
-        return self.inverse(state, cond), (*grads[:-2], torch.cat(tuple(grads[-2:]), dim=1)), [None] * len(cond), []
+    def backward_pass(
+        self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor], writable: Sequence[tuple[bool, bool]] = ()
+    ) -> StackBackward:
+        reuse_x, reuse_grad = tuple(writable[-2]) if len(writable) >= 2 else (False, False)
+        x = _join_in_place(state) if reuse_x else None
+        g = _join_in_place(tuple(grads)) if reuse_grad else None
+        x = torch.cat(state[-2:], dim=1) if x is None else x
+        g = torch.cat(tuple(grads[-2:]), dim=1) if g is None else g
+        return (*state[:-2], x), (*grads[:-2], g), [None] * len(cond), []
 
 
 class ChannelMerge(StackOp):
@@ -128,6 +147,55 @@ class ChannelMerge(StackOp):
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
         return self.split.forward(state, cond)
 
-    def backward_pass(self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor]) -> StackBackward:
+    def backward_pass(
+        self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor], writable: Sequence[tuple[bool, bool]] = ()
+    ) -> StackBackward:
         sizes = self.split.sizes
         return self.inverse(state, cond), (*grads[:-1], *torch.split(grads[-1], sizes, dim=1)), [None] * len(cond), []
+
+
+def _channel_block(t: Tensor, base: Tensor) -> tuple[int, int] | None:
+    """``(first, last + 1)`` channel of ``base`` when ``t`` is ``base[:, first:last + 1]``, else ``None``."""
+    if (
+        t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+        or t.dim() != base.dim()
+        or t.stride() != base.stride()
+        or t.dtype != base.dtype
+        or t.shape[:1] + t.shape[2:] != base.shape[:1] + base.shape[2:]
+    ):
+        return None
+    offset = t.storage_offset() - base.storage_offset()
+    if offset < 0 or offset % base.stride(1):
+        return None
+    first = offset // base.stride(1)
+    return (first, first + t.shape[1]) if first + t.shape[1] <= base.shape[1] else None
+
+
+def _join_in_place(entries: tuple[Tensor, ...]) -> Tensor | None:
+    """``cat(entries[-2:], dim=1)`` built in the buffer the first of them is the leading channels of.
+
+    After a merge's split, the skip (``entries[-2]``) is ``buffer[:, :a]`` and the channels after
+    it held the other half, which a resampling then replaced by a new tensor: those channels are
+    scratch unless another entry still covers them. The second part is copied there and the
+    joined state is a view of that buffer, so no new full-size tensor is made and the old buffer
+    (e.g. a segment output) is not kept alive next to one. ``None`` where that does not apply.
+    """
+    a, b = entries[-2:]
+    base = a if a._base is None else a._base
+    block = _channel_block(a, base)
+    if block is None or block[0] != 0 or not base.is_contiguous() or b.dtype != a.dtype:
+        return None
+    start, stop = a.shape[1], a.shape[1] + b.shape[1]
+    if stop > base.shape[1] or b.shape[:1] + b.shape[2:] != a.shape[:1] + a.shape[2:]:
+        return None
+    in_place = _channel_block(b, base) == (start, stop)
+    for t in (*entries[:-2], *(() if in_place else (b,))):
+        if t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr():
+            continue
+        other = _channel_block(t, base)
+        if other is None or (other[0] < stop and start < other[1]):
+            return None  # the channels after the skip are still in use
+    joined = base[:, :stop]
+    if not in_place:
+        joined[:, start:stop].copy_(b)
+    return joined

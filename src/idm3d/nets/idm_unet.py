@@ -51,8 +51,11 @@ class IDMUNet(nn.Module):
             channels before they are merged back (on the bottleneck for the last level).
         attention: ``"channel"``, ``"spatial"`` or ``"none"``.
         bookends: nonlinear stem/head (``True``) or single 1x1x1 linear convolutions (ablation).
-        memory_efficient: rebuild core activations in backward and recompute the bookends
-            (activation checkpointing) instead of storing them; ``False``: plain autograd throughout.
+        memory_efficient: rebuild core activations in backward (in place, in the memory of the
+            core's output and of the head's gradient: the head runs inside the core's autograd
+            node) and recompute the bookends instead of storing them; each GroupNorm-SiLU is one
+            lean node and, on CPU, the sub-networks' convolutions run channels-last. ``False``:
+            plain autograd throughout, the reference the memory-efficient gradients equal.
         down_fraction: fraction of a level's channels that goes down (``8 f`` is the channel
             growth per level; ``0.25`` doubles it, as a standard U-Net).
         hidden_multiplier: width of each coupling's sub-network relative to its level's width, one
@@ -182,6 +185,7 @@ class IDMUNet(nn.Module):
         for module in self.core.modules():
             if isinstance(module, ConditionedConvNet):
                 module.recompute_norms = bool(value)
+        self.stem.recompute_norms = self.head.recompute_norms = bool(value)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
@@ -211,9 +215,10 @@ class IDMUNet(nn.Module):
         emb = self.embed(x, timesteps, context)
         if self.memory_efficient and torch.is_grad_enabled():
             # Recomputing the bookends in backward keeps only their inputs: their full-resolution
-            # activations then never coexist with the core's, which is what bounds the peak.
-            h = self.core(checkpoint(self._stem, x, use_reentrant=False), emb)
-            return checkpoint(self.head, h, use_reentrant=False)
+            # activations then never coexist with the core's, which is what bounds the peak. The
+            # head runs inside the core's node, so the core's backward can work in the memory of
+            # its output and of the head's gradient (see InvertibleSequence).
+            return self.core(checkpoint(self._stem, x, use_reentrant=False), emb, head=self.head)
         return self.head(self.core(self._stem(x), emb))
 
     def _stem(self, x: Tensor) -> Tensor:
