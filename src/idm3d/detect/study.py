@@ -37,7 +37,7 @@ from idm3d.training.run import LoadedRun, load_run
 from idm3d.training.rundir import RunDir
 from idm3d.training.trainer import train
 
-__all__ = ["GOALS", "STUDY_STEPS", "WINDOW", "run_study"]
+__all__ = ["GOALS", "STUDY_STEPS", "WINDOW", "run_study", "time_64"]
 
 STUDY_STEPS = 300  # training steps of each net in the default study (the demo trains ~8 minutes)
 WINDOW = (32, 32, 16)
@@ -121,7 +121,7 @@ def _material(out: Path, runs: dict[str, LoadedRun], progress: bool) -> tuple[di
     return inputs, groups
 
 
-def _timing(run: LoadedRun, settings: DetectSettings, threads: int) -> dict[str, Any]:
+def time_64(run: LoadedRun, settings: DetectSettings, threads: int) -> dict[str, Any]:
     """Seconds (wall, process CPU) to score one 64^3 volume: a central crop of the template, twice."""
     demo = DemoSource(run.config).demo
     size = 64
@@ -187,7 +187,7 @@ def run_study(
     table = FeatureTable.concat(tables)
     result = evaluate(table, n_boot=n_boot, seed=seed)
     _say("timing one 64^3 volume", progress)
-    timing = _timing(detector_run, settings, threads)
+    timing = time_64(detector_run, settings, threads)
     goals = _goals(result, timing)
     budget = {g: {"steps": RunDir(run_root / g).read_state().step,
                   "elapsed_s": RunDir(run_root / g).read_state().elapsed_s,
