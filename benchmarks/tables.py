@@ -22,8 +22,8 @@ BENCH = ROOT / "docs" / "bench"
 BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
 NETS = "idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack"
 COMMANDS = {
-    "memory-64.jsonl": f"idm3d bench memory --sizes 64 --nets {NETS} --threads 1 --max-growth-gib 8 "
-    "--timeout 2400 --json-out docs/bench/memory-64.jsonl --plot docs/bench/memory-64.png",
+    "memory-64.jsonl": f"idm3d bench memory --sizes 64 --nets {NETS} --threads 2 --warmup 1 --repeats 2 "
+    "--max-growth-gib 14 --json-out docs/bench/memory-64.jsonl --plot docs/bench/memory-64.png",
     "memory-128.jsonl": "idm3d bench memory --sizes 128 --nets idm,patchddm-ckpt,monai-ckpt,conv-stack --threads 1 "
     "--repeats 1 --max-growth-gib 14 --timeout 2400 --json-out docs/bench/memory-128.jsonl",
     "malloc-64.jsonl": "idm3d bench memory --sizes 64 --nets idm --malloc tuned,system --threads 2 "
@@ -32,8 +32,8 @@ COMMANDS = {
     "--threads 1 --warmup 1 --repeats 1 --max-growth-gib 12 --json-out docs/bench/inference-128.jsonl",
     "flops-128.jsonl": "idm3d bench memory --flops-only --sizes 128 --nets monai,monai-ckpt,patchddm,patchddm-ckpt "
     "--json-out docs/bench/flops-128.jsonl",
-    "idm-256.jsonl": "idm3d bench memory --sizes 256 --nets idm --threads 1 --warmup 0 --max-growth-gib 16 "
-    "--timeout 3000 --json-out docs/bench/idm-256.jsonl",
+    "idm-256.jsonl": "idm3d bench memory --sizes 256 --nets idm --threads 2 --warmup 0 --repeats 0 --no-flops "
+    "--max-growth-gib 18 --timeout 5000 --json-out docs/bench/idm-256.jsonl",
 }
 SHORT = {
     "idm": "IDMUNet (memory-efficient)",
