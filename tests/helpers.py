@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -103,3 +104,14 @@ def tiny_run_config(data: dict, train: dict | None = None, sample: dict | None =
         "train": {"max_steps": 3, "checkpoint_every": 2, "log_every": 1, "progress": False, **(train or {})},
         "sample": {"steps": 2, **(sample or {})},
     }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch CPU threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,4 @@
-"""The CPU allocator setting: applied by the command line, opt-out, and it really returns memory."""
+"""The CPU allocator settings: applied by the command line, opt-out, and they really do what they say."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 import idm3d.bench.allocator as allocator
-from idm3d.bench.allocator import ENV_VAR, configure_from_env
+from idm3d.bench.allocator import ENV_VAR, HUGE_PAGES_ENV, configure_from_env, enable_huge_pages
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError
 
@@ -94,3 +95,59 @@ def test_a_bad_setting_is_one_line_naming_the_variable(monkeypatch, mallopt_call
     assert "IDM3D_MALLOC" in err
     assert "Traceback" not in err
     assert mallopt_calls == []
+
+
+# Whether the kernel backs madvised memory with transparent huge pages ("[never]": it cannot).
+_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+_THP_ON = _THP_MODE.exists() and "[never]" not in _THP_MODE.read_text()
+
+# Enables huge pages before importing torch, then touches one 64 MiB tensor and reports the
+# process's huge-page-backed anonymous memory.
+HUGE_PAGES = textwrap.dedent(
+    """
+    import os, re
+    from idm3d.bench.allocator import enable_huge_pages
+    used = enable_huge_pages()
+    import torch
+    big = torch.ones(16 * 2**20)
+    huge = re.search(r"AnonHugePages:\\s+(\\d+)", open("/proc/self/smaps_rollup").read())
+    print(used, os.environ.get("THP_MEM_ALLOC_ENABLE"), int(huge.group(1)) // 1024 if huge else -1)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc only")
+@pytest.mark.parametrize("user", [None, "0", "1"])
+def test_huge_pages_are_on_unless_the_user_chose(user):
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    if user is not None:
+        env[HUGE_PAGES_ENV] = user
+    proc = subprocess.run([sys.executable, "-c", HUGE_PAGES], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    used, value, huge_mib = proc.stdout.split()
+    assert value == (user or "1")  # the user's choice is kept
+    assert used == str(user != "0")
+    if used == "True" and _THP_ON:
+        assert int(huge_mib) >= 32, proc.stdout  # the 64 MiB tensor sits (mostly) on 2 MiB pages
+
+
+def test_huge_pages_after_torch_is_imported_say_so(monkeypatch):
+    monkeypatch.delenv(HUGE_PAGES_ENV, raising=False)
+    assert "torch" in sys.modules  # as in this test process
+    assert enable_huge_pages() is False  # too late: torch has read its setting
+    assert HUGE_PAGES_ENV not in os.environ
+
+
+def test_the_command_line_enables_huge_pages_before_torch_loads():
+    code = textwrap.dedent(
+        """
+        import os, sys
+        sys.argv = ["idm3d", "bench", "memory", "--nets", "nope"]
+        from idm3d.cli.main import main
+        print(main(), os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch" in sys.modules)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "1", "True"]  # set, and torch was imported after it

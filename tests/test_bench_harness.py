@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from idm3d.bench.allocator import HUGE_PAGES_ENV
 from idm3d.bench.harness import (
     Column,
     count_step_flops,
@@ -133,6 +135,8 @@ def test_subprocess_run_returns_json_with_rss_growth(child_target):
     # addmm forward + weight-gradient mm (the input needs no gradient): 2 * (2 * B * 8 * 8)
     assert result["flops"] == 2 * 2 * 4 * 8 * 8
     assert result["energy_j_per_step"] is None  # no GPU: the fields exist and are null
+    # children get huge pages as the command line sets them, unless this environment chose
+    assert result["huge_pages"] is (os.environ.get(HUGE_PAGES_ENV, "1") == "1")
 
 
 def test_subprocess_errors_are_one_line(child_target):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import BRATS_AFFINE, write_brats_folder
+from helpers import BRATS_AFFINE, torch_threads, write_brats_folder
 from idm3d.cli.main import main
 
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
@@ -32,10 +32,8 @@ def _config(root: Path, **train) -> dict:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

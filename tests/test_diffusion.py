@@ -7,6 +7,7 @@ import torch
 from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from helpers import torch_threads
 from idm3d.diffusion import build_scheduler, denoise_fn, diffusion_loss, predict_x0, sample, training_target
 from idm3d.training.config import DiffusionConfig, ModelConfig
 from idm3d.training.model_factory import build_model
@@ -20,10 +21,8 @@ TINY_MODELS = {
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize(

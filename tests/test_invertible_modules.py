@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from helpers import perturb
+from helpers import perturb, torch_threads
 from idm3d.invertible import (
     AdditiveCoupling,
     Apply,
@@ -36,10 +36,8 @@ COND_DIM = 6
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny convolutions on a shared 2-core machine: extra threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 # name -> (factory, input shape, takes a conditioning vector)

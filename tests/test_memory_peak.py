@@ -16,7 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from helpers import perturb
+from helpers import perturb, torch_threads
 from idm3d import IDMUNet
 from idm3d.invertible import AdditiveCoupling, InvertibleSequence
 from idm3d.invertible.norm_act import group_norm_silu
@@ -27,10 +27,8 @@ E = 8
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Live-tensor accounting does not depend on threads; small convolutions only spin on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 class LiveBytes(TorchDispatchMode):

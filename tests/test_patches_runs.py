@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import idm3d
-from helpers import BRATS_AFFINE, tiny_run_config, write_brats_folder
+from helpers import BRATS_AFFINE, tiny_run_config, torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.diffusion.coordinates import position_of
 
@@ -23,10 +23,8 @@ PATCH = [16, 16, 16]
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _train(base: Path, root: Path, name: str, patch: dict | None) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import write_brats_folder
+from helpers import torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.nets.idm_unet import IDMUNet
@@ -26,10 +26,8 @@ TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from helpers import perturb
+from helpers import perturb, torch_threads
 from idm3d.invertible import (
     AdditiveCoupling,
     Apply,
@@ -32,10 +32,8 @@ E = 6  # conditioning vector size
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny convolutions on a shared 2-core machine: extra threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def unet_segment(end_split: bool = False) -> InvertibleSequence:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from helpers import torch_threads
 from idm3d.invertible import (
     AdditiveCoupling,
     ChannelMerge,
@@ -28,10 +29,8 @@ E = 6
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny convolutions on a shared 2-core machine: extra threads only spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def couplings(depth: int, memory_efficient: bool, channels: int = 8) -> InvertibleSequence:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import write_brats_folder
+from helpers import torch_threads, write_brats_folder
 from idm3d.errors import DataError, IDM3DError, NonFiniteError
 from idm3d.training.checkpoint import latest_checkpoint, list_checkpoints
 from idm3d.training.config import Config, config_from_dict
@@ -45,10 +45,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -13,6 +13,18 @@ So it is opt-in: ``IDM3D_MALLOC=tuned`` makes the ``idm3d`` command apply it at 
 whose limit is memory; the default ``system`` keeps glibc's behaviour. The benchmarks' memory rows
 set ``tuned`` explicitly (their ``--malloc`` option).
 Off glibc (macOS, musl) this is a no-op.
+
+Huge pages (on by default in the ``idm3d`` command): every fresh tensor's pages are faulted in
+by the kernel on first touch, one fault per 4 KiB page. At 256^3 a feature map is 1-2 GiB, and
+~40% of a memory-efficient IDMUNet step's CPU time was system time in those faults.
+``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own switch, makes its CPU allocator align blocks of 2 MiB
+and more to 2 MiB and ask for transparent huge pages (``madvise``): one fault per 2 MiB. The
+256^3 step took 561 instead of 709 CPU-s with the same peak (docs/bench/README.md).
+PyTorch reads the variable once, when it is imported, so :func:`enable_huge_pages` must run
+first: the command line calls it before anything imports torch, and the benchmarks' fresh
+processes inherit it. A value the user set (``THP_MEM_ALLOC_ENABLE=0`` to opt out) is kept. A
+library user sets the variable before starting Python. Where the kernel's THP mode is ``never``
+it changes nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +32,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 
 from idm3d.errors import ConfigError
 
-__all__ = ["ENV_VAR", "MMAP_THRESHOLD", "applied_settings", "configure_from_env", "tune_malloc"]
+__all__ = [
+    "ENV_VAR",
+    "HUGE_PAGES_ENV",
+    "MMAP_THRESHOLD",
+    "applied_settings",
+    "configure_from_env",
+    "enable_huge_pages",
+    "tune_malloc",
+]
 
 ENV_VAR = "IDM3D_MALLOC"
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch, read when torch is imported
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept fixed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
 _applied: dict[str, int] | None = None
@@ -75,3 +97,20 @@ def configure_from_env() -> dict[str, int] | None:
 def applied_settings() -> dict[str, int] | None:
     """The thresholds this process set through :func:`tune_malloc`, or ``None``."""
     return None if _applied is None else dict(_applied)
+
+
+def enable_huge_pages() -> bool:
+    """Ask PyTorch's CPU allocator for transparent huge pages, unless the user chose already.
+
+    Sets ``THP_MEM_ALLOC_ENABLE=1`` when it is unset and torch is not imported yet.
+
+    Returns:
+        Whether this process's torch uses huge pages: ``False`` when the user set another value,
+        or when torch was imported before the call (it has read its setting already).
+    """
+    value = os.environ.get(HUGE_PAGES_ENV)
+    if value is None:
+        if "torch" in sys.modules:
+            return False
+        os.environ[HUGE_PAGES_ENV] = value = "1"
+    return value.strip() == "1"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from idm3d.bench.allocator import ENV_VAR as ALLOCATOR_ENV
-from idm3d.bench.allocator import configure_from_env
+from idm3d.bench.allocator import HUGE_PAGES_ENV, configure_from_env
 
 # Reporting helpers live in ``report``; re-exported so benchmarks import one module.
 from idm3d.bench.report import (
@@ -412,6 +412,7 @@ def run_config(
     # The child applies the allocator setting the CLI applies (``idm3d.bench.allocator``), unless the
     # configuration asks for glibc's defaults (``"malloc": "system"``) to measure the difference.
     env[ALLOCATOR_ENV] = str(config.get("malloc", env.get(ALLOCATOR_ENV, "tuned")))
+    env.setdefault(HUGE_PAGES_ENV, "1")  # as the command line sets it (the child imports torch afresh)
     proc = subprocess.Popen(
         [sys.executable, "-m", "idm3d.bench.harness", target],
         stdin=subprocess.PIPE,
@@ -492,6 +493,7 @@ def _child_main(argv: Sequence[str]) -> int:
         result = dict(func(config))
         result.setdefault("status", "ok")
         result["malloc_settings"] = malloc
+        result["huge_pages"] = os.environ.get(HUGE_PAGES_ENV, "").strip() == "1"
     except torch.OutOfMemoryError as err:
         result = {"status": "oom", "error": str(err).splitlines()[0]}
     except Exception as err:
