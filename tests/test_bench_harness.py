@@ -223,3 +223,37 @@ def test_missing_benchmark_module_is_a_one_line_error(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("idm3d: error: bench ghost: not available")
     assert "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("sizes", "expected"),
+    [
+        # (net, largest fitting cube, hit the largest probed) with a fake 1 GiB budget
+        ("64,128,192", {"idm": (192, True), "patchddm": (128, False)}),
+        (None, {"idm": (256, True), "patchddm": (128, False)}),  # bisection up to --max 256
+    ],
+)
+def test_max_size_reports_the_largest_fitting_cube(monkeypatch, capsys, sizes, expected):
+    import argparse
+
+    import idm3d.bench.max_size as max_size
+
+    limits = {"idm": 10**9, "patchddm": 150}  # PatchDDM-3D "fits" up to 150^3 (edges multiples of 64)
+    calls = []
+
+    def fake_run(target, config, timeout_s, growth_limit_bytes):
+        calls.append((config["net"], config["size"]))
+        fits = config["size"] <= limits[config["net"]]
+        return {"status": "ok" if fits else "over_budget", "peak_growth_mib": 100.0 if fits else None}
+
+    monkeypatch.setattr(max_size, "run_config", fake_run)
+    parser = argparse.ArgumentParser()
+    max_size.add_arguments(parser)
+    argv = ["--budget-gib", "1", "--nets", "idm,patchddm", "--json"] + (["--sizes", sizes] if sizes else [])
+    assert max_size.run(parser.parse_args(argv)) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    got = {r["net"]: (r["max_size"], r["hit_max"]) for r in rows}
+    assert got == expected
+    if sizes:  # listed sizes smallest first, up to the first that does not fit
+        assert calls == [("idm", 64), ("idm", 128), ("idm", 192), ("patchddm", 64), ("patchddm", 128),
+                         ("patchddm", 192)]

@@ -159,13 +159,13 @@ def run(args: argparse.Namespace) -> int:
             return ok
 
         if sizes:
-            best = 0
+            best, top = 0, max((x for x in sizes if x % unit == 0), default=0)
             for s in sorted(x for x in sizes if x % unit == 0):
                 if not fits(s // unit):
                     break  # fitting is monotone in the size (as bisection assumes): larger ones fail too
                 best = s
         else:
-            best = bisect_max(fits, args.max // unit) * unit
+            best, top = bisect_max(fits, args.max // unit) * unit, args.max // unit * unit
         at_best = next((p for p in probes if p["size"] == best), {})
         rows.append(
             {
@@ -176,9 +176,10 @@ def run(args: argparse.Namespace) -> int:
                 "budget_gib": args.budget_gib,
                 "batch": args.batch,
                 "precision": args.precision,
-                "max_probed": args.max,
+                "max_probed": top,
                 "max_size": best or None,
-                "hit_max": best > 0 and best + unit > args.max,
+                # the largest size asked about fits: the true limit may lie beyond it
+                "hit_max": best > 0 and best == top,
                 "peak_growth_mib_at_max": at_best.get("peak_growth_mib"),
                 "probes": sorted(probes, key=lambda p: p["size"]),
                 "machine": info,
@@ -201,7 +202,7 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
     table = []
     for r in rows:
         size = r["max_size"]
-        cube = (f"{size}^3" if size else f"none >= {STEP}^3") + (" (= --max)" if r["hit_max"] else "")
+        cube = (f"{size}^3" if size else f"none >= {STEP}^3") + (" (largest probed)" if r["hit_max"] else "")
         probed = ", ".join(
             f"{p['size']}: {p['peak_growth_mib']:.0f}" if p["status"] == "ok" else f"{p['size']}: {p['status']}"
             for p in r["probes"]
