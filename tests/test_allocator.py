@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import idm3d.bench.allocator as allocator
-from idm3d.bench.allocator import ENV_VAR, HUGE_PAGES_ENV, configure_from_env, enable_huge_pages
+from idm3d.bench.allocator import ENV_VAR, HUGE_PAGES_ENV, configure_from_env, enable_huge_pages, huge_pages_for
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError
 
@@ -138,7 +138,8 @@ def test_huge_pages_after_torch_is_imported_say_so(monkeypatch):
     assert HUGE_PAGES_ENV not in os.environ
 
 
-def test_the_command_line_enables_huge_pages_before_torch_loads():
+@pytest.mark.parametrize(("setting", "expected"), [("tuned", "1"), ("system", None)])
+def test_the_command_line_applies_huge_pages_with_tuned_before_torch_loads(setting, expected):
     code = textwrap.dedent(
         """
         import os, sys
@@ -148,6 +149,17 @@ def test_the_command_line_enables_huge_pages_before_torch_loads():
         """
     )
     env = {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+    env[ENV_VAR] = setting
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["2", "1", "True"]  # set, and torch was imported after it
+    # tuned: set, and torch was imported after it; system: PyTorch's default (unset)
+    assert proc.stdout.split() == ["2", str(expected), "True"]
+
+
+@pytest.mark.parametrize("user", [None, "0", "1"])
+def test_children_start_with_the_huge_pages_of_their_setting(monkeypatch, user):
+    monkeypatch.setattr(allocator, "_USER_HUGE_PAGES", user)
+    assert huge_pages_for("tuned") == (user or "1")
+    assert huge_pages_for("system") == (user or "0")
+    with pytest.raises(ValueError, match="huge_pages_for"):
+        huge_pages_for("fast")

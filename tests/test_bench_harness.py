@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from idm3d.bench.allocator import HUGE_PAGES_ENV
+import idm3d.bench.allocator as allocator
 from idm3d.bench.harness import (
     Column,
     count_step_flops,
@@ -135,8 +134,14 @@ def test_subprocess_run_returns_json_with_rss_growth(child_target):
     # addmm forward + weight-gradient mm (the input needs no gradient): 2 * (2 * B * 8 * 8)
     assert result["flops"] == 2 * 2 * 4 * 8 * 8
     assert result["energy_j_per_step"] is None  # no GPU: the fields exist and are null
-    # children get huge pages as the command line sets them, unless this environment chose
-    assert result["huge_pages"] is (os.environ.get(HUGE_PAGES_ENV, "1") == "1")
+
+
+def test_subprocess_huge_pages_follow_the_allocator_setting(child_target, monkeypatch):
+    monkeypatch.setattr(allocator, "_USER_HUGE_PAGES", None)  # as if the user set nothing
+    for setting, expected in (("tuned", True), ("system", False)):
+        result = run_config(f"{child_target}:linear", {"batch": 1, "malloc": setting}, timeout_s=120)
+        assert result["status"] == "ok", result
+        assert result["huge_pages"] is expected, setting
 
 
 def test_subprocess_errors_are_one_line(child_target):

@@ -14,17 +14,18 @@ whose limit is memory; the default ``system`` keeps glibc's behaviour. The bench
 set ``tuned`` explicitly (their ``--malloc`` option).
 Off glibc (macOS, musl) this is a no-op.
 
-Huge pages (on by default in the ``idm3d`` command): every fresh tensor's pages are faulted in
-by the kernel on first touch, one fault per 4 KiB page. At 256^3 a feature map is 1-2 GiB, and
-~40% of a memory-efficient IDMUNet step's CPU time was system time in those faults.
-``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own switch, makes its CPU allocator align blocks of 2 MiB
-and more to 2 MiB and ask for transparent huge pages (``madvise``): one fault per 2 MiB. The
-256^3 step took 561 instead of 709 CPU-s with the same peak (docs/bench/README.md).
-PyTorch reads the variable once, when it is imported, so :func:`enable_huge_pages` must run
-first: the command line calls it before anything imports torch, and the benchmarks' fresh
-processes inherit it. A value the user set (``THP_MEM_ALLOC_ENABLE=0`` to opt out) is kept. A
-library user sets the variable before starting Python. Where the kernel's THP mode is ``never``
-it changes nothing.
+Huge pages (part of ``tuned``): every fresh tensor's pages are faulted in by the kernel on first
+touch, one fault per 4 KiB page, and under ``tuned`` every block over 128 KiB is fresh. At 256^3 a
+feature map is 1-2 GiB, and ~40% of a memory-efficient IDMUNet step's CPU time was system time in
+those faults. ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own switch, makes its CPU allocator align blocks
+of 2 MiB and more to 2 MiB and ask for transparent huge pages (``madvise``): one fault per 2 MiB.
+The 256^3 step took 561 instead of 709 CPU-s with the same peak. With glibc's default heap the
+same switch made the 64^3 step slower (6.4 against 5.3 CPU-s: the heap reuses its pages, so there
+are few faults to save), so ``system`` leaves it off (docs/bench/README.md). PyTorch reads the
+variable once, when it is imported, so the command line applies ``IDM3D_MALLOC`` before anything
+imports torch, and the benchmarks start each child with the variable its setting implies
+(:func:`huge_pages_for`). A value the user set is always kept. Where the kernel's THP mode is
+``never`` it changes nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ __all__ = [
     "applied_settings",
     "configure_from_env",
     "enable_huge_pages",
+    "huge_pages_for",
     "tune_malloc",
 ]
 
@@ -51,6 +53,7 @@ HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch, read when torch is 
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept fixed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
 _applied: dict[str, int] | None = None
+_USER_HUGE_PAGES = os.environ.get(HUGE_PAGES_ENV)  # the user's own choice, before idm3d sets it
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -81,7 +84,9 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int | None
 
 
 def configure_from_env() -> dict[str, int] | None:
-    """Apply :func:`tune_malloc` when ``IDM3D_MALLOC=tuned`` (default ``system``: glibc's defaults).
+    """Apply :func:`tune_malloc` and :func:`enable_huge_pages` when ``IDM3D_MALLOC=tuned``.
+
+    The default ``system`` keeps glibc's and PyTorch's defaults.
 
     Returns:
         The thresholds applied, or ``None``.
@@ -91,6 +96,7 @@ def configure_from_env() -> dict[str, int] | None:
         return None
     if choice != "tuned":
         raise ConfigError(f"{ENV_VAR}: expected 'tuned' or 'system', got {os.environ[ENV_VAR]!r}")
+    enable_huge_pages()  # effective only before torch is imported
     return dict(_applied or {}) if tune_malloc() else None
 
 
@@ -114,3 +120,15 @@ def enable_huge_pages() -> bool:
             return False
         os.environ[HUGE_PAGES_ENV] = value = "1"
     return value.strip() == "1"
+
+
+def huge_pages_for(setting: str) -> str:
+    """The ``THP_MEM_ALLOC_ENABLE`` value for a fresh process with this allocator setting.
+
+    ``"1"`` for ``tuned`` and ``"0"`` for ``system``, unless the user set the variable (then theirs).
+    """
+    if setting not in ("tuned", "system"):
+        raise ValueError(f"huge_pages_for: expected 'tuned' or 'system', got {setting!r}")
+    if _USER_HUGE_PAGES is not None:
+        return _USER_HUGE_PAGES
+    return "1" if setting == "tuned" else "0"

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from idm3d.bench.allocator import ENV_VAR as ALLOCATOR_ENV
-from idm3d.bench.allocator import HUGE_PAGES_ENV, configure_from_env
+from idm3d.bench.allocator import HUGE_PAGES_ENV, configure_from_env, huge_pages_for
 
 # Reporting helpers live in ``report``; re-exported so benchmarks import one module.
 from idm3d.bench.report import (
@@ -412,7 +412,7 @@ def run_config(
     # The child applies the allocator setting the CLI applies (``idm3d.bench.allocator``), unless the
     # configuration asks for glibc's defaults (``"malloc": "system"``) to measure the difference.
     env[ALLOCATOR_ENV] = str(config.get("malloc", env.get(ALLOCATOR_ENV, "tuned")))
-    env.setdefault(HUGE_PAGES_ENV, "1")  # as the command line sets it (the child imports torch afresh)
+    env[HUGE_PAGES_ENV] = huge_pages_for(env[ALLOCATOR_ENV])  # read when the child imports torch
     proc = subprocess.Popen(
         [sys.executable, "-m", "idm3d.bench.harness", target],
         stdin=subprocess.PIPE,

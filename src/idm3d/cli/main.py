@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-from idm3d.bench.allocator import configure_from_env, enable_huge_pages
+from idm3d.bench.allocator import configure_from_env
 from idm3d.errors import IDM3DError
 
 # Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="idm3d",
         description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
         epilog="Environment: IDM3D_MALLOC=tuned fixes glibc's mmap/trim thresholds so freed tensors return to the "
-        "system (lower RSS, more CPU per step; default system). THP_MEM_ALLOC_ENABLE=1 (PyTorch's; set by default, "
-        "0 to opt out) backs large tensors with huge pages: fewer page faults. See idm3d.bench.allocator.",
+        "system (lower RSS, more CPU per step) and backs large tensors with huge pages (THP_MEM_ALLOC_ENABLE=1 "
+        "unless set); default system. See idm3d.bench.allocator.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,13 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     # Only a real command line (not an in-process call with argv) tunes the process's allocator.
     from_command_line = argv is None
     if from_command_line:
-        enable_huge_pages()  # before any sub-command imports torch, which reads it once
+        try:
+            # IDM3D_MALLOC=tuned: RSS near the live tensors; before any sub-command imports torch,
+            # which reads its huge-page switch once
+            configure_from_env()
+        except IDM3DError as err:
+            print(f"idm3d: error: {err}", file=sys.stderr)
+            return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if from_command_line:
-            configure_from_env()  # IDM3D_MALLOC=tuned: RSS near the live tensors, at a CPU cost
         return int(args.func(args) or 0)
     except (IDM3DError, FileNotFoundError) as err:
         if args.debug:
