@@ -199,7 +199,7 @@ def inference() -> str:
 
 
 def big() -> str:
-    pages = {"idm-256.jsonl": "2 MiB (default)", "idm-256-4k.jsonl": "4 KiB"}
+    pages = {"idm-256.jsonl": "2 MiB (tuned default)", "idm-256-4k.jsonl": "4 KiB"}
     body = [
         [
             SHORT[r["net"]],
