@@ -41,6 +41,7 @@ __all__ = [
     "ENV_VAR",
     "HUGE_PAGES_ENV",
     "MMAP_THRESHOLD",
+    "SETTINGS",
     "applied_settings",
     "configure_from_env",
     "enable_huge_pages",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 ENV_VAR = "IDM3D_MALLOC"
+SETTINGS = ("tuned", "system")  # the values of IDM3D_MALLOC and of the benchmarks' --malloc
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch, read when torch is imported
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept fixed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
@@ -94,8 +96,8 @@ def configure_from_env() -> dict[str, int] | None:
     choice = os.environ.get(ENV_VAR, "system").strip().lower()
     if choice == "system":
         return None
-    if choice != "tuned":
-        raise ConfigError(f"{ENV_VAR}: expected 'tuned' or 'system', got {os.environ[ENV_VAR]!r}")
+    if choice not in SETTINGS:
+        raise ConfigError(f"{ENV_VAR}: expected one of {', '.join(SETTINGS)}, got {os.environ[ENV_VAR]!r}")
     enable_huge_pages()  # effective only before torch is imported
     return dict(_applied or {}) if tune_malloc() else None
 
@@ -127,8 +129,8 @@ def huge_pages_for(setting: str) -> str:
 
     ``"1"`` for ``tuned`` and ``"0"`` for ``system``, unless the user set the variable (then theirs).
     """
-    if setting not in ("tuned", "system"):
-        raise ValueError(f"huge_pages_for: expected 'tuned' or 'system', got {setting!r}")
+    if setting not in SETTINGS:
+        raise ValueError(f"huge_pages_for: expected one of {', '.join(SETTINGS)}, got {setting!r}")
     if _USER_HUGE_PAGES is not None:
         return _USER_HUGE_PAGES
     return "1" if setting == "tuned" else "0"

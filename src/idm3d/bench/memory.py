@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from idm3d.bench.allocator import SETTINGS
 from idm3d.bench.compare import COLUMNS, add_ratios, markdown, plot_rows
 from idm3d.bench.harness import (
     add_common_arguments,
@@ -150,8 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _mallocs(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names or any(n not in ("tuned", "system") for n in names):
-        raise ConfigError(f"--malloc: expected a comma list of tuned/system, got {text!r}")
+    if not names or any(n not in SETTINGS for n in names):
+        raise ConfigError(f"--malloc: expected a comma list of {'/'.join(SETTINGS)}, got {text!r}")
     return names
 
 
