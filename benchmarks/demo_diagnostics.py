@@ -16,8 +16,8 @@ import sys
 import torch
 
 from idm3d.metrics import evaluate_pair
-from idm3d.training.data_source import data_source
-from idm3d.training.run import load_run
+from idm3d.runs.data_source import data_source
+from idm3d.runs.load import load_run
 
 
 def main(run_dir: str) -> None:

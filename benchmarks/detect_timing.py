@@ -1,6 +1,6 @@
 """Time ``idm3d detect`` on one 64^3 volume alone: the 64^3 goal of docs/detect.md without the study around it.
 
-The same measurement as the last step of ``idm3d detect study`` (:func:`idm3d.detect.study.time_64`: a
+The same measurement as the last step of the detect study (:func:`benchmarks.detect_study.time_64`: a
 central 64^3 crop of the MNI T2 template with its T1, features through the IDMUNet run, twice), for a
 machine that was busy while the study ran. Prints JSON (wall and process CPU seconds of each volume).
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from benchmarks.detect_study import time_64
 from idm3d.detect.core import DetectSettings
-from idm3d.detect.study import time_64
-from idm3d.training.run import load_run
+from idm3d.runs.load import load_run
 
 
 def main() -> None:

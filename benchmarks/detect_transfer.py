@@ -1,6 +1,6 @@
 """Cross-generator transfer of the supervised detectors: distance features (idm3d's) against signed ones.
 
-Reads a ``features.csv`` written by ``idm3d detect`` / ``idm3d detect study`` (two or more generators) and
+Reads a ``features.csv`` written by ``idm3d detect`` or the detect study (two or more generators) and
 prints, for every ordered pair of generators A -> B, the AUROC of a detector fitted on the reals and A's
 fakes of the training folds, scored on the reals and B's fakes of the held-out folds (the same
 ``out_of_fold`` folds as the report), for logistic regression and gradient boosting, each on the signed

@@ -6,7 +6,7 @@ Runs one warm-up step, times one step (process CPU and wall), then profiles a th
 ``torch.profiler`` and prints the operators by self CPU time, then the convolutions by input shape
 (``aten::slow_conv3d_forward`` is PyTorch's native loop, chosen over oneDNN for small 5D inputs).
 Used for the throughput analysis in docs/bench/README.md, e.g. ``python benchmarks/op_profile.py 64 1``.
-Set ``THP_MEM_ALLOC_ENABLE=1`` as the ``idm3d`` command does (``idm3d.bench.allocator``).
+Set ``THP_MEM_ALLOC_ENABLE=1`` as the ``idm3d`` command does (``idm3d.allocator``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import idm3d.bench.allocator as allocator
-from idm3d.bench.allocator import ENV_VAR, HUGE_PAGES_ENV, configure_from_env, enable_huge_pages, huge_pages_for
+import idm3d.allocator as allocator
+from idm3d.allocator import ENV_VAR, HUGE_PAGES_ENV, configure_from_env, enable_huge_pages, huge_pages_for
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError
 
@@ -21,7 +21,7 @@ from idm3d.errors import ConfigError
 RETENTION = textwrap.dedent(
     """
     import re, sys, torch
-    import idm3d.bench.allocator as allocator
+    import idm3d.allocator as allocator
     if sys.argv[1] == "tuned":
         assert allocator.tune_malloc()
     def rss():
@@ -106,7 +106,7 @@ _THP_ON = _THP_MODE.exists() and "[never]" not in _THP_MODE.read_text()
 HUGE_PAGES = textwrap.dedent(
     """
     import os, re
-    from idm3d.bench.allocator import enable_huge_pages
+    from idm3d.allocator import enable_huge_pages
     used = enable_huge_pages()
     import torch
     big = torch.ones(16 * 2**20)

@@ -309,7 +309,7 @@ def _bench_args(*argv: str) -> argparse.Namespace:
 
 
 def test_bench_configurations():
-    from idm3d.bench.attention import _configs
+    from benchmarks.attention import _configs
 
     args = _bench_args("--sizes", "8,32", "--spatial-sizes", "8", "--channels", "8,16", "--monai-max-tokens", "600")
     configs = _configs(args, "cpu")
@@ -323,7 +323,7 @@ def test_bench_configurations():
 
 
 def test_bench_runs_one_configuration(capsys):
-    from idm3d.bench.attention import run
+    from benchmarks.attention import run
 
     args = _bench_args(
         "--sizes", "8", "--variants", "channel", "--modes", "memory_efficient", "--channels", "4",

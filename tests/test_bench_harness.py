@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import idm3d.bench.allocator as allocator
+import idm3d.allocator as allocator
 from idm3d.bench.harness import (
     Column,
     count_step_flops,
@@ -190,7 +190,7 @@ def test_conv_flops_match_analytic_count(cin, cout, k, size, input_grad):
 
 
 def test_flops_count_the_rebuilt_activations():
-    from idm3d.bench.core import CoreModel
+    from benchmarks.segment_depth import CoreModel
 
     x, features = torch.randn(1, 8, 8, 8, 8), torch.randn(1, 16)
     flops = {}

@@ -10,8 +10,8 @@ from monai.networks.schedulers import DDPMScheduler
 from idm3d.data.patches import PatchSampler, crop
 from idm3d.diffusion.coordinates import coordinate_channels, position_of
 from idm3d.diffusion.pipeline import DiffusionPipeline
-from idm3d.training.config import load_config
-from idm3d.training.model_factory import model_channels
+from idm3d.runs.config import load_config
+from idm3d.runs.model_factory import model_channels
 
 
 def _value(i: int, n: int) -> float:
@@ -88,7 +88,7 @@ def test_network_input_channels_follow_the_setting():
 
 
 def test_the_demo_held_out_band_knows_its_place_in_the_template():
-    from idm3d.training.data_source import data_source
+    from idm3d.runs.data_source import data_source
 
     cfg = load_config("configs/demo.yaml", ["data.patch.coordinates=true"])
     source = data_source(cfg)

@@ -9,8 +9,8 @@ import pytest
 
 from helpers import write_brats_folder
 from idm3d.errors import ConfigError, DataError
-from idm3d.training.config import config_from_dict
-from idm3d.training.data_source import FolderSource, data_source
+from idm3d.runs.config import config_from_dict
+from idm3d.runs.data_source import FolderSource, data_source
 
 
 def _config(root: Path, **data):

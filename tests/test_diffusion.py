@@ -9,8 +9,8 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from helpers import torch_threads
 from idm3d.diffusion import build_scheduler, denoise_fn, diffusion_loss, predict_x0, sample, training_target
-from idm3d.training.config import DiffusionConfig, ModelConfig
-from idm3d.training.model_factory import build_model
+from idm3d.runs.config import DiffusionConfig, ModelConfig
+from idm3d.runs.model_factory import build_model
 
 TINY_MODELS = {
     "idm": ModelConfig("idm", {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, True]}),

@@ -18,11 +18,11 @@ import yaml
 from helpers import write_brats_folder
 from idm3d.cli.main import build_parser, main
 from idm3d.errors import ConfigError, NonFiniteError
+from idm3d.runs.checkpoint import list_checkpoints
+from idm3d.runs.config import config_from_dict
+from idm3d.runs.logs import read_metrics
+from idm3d.runs.tensorboard import tensorboard_available
 from idm3d.training import distributed
-from idm3d.training.checkpoint import list_checkpoints
-from idm3d.training.config import config_from_dict
-from idm3d.training.logs import read_metrics
-from idm3d.training.tensorboard import tensorboard_available
 from idm3d.training.trainer import Trainer, train
 
 # Two levels with attention on the bottom one: couplings, resampling and attention all in the core.

@@ -14,10 +14,10 @@ import yaml
 from helpers import write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import IDM3DError
-from idm3d.training.checkpoint import list_checkpoints
-from idm3d.training.config import ModelConfig, config_from_dict
-from idm3d.training.logs import read_metrics
-from idm3d.training.model_factory import build_model
+from idm3d.runs.checkpoint import list_checkpoints
+from idm3d.runs.config import ModelConfig, config_from_dict
+from idm3d.runs.logs import read_metrics
+from idm3d.runs.model_factory import build_model
 from idm3d.training.trainer import Trainer
 
 KWARGS = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False],

@@ -18,7 +18,7 @@ import yaml
 from helpers import write_brats_folder
 from idm3d.cli.main import main
 from idm3d.invertible import linalg
-from idm3d.training.config import TrainConfig
+from idm3d.runs.config import TrainConfig
 
 KWARGS = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, True],
           "memory_efficient": True}

@@ -92,7 +92,7 @@ def test_pipeline_sample_is_what_infer_returns(run_dir: Path):
 
 def test_average_is_the_mean_of_chains_from_separate_seeds(run_dir: Path):
     """``sample.average`` K: the mean of K chains, chain k seeded ``seed + k * AVERAGE_SEED_STRIDE``."""
-    from idm3d.training.run import AVERAGE_SEED_STRIDE
+    from idm3d.runs.load import AVERAGE_SEED_STRIDE
 
     condition = torch.linspace(-1, 1, 16**3).reshape(1, 1, 16, 16, 16)
     single = idm3d.load_run(run_dir, device="cpu")
@@ -120,7 +120,7 @@ def test_bad_run_folder_is_one_line(tmp_path: Path):
 
 def test_top_level_names_are_lazy():
     code = ("import sys, idm3d; assert 'monai' not in sys.modules and 'idm3d.training' not in sys.modules; "
-            "assert callable(idm3d.load_run) and 'idm3d.training.run' in sys.modules; print(sorted(idm3d.__all__))")
+            "assert callable(idm3d.load_run) and 'idm3d.runs.load' in sys.modules; print(sorted(idm3d.__all__))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "'load_run'" in done.stdout

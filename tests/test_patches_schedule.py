@@ -12,8 +12,8 @@ import torch
 from idm3d.data.patch_schedule import PATCH_DIFFUSION_MIX, PatchSchedule, scaled_sizes
 from idm3d.data.patches import PatchSampler, generator_for_step
 from idm3d.errors import ConfigError
-from idm3d.training.config import PatchConfig, config_from_dict, config_to_dict, load_config
-from idm3d.training.data_source import patch_schedule
+from idm3d.runs.config import PatchConfig, config_from_dict, config_to_dict, load_config
+from idm3d.runs.data_source import patch_schedule
 
 
 def test_scaled_sizes_round_down_to_the_network_multiple():

@@ -1,4 +1,4 @@
-"""``idm3d bench patches`` / ``bench sampling``: the study's configurations, its goal verdicts on known
+"""``python -m benchmarks.patch_study`` / ``bench sampling``: the study's configurations, its goal verdicts on known
 measurements, the written report, option errors, and whole-volume sampling measured end to end (16^3)."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmarks import main as lab
+from benchmarks import patch_study, sampling
+from benchmarks.patch_report import judge, summarise, write_report
+from benchmarks.patch_study import CONFIGS, study_config, train_child
 
 from helpers import TINY_IDM
-from idm3d.bench.patch_report import judge, summarise, write_report
-from idm3d.bench.patch_study import CONFIGS, study_config, train_child
-from idm3d.cli.main import main
-from idm3d.training.config import load_config
+from idm3d.runs.config import load_config
 
 
 def test_the_four_configurations_on_the_demo_grid():
@@ -102,7 +103,8 @@ def test_the_goal_over_seeds_needs_a_majority_and_counts_never_reached_as_infini
 
 
 def test_the_report_files(tmp_path: Path):
-    meta = {"machine": {"cpu": "test", "cores": 1}, "command": "idm3d bench patches --out x", "config": "demo.yaml",
+    meta = {"machine": {"cpu": "test", "cores": 1}, "command": "python -m benchmarks.patch_study --out x",
+            "config": "demo.yaml",
             "cpu_seconds": 200.0, "flops_size": 128}
     write_report(tmp_path, {"0": ROWS, "1": ROWS}, FLOPS, meta)
     report = json.loads((tmp_path / "report.json").read_text())
@@ -131,7 +133,7 @@ def test_the_report_files(tmp_path: Path):
     ],
 )
 def test_study_option_errors_are_one_line(tmp_path: Path, capsys, args, fault):
-    assert main(["bench", "patches", "--out", str(tmp_path / "s"), *args]) == 2
+    assert lab(patch_study, ["--out", str(tmp_path / "s"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert fault in err
     assert len(err.splitlines()) == 1
@@ -164,7 +166,7 @@ def test_bench_sampling_measures_a_whole_volume_step_with_coordinates(tmp_path: 
     cfg.write_text(yaml.safe_dump({"data": {"task": "translate", "sources": ["t1"], "targets": ["t2"]},
                                    "model": {"name": "idm", "kwargs": TINY_IDM}}))
     out = tmp_path / "rows.jsonl"
-    assert main(["bench", "sampling", "--sizes", "16,24", "--config", str(cfg), "--threads", "1",
+    assert lab(sampling, ["--sizes", "16,24", "--config", str(cfg), "--threads", "1",
                  "--json-out", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["size"] for r in rows] == [16, 24]

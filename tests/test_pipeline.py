@@ -8,8 +8,8 @@ from torch import Tensor, nn
 
 from helpers import perturb
 from idm3d.diffusion import DiffusionPipeline, build_scheduler, training_target
-from idm3d.training.config import DiffusionConfig, ModelConfig
-from idm3d.training.model_factory import build_model
+from idm3d.runs.config import DiffusionConfig, ModelConfig
+from idm3d.runs.model_factory import build_model
 
 SCALE = 0.5  # data ~ N(0, SCALE^2): the exact denoiser is linear in x_t
 

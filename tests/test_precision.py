@@ -15,10 +15,10 @@ from helpers import torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.nets.idm_unet import IDMUNet
-from idm3d.training.checkpoint import latest_checkpoint
-from idm3d.training.config import config_from_dict, config_to_dict, load_config
-from idm3d.training.logs import read_metrics
-from idm3d.training.precision import autocast, autocast_dtype, overflow_explained
+from idm3d.runs.checkpoint import latest_checkpoint
+from idm3d.runs.config import config_from_dict, config_to_dict, load_config
+from idm3d.runs.logs import read_metrics
+from idm3d.runs.precision import autocast, autocast_dtype, overflow_explained
 from idm3d.training.trainer import Trainer
 
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, True]}

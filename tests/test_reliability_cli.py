@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 from helpers import BRATS_AFFINE, phantom, write_brats_folder, write_volume
 from idm3d.cli.main import main
 from idm3d.errors import CheckpointError
-from idm3d.training.checkpoint import list_checkpoints, load_checkpoint
-from idm3d.training.logs import read_metrics
+from idm3d.runs.checkpoint import list_checkpoints, load_checkpoint
+from idm3d.runs.logs import read_metrics
 
 SRC = Path(__file__).parents[1] / "src"
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}

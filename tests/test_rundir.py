@@ -12,10 +12,10 @@ import yaml
 
 from idm3d.data.split import split_cases
 from idm3d.errors import CheckpointError, DataError
-from idm3d.training.checkpoint import TrainState, optimizer_to_flat, save_checkpoint
-from idm3d.training.config import config_from_dict, config_to_dict
-from idm3d.training.run import load_run
-from idm3d.training.rundir import RunDir
+from idm3d.runs.checkpoint import TrainState, optimizer_to_flat, save_checkpoint
+from idm3d.runs.config import config_from_dict, config_to_dict
+from idm3d.runs.load import load_run
+from idm3d.runs.rundir import RunDir
 from idm3d.training.trainer import Trainer
 
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}

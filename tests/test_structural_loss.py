@@ -12,7 +12,7 @@ from idm3d.diffusion.schedule import diffusion_loss, predict_x0, training_target
 from idm3d.diffusion.structural import ssim_loss, ssim_map_separable
 from idm3d.errors import ConfigError
 from idm3d.metrics import ssim, ssim_map
-from idm3d.training.config import config_from_dict
+from idm3d.runs.config import config_from_dict
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 20, 18, 16), (1, 2, 13, 24, 7)])

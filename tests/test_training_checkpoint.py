@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from idm3d.errors import CheckpointError, NonFiniteError
-from idm3d.training.checkpoint import (
+from idm3d.runs.checkpoint import (
     checkpoint_paths,
     latest_checkpoint,
     list_checkpoints,
@@ -21,9 +21,9 @@ from idm3d.training.checkpoint import (
     remove_stale_files,
     save_checkpoint,
 )
-from idm3d.training.config import ModelConfig
+from idm3d.runs.config import ModelConfig
+from idm3d.runs.model_factory import architecture_signature, build_model
 from idm3d.training.ema import EMA
-from idm3d.training.model_factory import architecture_signature, build_model
 
 
 def _net(width: int = 4) -> nn.Module:

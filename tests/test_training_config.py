@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from idm3d.errors import ConfigError
-from idm3d.training.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from idm3d.runs.config import Config, config_from_dict, config_to_dict, load_config, save_config
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import write_brats_folder
-from idm3d.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from idm3d.training.logs import read_metrics
+from idm3d.runs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from idm3d.runs.logs import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")]
 

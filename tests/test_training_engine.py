@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from helpers import torch_threads, write_brats_folder
 from idm3d.errors import DataError, IDM3DError, NonFiniteError
-from idm3d.training.checkpoint import latest_checkpoint, list_checkpoints
-from idm3d.training.config import Config, config_from_dict
-from idm3d.training.logs import read_metrics
+from idm3d.runs.checkpoint import latest_checkpoint, list_checkpoints
+from idm3d.runs.config import Config, config_from_dict
+from idm3d.runs.logs import read_metrics
 from idm3d.training.trainer import Trainer, train
 
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}

@@ -15,9 +15,9 @@ import yaml
 from helpers import tiny_run_config, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError
-from idm3d.training import tensorboard as tb
+from idm3d.runs import tensorboard as tb
+from idm3d.runs.rundir import RunDir
 from idm3d.training.progress import budget_postfix, format_seconds
-from idm3d.training.rundir import RunDir
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from idm3d.bench.allocator import ENV_VAR as ALLOCATOR_ENV
-from idm3d.bench.allocator import HUGE_PAGES_ENV, configure_from_env, huge_pages_for
+from idm3d.allocator import ENV_VAR as ALLOCATOR_ENV
+from idm3d.allocator import HUGE_PAGES_ENV, configure_from_env, huge_pages_for
 
 # Reporting helpers live in ``report``; re-exported so benchmarks import one module.
 from idm3d.bench.report import (
@@ -409,7 +409,7 @@ def run_config(
     env = dict(os.environ)
     env[_CHILD_ENV] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-    # The child applies the allocator setting the CLI applies (``idm3d.bench.allocator``), unless the
+    # The child applies the allocator setting the CLI applies (``idm3d.allocator``), unless the
     # configuration asks for glibc's defaults (``"malloc": "system"``) to measure the difference.
     env[ALLOCATOR_ENV] = str(config.get("malloc", env.get(ALLOCATOR_ENV, "tuned")))
     env[HUGE_PAGES_ENV] = huge_pages_for(env[ALLOCATOR_ENV])  # read when the child imports torch

@@ -8,7 +8,7 @@ parameters, plain and with every block checkpointed, and PatchDDM-3D's published
 and checkpointed. ``conv-stack`` (8 x Conv3d(32, 32, 3) + SiLU) measures what the machine's
 convolutions deliver, the yardstick of the GFLOP/s ratio. ``--inference`` measures one no-grad
 denoiser call instead (sampling). ``--malloc tuned,system`` repeats each row with glibc's default
-allocator thresholds (see :mod:`idm3d.bench.allocator`). Every row is compared with every baseline.
+allocator thresholds (see :mod:`idm3d.allocator`). Every row is compared with every baseline.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from idm3d.bench.allocator import SETTINGS
+from idm3d.allocator import SETTINGS
 from idm3d.bench.compare import COLUMNS, add_ratios, markdown, plot_rows
 from idm3d.bench.harness import (
     add_common_arguments,
@@ -129,7 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--malloc",
         default="tuned",
-        help="comma list of allocator settings to compare: tuned (the CLI's, idm3d.bench.allocator) and/or system "
+        help="comma list of allocator settings to compare: tuned (the CLI's, idm3d.allocator) and/or system "
         "(glibc defaults) (default tuned)",
     )
     parser.add_argument(

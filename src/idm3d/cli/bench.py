@@ -12,14 +12,9 @@ __all__ = ["BENCHMARKS", "register"]
 
 # (sub-command, module exposing add_arguments(parser) and run(args) -> int, help)
 BENCHMARKS: tuple[tuple[str, str, str], ...] = (
-    ("core", "idm3d.bench.core", "memory and time of an invertible segment, N vs 2N couplings"),
-    ("attention", "idm3d.bench.attention", "invertible attention variants: memory and time"),
     ("memory", "idm3d.bench.memory", "IDMUNet vs MONAI (plain, checkpointed) and PatchDDM-3D: memory, time, FLOPs"),
     ("profile", "idm3d.bench.profile", "per module of one training step: bytes saved for backward, peak memory"),
     ("max-size", "idm3d.bench.max_size", "largest trainable cube per network within a memory budget"),
-    ("precision", "idm3d.bench.precision", "drift of rebuilt inputs and gradient error in bf16/fp16"),
-    ("sampling", "idm3d.bench.sampling", "whole-volume sampling (one pass per step): memory and time per cube edge"),
-    ("patches", "idm3d.bench.patch_study", "patch training on the demo data: time to quality, FLOPs vs PatchDDM-3D"),
 )
 
 

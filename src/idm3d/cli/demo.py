@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and PNG previews per direction into --out/<source>_to_<target>/ and the headline report.md / "
         "report.json with both directions into --out.",
     )
-    p.add_argument("--out", type=Path, help="output folder (default runs/demo; with --study runs/demo-study)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/demo)")
     p.add_argument("--minutes", type=float, help="each IDMUNet's training budget in CPU minutes of its process "
                    "(default: the config's train.max_cpu_seconds); each MONAI baseline gets the CPU time its "
                    "IDMUNet used")
@@ -32,18 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the config's train.device)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo's outputs in --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars and stage messages")
-    p.add_argument("--study", action="store_true", help="instead of the demo, the T1 -> T2 study into --out "
-                   "(default runs/demo-study): the IDMUNet, its ablations (no bookends; channel attention on the "
-                   "lowest level) and MONAI at equal CPU time and at equal steps, each --minutes CPU minutes, and a "
-                   "--long-minutes IDMUNet run scored along the way (docs/demo.md)")
-    p.add_argument("--long-minutes", type=float, default=30.0, help="--study: CPU minutes of the long IDMUNet run")
-    p.add_argument("--jobs", type=int, help="--study: training processes at once (default: one per core)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.study:
-        return _study(args)
     from idm3d.demo.pipeline import run_demo
 
     args.out = args.out or Path("runs/demo")
@@ -60,17 +52,4 @@ def run(args: argparse.Namespace) -> int:
             row = d["metrics"][label]
             print(f"{direction:<10} {label:<8} {row['psnr_mask']:>10.2f} {row['ssim_mask']:>10.4f} "
                   f"{row['psnr']:>10.2f} {row['ssim']:>10.4f}")
-    return 0
-
-
-def _study(args: argparse.Namespace) -> int:
-    from idm3d.demo.study import run_study
-
-    out = args.out or Path("runs/demo-study")
-    report = run_study(out, minutes=args.minutes, long_minutes=args.long_minutes, steps=args.steps,
-                       overrides=args.overrides, device=args.device, jobs=args.jobs, progress=not args.no_progress)
-    print(f"report: {out / 'study.md'}")
-    for name, row in report["variants"].items():
-        print(f"{name:<18} steps {row['steps']:>6}  CPU s {row['cpu_s']:>7.0f}  PSNR brain {row['psnr_mask']:6.2f}  "
-              f"SSIM brain {row['ssim_mask']:.4f}")
     return 0

@@ -1,5 +1,7 @@
-"""``idm3d detect``: tell real from generated volumes with a trained run (``score``: one volume at a time;
-``study``: the reproducible study on the embedded MNI data)."""
+"""``idm3d detect``: tell real from generated volumes with a trained run (``score``: one volume at a time).
+
+Needs the ``detect`` extra (scikit-learn): ``pip install 'idm3d[detect]'``; without it the command stops with one line.
+"""
 
 from __future__ import annotations
 
@@ -55,19 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
     s.set_defaults(func=run_score)
 
-    st = sub.add_parser("study", help="the reproducible study on the embedded MNI data (docs/detect.md)",
-                        description="Train the demo's IDMUNet and MONAI baseline for a small step budget, generate "
-                        "held-out windows with both, and measure the zero-shot, supervised and cross-generator "
-                        "AUROCs and the time to score a 64^3 volume. Writes report.md/json into --out.")
-    st.add_argument("--out", type=Path, required=True, help="output folder")
-    st.add_argument("--train-steps", type=int, default=None,
-                    help="training steps of each net (default: the study's budget, docs/detect.md)")
-    st.add_argument("--runs", type=Path, default=None,
-                    help="reuse trained runs: a folder holding idm/ and monai/ (e.g. an `idm3d demo --out` folder)")
-    st.add_argument("--threads", type=int, default=2, help="torch threads for the 64^3 timing")
-    st.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws of the 95%% intervals")
-    st.add_argument("--no-progress", action="store_true", help="hide the progress messages")
-    st.set_defaults(func=run_study)
+
+
+def _require_extra() -> None:
+    """scikit-learn is an optional extra: without it, one line saying how to install it."""
+    import importlib.util
+
+    from idm3d.errors import ConfigError
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise ConfigError("idm3d detect: needs scikit-learn, the 'detect' extra: pip install 'idm3d[detect]'")
 
 
 def _settings(args: argparse.Namespace):
@@ -77,6 +76,7 @@ def _settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    _require_extra()
     from idm3d.detect.core import fit_detector
     from idm3d.errors import ConfigError
 
@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    _require_extra()
     from idm3d.detect.core import score_files
 
     rows = score_files(args.run, args.files, detector=args.detector, real=args.real, conditions=args.condition,
@@ -103,14 +104,4 @@ def run_score(args: argparse.Namespace) -> int:
     for row in rows:
         extra = f"  p(generated) {row['probability_generated']:.3f}" if "probability_generated" in row else ""
         print(f"{row['file']}  zero-shot {row['zero_shot']:.3f} (percentile {row['zero_shot_percentile']:.0f}){extra}")
-    return 0
-
-
-def run_study(args: argparse.Namespace) -> int:
-    from idm3d.detect.study import run_study as study
-
-    report = study(args.out, steps=args.train_steps, runs=args.runs, threads=args.threads, n_boot=args.bootstrap,
-                   progress=not args.no_progress)
-    print(report["summary"])
-    print(args.out / "report.md")
     return 0

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idm3d.training.evaluation import evaluate
+    from idm3d.inference.evaluation import evaluate
 
     evaluate(
         args.run, args.split, baseline=args.baseline, progress=not args.no_progress, sampler=args.sampler,

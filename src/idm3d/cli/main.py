@@ -7,7 +7,7 @@ import importlib
 import sys
 import traceback
 
-from idm3d.bench.allocator import configure_from_env
+from idm3d.allocator import configure_from_env
 from idm3d.errors import IDM3DError
 
 # Each name is a module ``idm3d.cli.<name>`` exposing ``register(subparsers)``; the registered
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="3D diffusion models on medical volumes with a memory-saving invertible denoiser.",
         epilog="Environment: IDM3D_MALLOC=tuned fixes glibc's mmap/trim thresholds so freed tensors return to the "
         "system (lower RSS, more CPU per step) and backs large tensors with huge pages (THP_MEM_ALLOC_ENABLE=1 "
-        "unless set); default system. See idm3d.bench.allocator.",
+        "unless set); default system. See idm3d.allocator.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idm3d.training.run import load_run
+    from idm3d.runs.load import load_run
 
     if args.num is not None and args.num < 1:
         raise ConfigError(f"--num: expected a count >= 1, got {args.num}")
@@ -65,12 +65,12 @@ def run(args: argparse.Namespace) -> int:
     )
     progress = not args.no_progress
     if not batch:
-        from idm3d.training.generate import write_sample
+        from idm3d.inference.generate import write_sample
 
         for path in write_sample(loaded, args.out, args.condition, shape=args.shape, progress=progress):
             print(path)
         return 0
-    from idm3d.training.batch import MANIFEST, sample_folder, sample_many
+    from idm3d.inference.batch import MANIFEST, sample_folder, sample_many
 
     if args.input_dir is not None:
         result = sample_folder(loaded, args.input_dir, args.out, progress=progress)

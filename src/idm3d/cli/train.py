@@ -54,9 +54,9 @@ def _relaunch_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from idm3d.training.config import load_config
+    from idm3d.runs.config import load_config
+    from idm3d.runs.rundir import CONFIG
     from idm3d.training.distributed import launcher_argv
-    from idm3d.training.rundir import CONFIG
     from idm3d.training.trainer import train
 
     if args.nproc is not None and args.nproc != 1:

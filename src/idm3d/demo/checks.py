@@ -14,7 +14,7 @@ import torch
 from idm3d.data.demo import DemoData
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
-from idm3d.training.run import load_run
+from idm3d.runs.load import load_run
 
 __all__ = ["score_training_slab", "training_slab"]
 

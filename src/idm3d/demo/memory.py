@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from idm3d.bench.harness import measure_training_step, run_config
-from idm3d.training.config import Config, ModelConfig, config_from_dict, config_to_dict
-from idm3d.training.model_factory import build_model, model_channels
-from idm3d.training.run import build_pipeline
+from idm3d.runs.config import Config, ModelConfig, config_from_dict, config_to_dict
+from idm3d.runs.load import build_pipeline
+from idm3d.runs.model_factory import build_model, model_channels
 
 __all__ = ["child", "measure_nets"]
 

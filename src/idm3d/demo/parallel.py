@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from idm3d.training.config import Config
+from idm3d.runs.config import Config
 from idm3d.training.trainer import train
 
 __all__ = ["available_cores", "train_all"]

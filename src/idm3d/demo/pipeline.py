@@ -29,6 +29,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,12 @@ from idm3d.demo.parallel import train_all
 from idm3d.demo.reference import fit_linear_map
 from idm3d.demo.report import build_report, write_report
 from idm3d.errors import ConfigError
+from idm3d.inference.evaluation import baseline_config, evaluate_run
 from idm3d.metrics import evaluate_pair
-from idm3d.training.config import Config, load_config
-from idm3d.training.data_source import DemoSource, HeldoutCase
-from idm3d.training.evaluation import baseline_config, evaluate_run
-from idm3d.training.run import resolve_device
-from idm3d.training.rundir import RunDir
+from idm3d.runs.config import Config, load_config
+from idm3d.runs.data_source import DemoSource, HeldoutCase
+from idm3d.runs.load import resolve_device
+from idm3d.runs.rundir import RunDir
 
 __all__ = [
     "DEMO_CONFIG",
@@ -62,7 +63,7 @@ __all__ = [
     "run_demo",
 ]
 
-DEMO_CONFIG = Path("configs") / "demo.yaml"
+DEMO_CONFIG = "configs/demo.yaml"  # inside the package, so the installed wheel has it
 # name -> (source, target); the folder of a direction is <source>_to_<target>
 DIRECTIONS = {"t1-t2": ("t1", "t2"), "t2-t1": ("t2", "t1")}
 # What a demo writes into --out (and what demos before the two directions wrote); --overwrite removes
@@ -72,12 +73,11 @@ OUTPUTS = ("t1_to_t2", "t2_to_t1", "report.md", "report.json",
 
 
 def find_demo_config() -> Path:
-    """``configs/demo.yaml`` of the working directory, else of the source tree this package lives in."""
-    repo = Path(__file__).resolve().parents[3]
-    for candidate in (Path.cwd() / DEMO_CONFIG, repo / DEMO_CONFIG):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"--config: {DEMO_CONFIG} not found in {Path.cwd()} or {repo}; pass --config PATH")
+    """The demo's config as the package ships it (``configs/demo.yaml`` of a checkout links to it)."""
+    path = Path(str(resources.files("idm3d").joinpath(DEMO_CONFIG)))
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} is missing from this installation; pass --config PATH")
+    return path
 
 
 def demo_config(

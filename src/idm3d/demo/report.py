@@ -15,9 +15,9 @@ import torch
 from idm3d.bench.report import machine_info, machine_markdown
 from idm3d.data.demo import DemoData
 from idm3d.jsonio import dumps
-from idm3d.training.checkpoint import atomic_write_text
-from idm3d.training.config import Config, config_to_dict
-from idm3d.training.data_source import HeldoutCase
+from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.config import Config, config_to_dict
+from idm3d.runs.data_source import HeldoutCase
 
 __all__ = ["METRIC_KEYS", "PSNR_GOAL", "SSIM_GOAL", "budget_text", "build_report", "report_markdown", "write_report"]
 

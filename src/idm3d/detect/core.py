@@ -23,7 +23,7 @@ from idm3d.detect.inputs import DetectInput, check_run, read_inputs
 from idm3d.detect.stats import auroc_with_ci, feature_aurocs
 from idm3d.diffusion.detection import FEATURE_NAMES, detection_features
 from idm3d.errors import ConfigError
-from idm3d.training.run import LoadedRun, build_scheduler, load_run
+from idm3d.runs.load import LoadedRun, build_scheduler, load_run
 
 __all__ = [
     "DetectSettings",

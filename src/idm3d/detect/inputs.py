@@ -20,9 +20,9 @@ from idm3d.data.cases import AFFINE_ATOL_MM
 from idm3d.data.nifti import is_nifti_name, load_volume, strip_nifti_suffix
 from idm3d.data.preprocess import preprocess_case
 from idm3d.errors import ConfigError, DataError
-from idm3d.training.data_source import naming_keys, preprocess_config
-from idm3d.training.generate import parse_conditions
-from idm3d.training.run import LoadedRun
+from idm3d.inference.generate import parse_conditions
+from idm3d.runs.data_source import naming_keys, preprocess_config
+from idm3d.runs.load import LoadedRun
 
 __all__ = ["KNOWN_MODALITIES", "DetectInput", "check_run", "read_inputs"]
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from idm3d import jsonio
 from idm3d.detect.stats import roc_points
-from idm3d.training.logs import save_figure
+from idm3d.runs.logs import save_figure
 
 __all__ = ["markdown", "roc_figure", "write_report"]
 

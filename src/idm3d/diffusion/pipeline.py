@@ -15,7 +15,7 @@ The one place that knows how a network is called in a diffusion model (diffusers
 
 Unlike ``DiffusionInferer.sample`` the chain takes a ``torch.Generator`` (reproducible without touching
 the global RNG) and passes one timestep per batch element. The pipeline knows no config file: the
-training layer builds it from a run (``idm3d.training.run``).
+training layer builds it from a run (``idm3d.runs.load``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ intra-op thread for its duration. The options, timed on the 2-core CI machine wh
 over 10 calls after one warm-up): batched with 1 thread 2.4 ms, one matrix at a time with 1 thread
 3.5 ms, one at a time with 2 threads 609 ms (MKL's own threads spin while the other core is busy),
 QR + triangular solve with 2 threads 1068 ms; a ``set_num_threads`` pair costs < 1 us. In a training
-step the switch is not measurable: ``idm3d bench attention --sizes 8 --spatial-sizes 8 --channels 256
+step the switch is not measurable: ``python -m benchmarks.attention --sizes 8 --spatial-sizes 8 --channels 256
 --batch 2 --depth 2 --threads 1`` gives the same memory-efficient step time (within the machine's
 noise) with and without this module, and with ``--threads 2`` the memory-efficient step, which timed
 out without it (> 60 s), takes 1.4-1.5x the plain-autograd step.

@@ -14,7 +14,7 @@ share and DDP averages the gradients, which is the gradient of the mean over the
 
 Only rank 0 writes to the run folder (config, split, checkpoints, metrics, the loss curve) and shows the
 progress bar; every process resumes from the same checkpoint. Every process prepares the data itself
-(:class:`~idm3d.training.data_source.DataSource` writes nothing, and the split depends only on the case ids
+(:class:`~idm3d.runs.data_source.DataSource` writes nothing, and the split depends only on the case ids
 and ``data.split_seed``), so no process waits for another to write a file.
 """
 
@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from idm3d.errors import ConfigError
-from idm3d.training.run import resolve_device
+from idm3d.runs.load import resolve_device
 
 __all__ = ["DistContext", "NullLog", "launcher_argv", "setup", "shutdown"]
 
@@ -132,7 +132,7 @@ class DistContext:
 
 
 class NullLog:
-    """Stands in for :class:`~idm3d.training.logs.MetricsLog` on ranks other than 0 (which write nothing)."""
+    """Stands in for :class:`~idm3d.runs.logs.MetricsLog` on ranks other than 0 (which write nothing)."""
 
     def write(self, record: dict[str, Any]) -> None:
         pass

@@ -13,10 +13,10 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from idm3d.training.config import Config
-from idm3d.training.data_source import TrainingData, step_batch
+from idm3d.runs.config import Config
+from idm3d.runs.data_source import TrainingData, step_batch
+from idm3d.runs.load import build_pipeline, build_scheduler
 from idm3d.training.ema import EMA
-from idm3d.training.run import build_pipeline, build_scheduler
 
 __all__ = ["preview_volumes"]
 

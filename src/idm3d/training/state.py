@@ -1,8 +1,8 @@
 """The tensors of a training checkpoint: model, EMA and optimizer in one flat dict, and back.
 
-The checkpoint's JSON half is a :class:`~idm3d.training.checkpoint.TrainState`; this module moves the
+The checkpoint's JSON half is a :class:`~idm3d.runs.checkpoint.TrainState`; this module moves the
 tensors between the training objects and the flat ``model/...``, ``ema/...``, ``optim/...`` names that
-:func:`~idm3d.training.checkpoint.save_checkpoint` writes to safetensors.
+:func:`~idm3d.runs.checkpoint.save_checkpoint` writes to safetensors.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.errors import CheckpointError
-from idm3d.training.checkpoint import TrainState, load_state_strict, optimizer_from_flat, optimizer_to_flat
+from idm3d.runs.checkpoint import TrainState, load_state_strict, optimizer_from_flat, optimizer_to_flat
 from idm3d.training.ema import EMA
 
 __all__ = ["restore_tensors", "training_tensors"]

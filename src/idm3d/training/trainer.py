@@ -7,7 +7,7 @@ on, and, with the weights, EMA and optimizer state restored bit for bit, produce
 
 Under torchrun every process runs a Trainer on its share of each step's global batch
 (:mod:`idm3d.training.distributed`); ``train.precision`` selects fp32 or bf16/fp16 autocast
-(:mod:`idm3d.training.precision`).
+(:mod:`idm3d.runs.precision`).
 """
 
 from __future__ import annotations
@@ -26,21 +26,21 @@ from tqdm.auto import tqdm
 
 from idm3d.diffusion.schedule import sample_timesteps
 from idm3d.errors import ConfigError, IDM3DError, NonFiniteError
+from idm3d.runs import precision as mixed
+from idm3d.runs.checkpoint import TrainState, optimizer_to_flat
+from idm3d.runs.config import Config, config_to_dict
+from idm3d.runs.data_source import PreparedData, TrainingData, data_source, step_batch
+from idm3d.runs.load import build_pipeline, resolve_device
+from idm3d.runs.logs import memory_mb
+from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
+from idm3d.runs.rundir import RunDir, versions
+from idm3d.runs.tensorboard import NullBoard, tensorboard_wanted
 from idm3d.training import distributed
-from idm3d.training import precision as mixed
-from idm3d.training.checkpoint import TrainState, optimizer_to_flat
-from idm3d.training.config import Config, config_to_dict
-from idm3d.training.data_source import PreparedData, TrainingData, data_source, step_batch
 from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
-from idm3d.training.logs import memory_mb
-from idm3d.training.model_factory import architecture_signature, build_model, model_channels
 from idm3d.training.preview import preview_volumes
 from idm3d.training.progress import Clock
-from idm3d.training.run import build_pipeline, resolve_device
-from idm3d.training.rundir import RunDir, versions
 from idm3d.training.state import restore_tensors, training_tensors
-from idm3d.training.tensorboard import NullBoard, tensorboard_wanted
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
@@ -68,8 +68,8 @@ class Trainer:
     """Owns the model, EMA, optimizer, pipeline and data of one training run.
 
     Building a Trainer writes nothing: it reads the run folder (the checkpoint to resume, the saved
-    split) through :class:`~idm3d.training.rundir.RunDir` and the data through its
-    :class:`~idm3d.training.data_source.DataSource`. :meth:`run` opens the run folder (rank 0 writes the
+    split) through :class:`~idm3d.runs.rundir.RunDir` and the data through its
+    :class:`~idm3d.runs.data_source.DataSource`. :meth:`run` opens the run folder (rank 0 writes the
     config, split and data summary) and trains.
 
     Args:

@@ -222,7 +222,7 @@ def save_checkpoint(
 class TrainState:
     """Everything but the tensors of a training checkpoint: the one schema of its state JSON.
 
-    Written by the trainer through :class:`~idm3d.training.rundir.RunDir`; every field but ``step`` has a
+    Written by the trainer through :class:`~idm3d.runs.rundir.RunDir`; every field but ``step`` has a
     default, so the checkpoints of older versions (which lacked ``precision``, ``grad_scaler``,
     ``world_size`` or ``versions``) still load. The file fields (``format``, ``weights_file``,
     ``weights_sha256``) are added and verified by :func:`save_checkpoint` / :func:`load_checkpoint`.

@@ -1,4 +1,4 @@
-"""``idm3d bench precision``: how far inputs rebuilt through inverses drift in bf16/fp16.
+"""``python -m benchmarks.precision``: how far inputs rebuilt through inverses drift in bf16/fp16.
 
 For one IDMUNet (weights perturbed away from their identity start, as after training), every core
 op's input is rebuilt the way the memory-efficient backward rebuilds it (inverting from the core
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -178,3 +179,9 @@ def run(args: argparse.Namespace) -> int:
         args,
     )
     return 0
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))

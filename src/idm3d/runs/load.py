@@ -23,11 +23,11 @@ from idm3d import devices
 from idm3d.diffusion import schedule
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import CheckpointError, ConfigError
-from idm3d.training.checkpoint import TrainState, load_state_strict
-from idm3d.training.config import Config, SampleConfig, config_from_dict, config_to_dict
-from idm3d.training.model_factory import architecture_signature, build_model, model_channels
-from idm3d.training.precision import autocast, check_precision
-from idm3d.training.rundir import RunDir
+from idm3d.runs.checkpoint import TrainState, load_state_strict
+from idm3d.runs.config import Config, SampleConfig, config_from_dict, config_to_dict
+from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
+from idm3d.runs.precision import autocast, check_precision
+from idm3d.runs.rundir import RunDir
 
 __all__ = [
     "BACKGROUND",

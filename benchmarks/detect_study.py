@@ -1,7 +1,7 @@
-"""``idm3d detect study``: the reproducible detection study on the embedded MNI templates (docs/detect.md).
+"""The reproducible detection study on the embedded MNI templates (docs/detect.md).
 
 1. Train the demo's IDMUNet (``configs/demo.yaml``) for ``steps`` steps and the demo's same-budget MONAI
-   baseline (:func:`idm3d.training.evaluation.baseline_config`: the IDMUNet's training time, the same step
+   baseline (:func:`idm3d.inference.evaluation.baseline_config`: the IDMUNet's training time, the same step
    cap) - or reuse the ``idm/`` and ``monai/`` runs of an earlier demo or study (``runs``).
 2. Held-out material: the axial bands of 16 slices from the demo's held-out band upwards (never touched
    by training patches). Each generator translates every band's T1 once (the run's settings, masked as
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -31,10 +32,10 @@ from idm3d.detect.core import DetectSettings, FeatureTable, detector_document, e
 from idm3d.detect.inputs import DetectInput, as_input
 from idm3d.detect.report import write_report
 from idm3d.errors import ConfigError
-from idm3d.training.data_source import DemoSource
-from idm3d.training.evaluation import baseline_config
-from idm3d.training.run import LoadedRun, load_run
-from idm3d.training.rundir import RunDir
+from idm3d.inference.evaluation import baseline_config
+from idm3d.runs.data_source import DemoSource
+from idm3d.runs.load import LoadedRun, load_run
+from idm3d.runs.rundir import RunDir
 from idm3d.training.trainer import train
 
 __all__ = ["GOALS", "STUDY_STEPS", "WINDOW", "run_study", "time_64"]
@@ -49,7 +50,7 @@ GOALS = {"zero_shot": 0.95, "supervised": 0.99, "cross_generator": 0.90, "second
 
 def _say(message: str, progress: bool) -> None:
     if progress:
-        print(f"idm3d detect study: {message}", file=sys.stderr, flush=True)
+        print(f"python -m benchmarks.detect_study: {message}", file=sys.stderr, flush=True)
 
 
 def _train(out: Path, steps: int, progress: bool) -> dict[str, float]:
@@ -197,8 +198,8 @@ def run_study(
                                                              for g, b in budget.items()) + ")")
     met = ", ".join(f"{k} {v['measured']:.3f} ({'met' if v['met'] else 'missed'}, goal {v['goal']})"
                     for k, v in goals.items())
-    command = f"idm3d detect study --out {out} --train-steps {steps}" if runs is None else \
-        f"idm3d detect study --out {out} --runs {runs}"
+    command = f"python -m benchmarks.detect_study --out {out} --train-steps {steps}" if runs is None else \
+        f"python -m benchmarks.detect_study --out {out} --runs {runs}"
     extra = {"study": {"windows": len(groups), "window": list(WINDOW), "stride": STRIDE, "min_brain": MIN_BRAIN,
                        "training": budget, "timing_64": timing, "goals": goals,
                        "total_s": time.monotonic() - started},
@@ -207,3 +208,28 @@ def run_study(
                       f"the same T1 windows, {trained}. Groups = windows; {met}."}
     return write_report(out, detector_run, settings, table, result, detector_document(detector_run, settings, table),
                         extra)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="training steps of each net (default: the study's budget, docs/detect.md)")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="reuse trained runs: a folder holding idm/ and monai/ (e.g. an `idm3d demo --out` folder)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the 64^3 timing")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws of the 95%% intervals")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_study(args.out, steps=args.train_steps, runs=args.runs, threads=args.threads, n_boot=args.bootstrap,
+                       progress=not args.no_progress)
+    print(report["summary"])
+    print(args.out / "report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))

@@ -1,4 +1,4 @@
-"""``idm3d bench attention``: invertible 3D attention against MONAI's spatial attention block.
+"""``python -m benchmarks.attention``: invertible 3D attention against MONAI's spatial attention block.
 
 One training step (forward, a squared loss, backward) of ``--depth`` stacked attention layers, per
 volume size and channel count, each configuration in a fresh process (see
@@ -12,7 +12,7 @@ volume size and channel count, each configuration in a fresh process (see
   width, only up to ``--monai-max-tokens`` voxels (its attention matrix is quadratic in them).
 
 The channel variant runs at ``--sizes``, the spatial one at ``--spatial-sizes``.
-Run as ``idm3d bench attention`` or ``python -m idm3d.bench.attention``.
+Run as ``python -m benchmarks.attention`` or ``python -m benchmarks.attention``.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _names(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``idm3d bench attention``."""
+    """Options of ``python -m benchmarks.attention``."""
     parser.add_argument("--sizes", default="8,16,32,64", help="cube edges, channel variant (default 8,16,32,64)")
     parser.add_argument("--spatial-sizes", default="8,16", help="cube edges, spatial variant (default 8,16)")
     parser.add_argument("--channels", default="32", help="comma-separated channel counts, e.g. 16,32,64 (default 32)")
@@ -250,7 +250,7 @@ COLUMNS = (
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``idm3d bench attention``; prints markdown (or JSON lines with ``--json``)."""
+    """Run ``python -m benchmarks.attention``; prints markdown (or JSON lines with ``--json``)."""
     device = resolve_device(args.device)
     configs = _configs(args, device)
     info = machine_info(device)
@@ -259,12 +259,12 @@ def run(args: argparse.Namespace) -> int:
         progress(
             f"bench attention: {config['variant']} {config['mode']}, C={config['channels']}, {config['size']}^3 ..."
         )
-        rows.append(run_config("idm3d.bench.attention:child", config, timeout_s=args.timeout))
+        rows.append(run_config("benchmarks.attention:child", config, timeout_s=args.timeout))
     _add_ratios(rows)
     for r in rows:
         r["machine"] = info
     title = (
-        f"## idm3d bench attention: {args.depth} layers, {args.heads} head(s), batch {args.batch}, "
+        f"## python -m benchmarks.attention: {args.depth} layers, {args.heads} head(s), batch {args.batch}, "
         "one training step (forward + backward)"
     )
     notes = [
@@ -311,8 +311,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m idm3d.bench.attention``)."""
-    parser = argparse.ArgumentParser(prog="idm3d bench attention", description=__doc__.split("\n\n")[0])
+    """Stand-alone entry point (``python -m benchmarks.attention``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idm3d.training.logs import save_figure
+from idm3d.runs.logs import save_figure
 
 __all__ = ["save_mid_slices"]
 

@@ -157,7 +157,7 @@ def baseline_model(idm: Any) -> Any:
     level by default, ``down_fraction=0.25``), blocks per level and attention levels.
     """
     from idm3d.nets.baselines import monai_kwargs
-    from idm3d.training.config import ModelConfig
+    from idm3d.runs.config import ModelConfig
 
     kw = _resolved_kwargs("idm", dict(idm.kwargs))
     c, levels = int(kw["channels"]), int(kw["levels"])

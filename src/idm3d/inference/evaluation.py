@@ -9,9 +9,9 @@ learned the distribution near real images. Metrics are computed on the preproces
 ``baseline=True`` also trains a MONAI ``DiffusionModelUNet`` of matching width/depth with the same config
 and the same wall-clock budget the run used, evaluates it identically and writes both side by side.
 
-The model, its settings and the chain come from :func:`idm3d.training.run.load_run`, the held-out cases
-from the run's :class:`~idm3d.training.data_source.DataSource`, the files from its
-:class:`~idm3d.training.rundir.RunDir`.
+The model, its settings and the chain come from :func:`idm3d.runs.load.load_run`, the held-out cases
+from the run's :class:`~idm3d.runs.data_source.DataSource`, the files from its
+:class:`~idm3d.runs.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch
 
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
-from idm3d.training.checkpoint import TrainState
-from idm3d.training.config import Config
-from idm3d.training.data_source import HeldoutCase, data_source
-from idm3d.training.model_factory import baseline_model
-from idm3d.training.run import load_run
-from idm3d.training.rundir import RunDir
+from idm3d.runs.checkpoint import TrainState
+from idm3d.runs.config import Config
+from idm3d.runs.data_source import HeldoutCase, data_source
+from idm3d.runs.load import load_run
+from idm3d.runs.model_factory import baseline_model
+from idm3d.runs.rundir import RunDir
 
 __all__ = ["BASELINE_DIR", "METRIC_KEYS", "baseline_config", "evaluate", "evaluate_run", "report_markdown",
            "train_baseline"]
@@ -174,7 +174,7 @@ def report_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
 def baseline_config(
     cfg: Config, seconds: float, max_steps: int | None = None, *, cpu_seconds: float | None = None
 ) -> Config:
-    """The same-budget MONAI baseline of an IDMUNet run: :func:`~idm3d.training.model_factory.baseline_model`,
+    """The same-budget MONAI baseline of an IDMUNet run: :func:`~idm3d.runs.model_factory.baseline_model`,
     the same data, diffusion and optimiser, the run's training time and at most ``max_steps`` steps.
 
     The budget is of the run's kind: ``cpu_seconds`` of CPU time when the run had a CPU-time budget

@@ -1,4 +1,4 @@
-"""The report of ``idm3d bench patches``: goals judged from the measurements, JSON, markdown and the curves.
+"""The patch study's report: goals judged from the measurements, JSON, markdown and the curves.
 
 Goals (docs/patches.md, issue 14):
 

@@ -31,11 +31,11 @@ from torch import Tensor
 from idm3d.data.split import Split, load_split, save_split
 from idm3d.errors import CheckpointError, ConfigError, DataError
 from idm3d.jsonio import dumps
-from idm3d.training import checkpoint as ckpt
-from idm3d.training.checkpoint import TrainState, atomic_write_text
-from idm3d.training.config import Config, config_from_dict, config_to_dict
-from idm3d.training.logs import MetricsLog, plot_loss_curve, read_metrics
-from idm3d.training.tensorboard import TensorBoardLog
+from idm3d.runs import checkpoint as ckpt
+from idm3d.runs.checkpoint import TrainState, atomic_write_text
+from idm3d.runs.config import Config, config_from_dict, config_to_dict
+from idm3d.runs.logs import MetricsLog, plot_loss_curve, read_metrics
+from idm3d.runs.tensorboard import TensorBoardLog
 
 __all__ = ["RunDir", "versions"]
 

@@ -1,4 +1,4 @@
-"""``idm3d demo --study``: what the demo's IDMUNet costs and gains, at equal budgets, on T1 -> T2.
+"""``python -m benchmarks.demo_study``: what the demo's IDMUNet costs and gains, at equal budgets, on T1 -> T2.
 
 Variants of the demo config (``configs/demo.yaml``), each trained in its own process for the same CPU
 time (``train.max_cpu_seconds``), then sampled and scored on the held-out band like ``idm3d evaluate``:
@@ -18,6 +18,7 @@ same ``--out``, an interrupted study continues: finished variants are kept, inte
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -28,12 +29,12 @@ from typing import Any
 from idm3d.demo.parallel import train_all
 from idm3d.demo.pipeline import demo_config
 from idm3d.errors import ConfigError
+from idm3d.inference.evaluation import baseline_config, evaluate_run
 from idm3d.jsonio import dumps
-from idm3d.training.checkpoint import atomic_write_text
-from idm3d.training.config import Config
-from idm3d.training.evaluation import baseline_config, evaluate_run
-from idm3d.training.run import resolve_device
-from idm3d.training.rundir import RunDir
+from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.config import Config
+from idm3d.runs.load import resolve_device
+from idm3d.runs.rundir import RunDir
 
 __all__ = ["LONG_SSIM_GOAL", "VARIANTS", "run_study", "study_markdown"]
 
@@ -51,7 +52,7 @@ _KEYS = ("psnr_mask", "ssim_mask", "psnr", "ssim")
 
 def _say(message: str, progress: bool) -> None:
     if progress:
-        print(f"idm3d demo --study: {message}", file=sys.stderr, flush=True)
+        print(f"python -m benchmarks.demo_study: {message}", file=sys.stderr, flush=True)
 
 
 def _model(cfg: Config, **kwargs: Any) -> Config:
@@ -165,7 +166,7 @@ def run_study(
     curve = _curve(out / "idm-long", str(dev))
     long = rows["idm-long"]
     report = {
-        "title": "idm3d demo --study: T1 -> T2 on the MNI template, equal budgets",
+        "title": "python -m benchmarks.demo_study: T1 -> T2 on the MNI template, equal budgets",
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "budget": {"cpu_minutes": minutes, "long_cpu_minutes": long_minutes, "step_cap": steps},
         "variants": rows,
@@ -205,3 +206,31 @@ def study_markdown(r: Mapping[str, Any]) -> str:
     lines += [f"| {p['step']} | {_fmt(p['cpu_s'], 0)} | {_fmt(p['psnr_mask'], 2)} | {_fmt(p['ssim_mask'], 4)} |"
               for p in r["long_curve"]]
     return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/demo-study"), help="output folder (default runs/demo-study)")
+    p.add_argument("--minutes", type=float, help="CPU minutes of each variant (default: the demo's budget)")
+    p.add_argument("--long-minutes", type=float, default=30.0, help="CPU minutes of the long IDMUNet run")
+    p.add_argument("--steps", type=int, help="cap on training steps of each net (quick looks, tests)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one demo config option (repeatable)")
+    p.add_argument("--device", help="auto, cpu or cuda[:N] (default: the config's train.device)")
+    p.add_argument("--jobs", type=int, help="training processes at once (default: one per core)")
+    p.add_argument("--no-progress", action="store_true", help="hide stage messages")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_study(args.out, minutes=args.minutes, long_minutes=args.long_minutes, steps=args.steps,
+                       overrides=args.overrides, device=args.device, jobs=args.jobs, progress=not args.no_progress)
+    print(f"report: {args.out / 'study.md'}")
+    for name, row in report["variants"].items():
+        print(f"{name:<18} steps {row['steps']:>6}  CPU s {row['cpu_s']:>7.0f}  PSNR brain {row['psnr_mask']:6.2f}  "
+              f"SSIM brain {row['ssim_mask']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))

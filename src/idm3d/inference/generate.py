@@ -6,7 +6,7 @@ uses the training data's working grid and affine. Intensities are mapped from [-
 typical range of the training cases' target modality (median of their percentile scalings), since a
 synthesised target has no reference scan of its own.
 
-The model, its settings and the chain come from :func:`idm3d.training.run.load_run`; this module only
+The model, its settings and the chain come from :func:`idm3d.runs.load.load_run`; this module only
 reads the inputs and writes the outputs.
 """
 
@@ -21,11 +21,11 @@ import numpy as np
 from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import CaseRecord, IntensityScaling, preprocess_case
 from idm3d.errors import ConfigError, DataError
-from idm3d.training.config import Config
-from idm3d.training.data_source import naming_keys, preprocess_config
-from idm3d.training.figures import save_mid_slices
-from idm3d.training.model_factory import size_multiple
-from idm3d.training.run import BACKGROUND, LoadedRun, load_run, mask_background, sample_settings
+from idm3d.inference.figures import save_mid_slices
+from idm3d.runs.config import Config
+from idm3d.runs.data_source import naming_keys, preprocess_config
+from idm3d.runs.load import BACKGROUND, LoadedRun, load_run, mask_background, sample_settings
+from idm3d.runs.model_factory import size_multiple
 
 __all__ = [
     "BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings", "write_sample",
@@ -107,7 +107,7 @@ def sample(
     """Generate (or translate) one volume with a trained run and write it as NIfTI + a mid-slice PNG.
 
     Args:
-        run_dir: the run folder, or a run already loaded by :func:`~idm3d.training.run.load_run` (then
+        run_dir: the run folder, or a run already loaded by :func:`~idm3d.runs.load.load_run` (then
             ``sampler`` ... ``precision`` must be left unset: they were chosen when loading it).
         out: output ``.nii.gz``; with several target modalities ``_<modality>`` is added per file.
         conditions: translation only: one NIfTI per source modality.

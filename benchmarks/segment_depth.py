@@ -1,4 +1,4 @@
-"""``idm3d bench core``: does training memory stay flat as an invertible segment gets deeper?
+"""``python -m benchmarks.segment_depth``: does training memory stay flat as an invertible segment gets deeper?
 
 A segment of ``N`` and ``2N`` additive couplings (alternating sides, conditioned by a
 timestep-embedding-like vector) is trained for one step, memory-efficient and under plain
@@ -10,6 +10,7 @@ should about double. The price is the time ratio memory-efficient / plain.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``idm3d bench core``."""
+    """Options of ``python -m benchmarks.segment_depth``."""
     parser.add_argument("--blocks", type=int, default=4, help="N: segments of N and 2N couplings (default 4)")
     parser.add_argument("--size", type=int, default=64, help="cube edge length (default 64)")
     parser.add_argument("--channels", type=int, default=32, help="feature channels (default 32)")
@@ -126,7 +127,7 @@ COLUMNS = (
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``idm3d bench core``; prints markdown (or JSON lines with ``--json``)."""
+    """Run ``python -m benchmarks.segment_depth``; prints markdown (or JSON lines with ``--json``)."""
     _check(args)
     device = resolve_device(args.device)
     info = machine_info(device)
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                 "count_flops": not args.no_flops,
             }
             progress(f"bench core: {mode}, {blocks} blocks, {args.size}^3 ...")
-            rows.append(run_config("idm3d.bench.core:child", config, timeout_s=args.timeout))
+            rows.append(run_config("benchmarks.segment_depth:child", config, timeout_s=args.timeout))
     _add_ratios(rows)
     for r in rows:
         if isinstance(r.get("flops"), (int, float)):
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> str:
     out = [
-        f"## idm3d bench core: {args.blocks} vs {2 * args.blocks} couplings, {args.channels} channels, "
+        f"## segment depth: {args.blocks} vs {2 * args.blocks} couplings, {args.channels} channels, "
         f"{args.size}^3, batch {args.batch}",
         "",
         machine_markdown(info),
@@ -183,3 +184,9 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))

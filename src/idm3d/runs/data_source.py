@@ -7,7 +7,7 @@ the same questions, from the config alone, and write nothing:
   the run folder records of it (the split, the ``data.json`` summary), as :class:`PreparedData`;
 * :meth:`~DataSource.heldout`: the held-out cases, one at a time.
 
-The trainer's rank 0 saves what ``prepare`` returns through :class:`~idm3d.training.rundir.RunDir`. The
+The trainer's rank 0 saves what ``prepare`` returns through :class:`~idm3d.runs.rundir.RunDir`. The
 split is drawn from the case ids and ``data.split_seed`` only, so every DDP process draws the same one.
 Channel order is sources first, targets last (as :class:`~idm3d.data.dataset.VolumeDataset` expects),
 and one :class:`~idm3d.data.preprocess.PreprocessConfig` serves training, sampling and evaluation.
@@ -36,8 +36,8 @@ from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
 from idm3d.data.split import Split, split_cases
 from idm3d.errors import ConfigError, DataError, IDM3DError
-from idm3d.training.config import MIN_PATCH_EDGE, Config
-from idm3d.training.model_factory import required_multiple
+from idm3d.runs.config import MIN_PATCH_EDGE, Config
+from idm3d.runs.model_factory import required_multiple
 
 __all__ = [
     "DataSource",

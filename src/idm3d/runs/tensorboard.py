@@ -57,7 +57,7 @@ def tensorboard_wanted(setting: bool | None) -> tuple[bool, str | None]:
 def mid_slice_image(volume: Tensor | np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """An (H, W) float image in [0, 1]: sagittal, coronal and axial mid-slices of an (X, Y, Z) volume, side by side.
 
-    Slices are drawn as :func:`idm3d.training.figures.save_mid_slices` draws them (superior/anterior up),
+    Slices are drawn as :func:`idm3d.inference.figures.save_mid_slices` draws them (superior/anterior up),
     each padded to the tallest one.
     """
     a = volume.detach().float().cpu().numpy() if torch.is_tensor(volume) else np.asarray(volume, np.float32)

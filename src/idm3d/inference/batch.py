@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from idm3d.data.cases import scan_cases
 from idm3d.errors import ConfigError, IDM3DError
+from idm3d.inference.generate import output_paths, write_sample
 from idm3d.jsonio import dumps
-from idm3d.training.checkpoint import atomic_write_text
-from idm3d.training.generate import output_paths, write_sample
-from idm3d.training.run import LoadedRun
+from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.load import LoadedRun
 
 __all__ = ["MANIFEST", "BatchResult", "sample_folder", "sample_many"]
 

@@ -1,4 +1,4 @@
-"""``idm3d bench patches``: what patch training buys in time to quality on the demo data, and its FLOPs.
+"""``python -m benchmarks.patch_study``: what patch training buys in time to quality on the demo data, and its FLOPs.
 
 The demo's T1 -> T2 translation (``configs/demo.yaml``, the embedded MNI templates) is trained four
 ways, each in a fresh process with the same budget of training CPU seconds:
@@ -15,7 +15,7 @@ step (forward + backward, ``torch.utils.flop_counter``) and the process CPU time
 only spaces the ``--points`` checkpoints). The trainer then trains until the budget of training CPU
 seconds is spent (``train.max_cpu_seconds``: every configuration gets the same CPU time, whatever its
 steps cost), keeping every checkpoint, and each is scored on the held-out band by
-:func:`idm3d.training.evaluation.evaluate_run` (SSIM and PSNR inside the brain mask, the run's 10-step
+:func:`idm3d.inference.evaluation.evaluate_run` (SSIM and PSNR inside the brain mask, the run's 10-step
 DDIM): held-out SSIM against training CPU time. ``--seeds`` repeats every configuration per training
 seed; the goals are judged per seed and over the seeds (``patch_report``).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,8 +38,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.sampling import find_config
 from idm3d.bench.harness import add_common_arguments, machine_info, measure_training_step, progress, run_config
-from idm3d.bench.sampling import find_config
 from idm3d.errors import ConfigError
 
 __all__ = ["CONFIGS", "add_arguments", "flops_child", "run", "study_config", "train_child"]
@@ -66,9 +67,9 @@ def study_config(
     process CPU time (``train.max_cpu_seconds``), a kept checkpoint every ``every`` steps (``seed``:
     ``train.seed`` - initial weights, patches, noise - instead of the base config's; ``split``:
     ``data.demo_split``, training slabs below the held-out band or around it)."""
-    from idm3d.training.config import PatchConfig
-    from idm3d.training.data_source import DemoSource
-    from idm3d.training.model_factory import required_multiple
+    from idm3d.runs.config import PatchConfig
+    from idm3d.runs.data_source import DemoSource
+    from idm3d.runs.model_factory import required_multiple
 
     _, size, coordinates, schedule = CONFIGS[name]
     demo = DemoSource(base).demo
@@ -91,9 +92,9 @@ def _probe(cfg: Any) -> list[dict[str, Any]]:
     """Per patch size of the schedule: FLOPs and steady process CPU seconds of one forward + backward."""
     from idm3d.data.patch_schedule import PatchSchedule
     from idm3d.diffusion.schedule import sample_timesteps
-    from idm3d.training.data_source import data_source
-    from idm3d.training.model_factory import build_model, model_channels
-    from idm3d.training.run import build_pipeline
+    from idm3d.runs.data_source import data_source
+    from idm3d.runs.load import build_pipeline
+    from idm3d.runs.model_factory import build_model, model_channels
 
     sampler = data_source(cfg).prepare().data.sampler
     schedule = sampler.schedule
@@ -122,9 +123,9 @@ def _probe(cfg: Any) -> list[dict[str, Any]]:
 
 def train_child(config: dict[str, Any]) -> dict[str, Any]:
     """One configuration and seed: probe, train for the CPU budget, score every checkpoint (a fresh process)."""
-    from idm3d.training.config import load_config
-    from idm3d.training.evaluation import evaluate_run
-    from idm3d.training.rundir import RunDir
+    from idm3d.inference.evaluation import evaluate_run
+    from idm3d.runs.config import load_config
+    from idm3d.runs.rundir import RunDir
     from idm3d.training.trainer import Trainer
 
     name, points, budget = config["name"], int(config["points"]), float(config["cpu_seconds"])
@@ -176,8 +177,8 @@ def flops_child(config: dict[str, Any]) -> dict[str, Any]:
             model = build_net(net)
     else:
         from idm3d.nets.idm_unet import IDMUNet
-        from idm3d.training.config import load_config
-        from idm3d.training.model_factory import build_model, model_channels
+        from idm3d.runs.config import load_config
+        from idm3d.runs.model_factory import build_model, model_channels
 
         device = torch.device("cpu")  # IDMUNet's couplings read values (.item()): counted on real tensors
         if net == "idm-study":
@@ -196,7 +197,7 @@ def flops_child(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``idm3d bench patches``."""
+    """Options of ``python -m benchmarks.patch_study``."""
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs and the report")
     parser.add_argument("--config", type=Path, help="the base config (default configs/demo.yaml)")
     parser.add_argument("--cpu-seconds", type=float, default=DEFAULT_CPU_SECONDS,
@@ -254,7 +255,7 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the study; write ``report.json``, ``report.md`` and ``curves.png`` into ``--out``."""
-    from idm3d.bench.patch_report import write_report
+    from benchmarks.patch_report import write_report
 
     names = _check(args)
     seeds = _seeds(args.seeds)
@@ -275,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         config = {"bench": "patches", "name": name, "config": config_path, "out": str(folder.resolve()),
                   "cpu_seconds": args.cpu_seconds, "points": args.points, "threads": threads, "malloc": "system",
                   "seed": seed, "split": args.split}
-        return run_config("idm3d.bench.patch_study:train_child", config, timeout_s=args.timeout)
+        return run_config("benchmarks.patch_study:train_child", config, timeout_s=args.timeout)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each job waits on its own child process
         results = list(pool.map(train, jobs))
@@ -287,8 +288,8 @@ def run(args: argparse.Namespace) -> int:
         progress(f"bench patches: training FLOPs of {net} at {args.flops_size}^3 ...")
         config = {"bench": "patches-flops", "net": net, "size": args.flops_size, "config": config_path,
                   "threads": threads, "malloc": "system"}
-        flops[net] = run_config("idm3d.bench.patch_study:flops_child", config, timeout_s=args.timeout)
-    command = " ".join(["idm3d bench patches", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
+        flops[net] = run_config("benchmarks.patch_study:flops_child", config, timeout_s=args.timeout)
+    command = " ".join(["python -m benchmarks.patch_study", f"--out {args.out}", f"--cpu-seconds {args.cpu_seconds:g}",
                         f"--points {args.points}", f"--threads {threads}"]
                        + ([f"--configs {args.configs}"] if names != list(DEFAULT_CONFIGS) else [])
                        + ([f"--seeds {args.seeds}"] if args.seeds is not None else [])
@@ -303,3 +304,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print((out / "report.md").read_text())
     return 0 if all(r.get("status") == "ok" for r in [*results, *flops.values()]) else 1
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))

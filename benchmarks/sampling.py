@@ -1,4 +1,4 @@
-"""``idm3d bench sampling``: memory and time of whole-volume sampling, one pass per reverse step.
+"""``python -m benchmarks.sampling``: memory and time of whole-volume sampling, one pass per reverse step.
 
 The nets are fully convolutional, so a run trained on patches (with coordinate channels) samples a grid
 larger than any of its patches in one network call per step (docs/patches.md). For each cube edge in
@@ -13,6 +13,7 @@ and process CPU time. A chain of ``S`` steps costs about ``S`` times the steady 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +35,17 @@ from idm3d.errors import ConfigError
 
 __all__ = ["add_arguments", "child", "find_config", "run"]
 
-DEMO_CONFIG = Path("configs") / "demo.yaml"
-
-
 def find_config(path: str | Path | None) -> Path:
-    """``path``, else ``configs/demo.yaml`` of the working directory or of this source tree."""
-    if path is not None:
-        return Path(path)
-    repo = Path(__file__).resolve().parents[3]
-    for candidate in (Path.cwd() / DEMO_CONFIG, repo / DEMO_CONFIG):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"--config: {DEMO_CONFIG} not found in {Path.cwd()} or {repo}; pass --config PATH")
+    """``path``, else the demo's config as the package ships it."""
+    from idm3d.demo.pipeline import find_demo_config
+
+    return Path(path) if path is not None else find_demo_config()
 
 
 def _pipeline(config: dict[str, Any]) -> tuple[Any, Any, int, int]:
-    from idm3d.training.config import load_config
-    from idm3d.training.model_factory import build_model, model_channels
-    from idm3d.training.run import build_pipeline, load_run
+    from idm3d.runs.config import load_config
+    from idm3d.runs.load import build_pipeline, load_run
+    from idm3d.runs.model_factory import build_model, model_channels
 
     device = torch.device(config["device"])
     if config.get("run"):
@@ -69,7 +63,7 @@ def _pipeline(config: dict[str, Any]) -> tuple[Any, Any, int, int]:
 
 def child(config: dict[str, Any]) -> dict[str, Any]:
     """One cube edge: build the network and measure one reverse step (runs in a fresh process)."""
-    from idm3d.training.run import build_scheduler
+    from idm3d.runs.load import build_scheduler
 
     device = torch.device(config["device"])
     cfg, pipeline, n_sources, n_targets = _pipeline(config)
@@ -91,7 +85,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``idm3d bench sampling``."""
+    """Options of ``python -m benchmarks.sampling``."""
     parser.add_argument("--sizes", default="128,256", help="cube edges, comma-separated (default 128,256)")
     parser.add_argument("--run", type=Path, help="a trained run (default: the --config architecture, untrained)")
     parser.add_argument("--config", type=Path, help="config whose network is measured (default configs/demo.yaml)")
@@ -113,7 +107,7 @@ COLUMNS = (
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``idm3d bench sampling``; prints markdown (or JSON lines with ``--json``)."""
+    """Run ``python -m benchmarks.sampling``; prints markdown (or JSON lines with ``--json``)."""
     from idm3d.bench.harness import resolve_device
 
     if args.repeats < 1:
@@ -127,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         progress(f"bench sampling: {size}^3 ...")
         config = {"bench": "sampling", "size": size, "device": device, "repeats": args.repeats,
                   "threads": args.threads, **source}
-        row = run_config("idm3d.bench.sampling:child", config, timeout_s=args.timeout)
+        row = run_config("benchmarks.sampling:child", config, timeout_s=args.timeout)
         if isinstance(row.get("step_s"), (int, float)):
             row["us_per_voxel"] = row["step_s"] / size**3 * 1e6
         row["machine"] = info
@@ -142,3 +136,9 @@ def run(args: argparse.Namespace) -> int:
     ])
     emit(rows, text, args)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    from benchmarks import main
+
+    sys.exit(main(sys.modules[__name__]))
