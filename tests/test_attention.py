@@ -301,7 +301,7 @@ def test_autocast_keeps_the_inverse_exact(variant):
 
 
 def _bench_args(*argv: str) -> argparse.Namespace:
-    from idm3d.bench import attention as bench
+    from benchmarks import attention as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)

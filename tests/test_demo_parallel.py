@@ -1,4 +1,4 @@
-"""``idm3d.demo.parallel.train_all``: runs side by side in spawned processes, errors re-raised as they were."""
+"""``idm3d.demo.parallel.train_all``: runs side by side in child processes, errors re-raised as they were."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def test_an_error_in_a_child_is_raised_here_with_its_type_and_message(tmp_path: 
 
 def test_a_child_whose_parent_is_gone_exits_instead_of_training_on():
     code = ("import os, time\n"
-            "from idm3d.demo.parallel import _exit_with_parent\n"
-            "_exit_with_parent(os.getppid() + 999999, every_s=0.05)  # not our parent: as if it had died\n"
+            "from idm3d.children import exit_with_parent\n"
+            "exit_with_parent(os.getppid() + 999999, every_s=0.05)  # not our parent: as if it had died\n"
             "time.sleep(20)\n"
             "print('still here')\n")
     started = time.monotonic()

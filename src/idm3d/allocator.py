@@ -42,7 +42,6 @@ __all__ = [
     "HUGE_PAGES_ENV",
     "MMAP_THRESHOLD",
     "SETTINGS",
-    "applied_settings",
     "configure_from_env",
     "enable_huge_pages",
     "huge_pages_for",
@@ -51,6 +50,7 @@ __all__ = [
 
 ENV_VAR = "IDM3D_MALLOC"
 SETTINGS = ("tuned", "system")  # the values of IDM3D_MALLOC and of the benchmarks' --malloc
+DEFAULT = "system"  # glibc's and PyTorch's own behaviour
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch, read when torch is imported
 MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept fixed
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # from <malloc.h>
@@ -93,18 +93,13 @@ def configure_from_env() -> dict[str, int] | None:
     Returns:
         The thresholds applied, or ``None``.
     """
-    choice = os.environ.get(ENV_VAR, "system").strip().lower()
-    if choice == "system":
+    choice = os.environ.get(ENV_VAR, DEFAULT).strip().lower()
+    if choice == DEFAULT:
         return None
     if choice not in SETTINGS:
         raise ConfigError(f"{ENV_VAR}: expected one of {', '.join(SETTINGS)}, got {os.environ[ENV_VAR]!r}")
     enable_huge_pages()  # effective only before torch is imported
     return dict(_applied or {}) if tune_malloc() else None
-
-
-def applied_settings() -> dict[str, int] | None:
-    """The thresholds this process set through :func:`tune_malloc`, or ``None``."""
-    return None if _applied is None else dict(_applied)
 
 
 def enable_huge_pages() -> bool:

@@ -1,6 +1,6 @@
-"""Shared benchmark machinery: fresh-subprocess runs and the measurement of one training step.
+"""Shared benchmark machinery: the measurement of one training step, in a fresh process per configuration.
 
-Every configuration runs in its own Python process (``run_config``) so that one configuration's
+Every configuration runs in its own Python process (:func:`idm3d.children.run_config`) so that one configuration's
 allocator caches, high-water marks and lazily-initialised kernels never leak into the next. Inside
 the child, ``measure_training_step`` reports the peak memory *growth* of one training step over the
 memory held after the model and inputs were built, its time, its FLOPs and, on CUDA with
@@ -10,26 +10,15 @@ memory held after the model and inputs were built, its time, its FLOPs and, on C
 from __future__ import annotations
 
 import gc
-import importlib
-import json
-import os
-import re
 import resource
 import statistics
-import subprocess
-import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-
-from idm3d.allocator import ENV_VAR as ALLOCATOR_ENV
-from idm3d.allocator import HUGE_PAGES_ENV, configure_from_env, huge_pages_for
 
 # Reporting helpers live in ``report``; re-exported so benchmarks import one module.
 from idm3d.bench.report import (
@@ -37,7 +26,6 @@ from idm3d.bench.report import (
     add_common_arguments,
     emit,
     json_line,
-    json_safe,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -47,9 +35,12 @@ from idm3d.bench.report import (
     ratio,
     resolve_device,
 )
+from idm3d.children import GIB, MIB, announce_baseline, current_rss_bytes, run_config, status_kib
 from idm3d.errors import ConfigError
 
 __all__ = [
+    "GIB",
+    "MIB",
     "Column",
     "GpuMonitor",
     "add_common_arguments",
@@ -70,29 +61,9 @@ __all__ = [
     "run_config",
 ]
 
-MIB = 1024**2
-GIB = 1024**3
-RESULT_PREFIX = "IDM3D_BENCH_RESULT "
-BASELINE_PREFIX = "IDM3D_BENCH_BASELINE "
-_CHILD_ENV = "IDM3D_BENCH_CHILD"
 
 
 # --------------------------------------------------------------------------- CPU memory
-
-
-def _status_kib(field: str, pid: int | str = "self") -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None
-    match = re.search(rf"^{field}:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) if match else None
-
-
-def current_rss_bytes(pid: int | str = "self") -> int | None:
-    """Resident set size of a process (``VmRSS``), or ``None`` where /proc is unavailable."""
-    kib = _status_kib("VmRSS", pid)
-    return None if kib is None else kib * 1024
 
 
 def reset_peak_rss() -> bool:
@@ -102,14 +73,14 @@ def reset_peak_rss() -> bool:
             handle.write("5")
     except OSError:
         return False
-    hwm, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+    hwm, rss = status_kib("VmHWM"), status_kib("VmRSS")
     # A reset that worked leaves the high-water mark at (about) the current RSS.
     return hwm is not None and rss is not None and hwm <= rss + 4096
 
 
 def _peak_rss_bytes(method: str) -> int:
     if method == "vmhwm":
-        return (_status_kib("VmHWM") or 0) * 1024
+        return (status_kib("VmHWM") or 0) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -201,12 +172,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _announce_baseline(rss: int | None) -> None:
-    # Lets the parent's watchdog judge growth rather than absolute RSS (torch alone is ~300 MiB).
-    if os.environ.get(_CHILD_ENV) and rss is not None:
-        print(f"{BASELINE_PREFIX}{rss}", flush=True)
-
-
 def _measure_memory(model: nn.Module, step: Callable[[], Any], device: torch.device, method: str) -> dict:
     """Peak memory growth of one ``step`` over the memory held just before it, and its time."""
     model.zero_grad(set_to_none=True)  # the step's own gradients count as growth
@@ -225,7 +190,7 @@ def _measure_memory(model: nn.Module, step: Callable[[], Any], device: torch.dev
         base = current_rss_bytes() or 0
         # ru_maxrss can sit above the current RSS (setup garbage); growth is measured from the higher.
         base = max(base, _peak_rss_bytes(method)) if method == "ru_maxrss" else base
-        _announce_baseline(base)
+        announce_baseline(base)
         wall, cpu = time.perf_counter(), time.process_time()
         step()
         peak = _peak_rss_bytes(method)
@@ -277,7 +242,7 @@ def measure_training_step(
     device = torch.device(device)
     if repeats < 0 or warmup < 0:
         raise ConfigError(f"repeats and warmup must be >= 0, got repeats={repeats}, warmup={warmup}")
-    _announce_baseline(current_rss_bytes() if device.type == "cpu" else None)
+    announce_baseline(current_rss_bytes() if device.type == "cpu" else None)
     # Without a resettable high-water mark only the first step has a clean peak measurement.
     method = "vmhwm" if device.type == "cpu" and reset_peak_rss() else "ru_maxrss"
     first = _measure_memory(model, step, device, method)
@@ -375,133 +340,3 @@ def count_step_flops(model: nn.Module, step: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-# --------------------------------------------------------------------------- subprocess runs
-
-
-def _package_root() -> str:
-    import idm3d
-
-    return str(Path(idm3d.__file__).resolve().parent.parent)
-
-
-def run_config(
-    target: str,
-    config: Mapping[str, Any],
-    *,
-    timeout_s: float | None = None,
-    growth_limit_bytes: int | None = None,
-    poll_s: float = 0.02,
-) -> dict[str, Any]:
-    """Run ``target`` (``"module:function"``, called with ``config``) in a fresh Python process.
-
-    Args:
-        target: importable ``module:function`` returning a JSON-serialisable dict.
-        config: passed to the function; echoed into the result.
-        timeout_s: kill the child after this many seconds (``status: "timeout"``).
-        growth_limit_bytes: kill the child once its RSS exceeds the baseline it announced by this
-            much (``status: "over_budget"``), so a probe never drives the machine into swap/OOM.
-        poll_s: watchdog polling interval.
-
-    Returns:
-        ``{**config, **measurements, "status": ...}``; ``status`` is ``ok``, ``oom``, ``error``,
-        ``timeout`` or ``over_budget``; failures carry ``error`` (one line).
-    """
-    env = dict(os.environ)
-    env[_CHILD_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
-    # The child applies the allocator setting the CLI applies (``idm3d.allocator``), unless the
-    # configuration asks for glibc's defaults (``"malloc": "system"``) to measure the difference.
-    env[ALLOCATOR_ENV] = str(config.get("malloc", env.get(ALLOCATOR_ENV, "tuned")))
-    env[HUGE_PAGES_ENV] = huge_pages_for(env[ALLOCATOR_ENV])  # read when the child imports torch
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "idm3d.bench.harness", target],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    state: dict[str, Any] = {"result": None, "baseline": None, "stderr": []}
-
-    def read_stdout() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                state["result"] = json.loads(line[len(RESULT_PREFIX) :])
-            elif line.startswith(BASELINE_PREFIX):
-                state["baseline"] = int(line[len(BASELINE_PREFIX) :])
-
-    def read_stderr() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            state["stderr"] = [*state["stderr"][-40:], line.rstrip()]
-
-    readers = [threading.Thread(target=fn, daemon=True) for fn in (read_stdout, read_stderr)]
-    for reader in readers:
-        reader.start()
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(json.dumps(dict(config)))
-        proc.stdin.close()
-    except BrokenPipeError:  # the child died at start-up; its stderr says why
-        pass
-
-    killed: str | None = None
-    watched_peak = 0
-    started = time.monotonic()
-    while proc.poll() is None:
-        rss = current_rss_bytes(proc.pid) or 0
-        watched_peak = max(watched_peak, rss)
-        if growth_limit_bytes is not None:
-            # Before the child announces its baseline, allow 1 GiB for torch + model + inputs.
-            base = state["baseline"] if state["baseline"] is not None else GIB
-            if rss > base + growth_limit_bytes:
-                killed = "over_budget"
-        if timeout_s is not None and time.monotonic() - started > timeout_s:
-            killed = "timeout"
-        if killed:
-            proc.kill()
-            break
-        time.sleep(poll_s)
-    proc.wait()
-    for reader in readers:
-        reader.join(timeout=5)
-
-    out: dict[str, Any] = dict(config)
-    out["watchdog_peak_rss_mib"] = watched_peak / MIB
-    if killed:
-        out.update(status=killed, error=f"child killed ({killed}) after {time.monotonic() - started:.1f} s")
-    elif state["result"] is not None:
-        out.update(state["result"])
-    else:
-        tail = [line for line in state["stderr"] if line.strip()]
-        out.update(status="error", error=(tail[-1] if tail else f"child exited with code {proc.returncode}"))
-    return out
-
-
-def _child_main(argv: Sequence[str]) -> int:
-    if len(argv) != 1 or ":" not in argv[0]:
-        print("usage: python -m idm3d.bench.harness module:function < config.json", file=sys.stderr)
-        return 2
-    module_name, func_name = argv[0].split(":", 1)
-    config = json.loads(sys.stdin.read() or "{}")
-    try:
-        malloc = configure_from_env()
-        if config.get("threads"):
-            torch.set_num_threads(int(config["threads"]))
-        func = getattr(importlib.import_module(module_name), func_name)
-        result = dict(func(config))
-        result.setdefault("status", "ok")
-        result["malloc_settings"] = malloc
-        result["huge_pages"] = os.environ.get(HUGE_PAGES_ENV, "").strip() == "1"
-    except torch.OutOfMemoryError as err:
-        result = {"status": "oom", "error": str(err).splitlines()[0]}
-    except Exception as err:
-        traceback.print_exc()
-        result = {"status": "error", "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
-    print(RESULT_PREFIX + json.dumps(json_safe(result), allow_nan=False), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_child_main(sys.argv[1:]))

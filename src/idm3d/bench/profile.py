@@ -32,7 +32,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from idm3d.bench.harness import (
     MIB,
     Column,
-    _status_kib,
     add_common_arguments,
     emit,
     machine_info,
@@ -44,6 +43,7 @@ from idm3d.bench.harness import (
     resolve_device,
     run_config,
 )
+from idm3d.children import status_kib
 
 __all__ = ["StepProfiler", "add_arguments", "child", "run"]
 
@@ -53,7 +53,7 @@ ROOT = "(step)"  # work outside every module: the loss, the optimiser's zero_gra
 def _hwm_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return (_status_kib("VmHWM") or 0) * 1024
+    return (status_kib("VmHWM") or 0) * 1024
 
 
 def _reset_hwm(device: torch.device) -> None:

@@ -1,27 +1,29 @@
 """Train several demo runs at once, each in its own process with its share of the CPU threads.
 
 The demo's networks are small and its runs independent, so the two translation directions train side
-by side, one process each with an even share of the cores, and a CPU-time budget
-(``train.max_cpu_seconds``, counted per process) gives every run the same work whatever else the
-machine does. On a GPU, or with one core, the runs go one after the other in this process.
+by side, one process each (:func:`idm3d.children.run_config`) with an even share of the cores, and a
+CPU-time budget (``train.max_cpu_seconds``, counted per process) gives every run the same work whatever
+else the machine does. On a GPU, or with one core, the runs go one after the other in this process.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import threading
-import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from idm3d.runs.config import Config
+from idm3d import errors
+from idm3d.allocator import DEFAULT as DEFAULT_MALLOC
+from idm3d.allocator import ENV_VAR as ALLOCATOR_ENV
+from idm3d.children import run_config
+from idm3d.runs.config import Config, config_from_dict, config_to_dict
 from idm3d.training.trainer import train
 
-__all__ = ["available_cores", "train_all"]
+__all__ = ["available_cores", "train_all", "train_child"]
 
 
 def available_cores() -> int:
@@ -32,32 +34,24 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _exit_with_parent(parent: int, every_s: float = 2.0) -> None:
-    """End this process soon after ``parent`` does, so a killed demo leaves no training orphans behind.
-
-    A watcher thread, not ``PR_SET_PDEATHSIG``: that signal follows the parent *thread* that started the
-    process, and the pool's start-up threads end early. Checkpoints are atomic, so an exit mid-write
-    loses nothing committed.
-    """
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(every_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="idm3d-parent-watch", daemon=True).start()
+def train_child(config: Mapping[str, Any]) -> dict[str, Any]:
+    """In a child process: train ``config["config"]`` into ``config["run_dir"]``."""
+    cfg = config_from_dict(config["config"])
+    return {"run_dir": str(train(cfg, Path(config["run_dir"]), resume=bool(config["resume"])))}
 
 
-def _train_child(cfg: Config, run_dir: Path, resume: bool, threads: int, parent: int) -> Path:
-    _exit_with_parent(parent)
-    torch.set_num_threads(threads)
-    return train(cfg, run_dir, resume=resume)
+def _raise_child_error(result: Mapping[str, Any], run_dir: Path) -> None:
+    """Re-raise a child's failure here: an idm3d error with its own type and message, anything else as one line."""
+    kind = getattr(errors, str(result.get("error_type")), None)
+    if result.get("error_module") == errors.__name__ and isinstance(kind, type) and issubclass(kind, Exception):
+        raise kind(result.get("message", result["error"]))
+    raise RuntimeError(f"training {run_dir} in a child process failed: {result.get('error', result['status'])}")
 
 
 def train_all(
     runs: Sequence[tuple[Config, Path] | tuple[Config, Path, bool]], device: torch.device, jobs: int | None = None
 ) -> list[Path]:
-    """Train each ``(cfg, run_dir[, resume])``: on CPU in up to ``jobs`` spawned processes at once, else sequentially.
+    """Train each ``(cfg, run_dir[, resume])``: on CPU in up to ``jobs`` child processes at once, else sequentially.
 
     Args:
         runs: the configs, their run folders and (optionally) whether to resume each from its checkpoint.
@@ -66,7 +60,7 @@ def train_all(
             between them (torch threads per process, at least 1).
 
     Raises:
-        whatever :func:`~idm3d.training.trainer.train` raises in a child (re-raised here, same type).
+        the idm3d error a child raised (same type and message); ``RuntimeError`` for any other failure.
     """
     runs = [(r[0], Path(r[1]), bool(r[2]) if len(r) > 2 else False) for r in runs]
     if not runs:
@@ -76,8 +70,17 @@ def train_all(
     if device.type != "cpu" or jobs < 2:
         return [train(cfg, run_dir, resume=resume) for cfg, run_dir, resume in runs]
     threads = max(1, cores // jobs)
-    # spawn, not fork: a forked child would inherit this process's OpenMP thread pool and locks
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parent = os.getpid()
-        futures = [pool.submit(_train_child, cfg, run_dir, resume, threads, parent) for cfg, run_dir, resume in runs]
-        return [f.result() for f in futures]
+    # A training child keeps the user's allocator setting (benchmark children default to ``tuned``).
+    malloc = os.environ.get(ALLOCATOR_ENV, DEFAULT_MALLOC)
+
+    def one(run: tuple[Config, Path, bool]) -> Path:
+        cfg, run_dir, resume = run
+        payload = {"config": config_to_dict(cfg), "run_dir": str(run_dir), "resume": resume, "threads": threads,
+                   "malloc": malloc}
+        result = run_config("idm3d.demo.parallel:train_child", payload, poll_s=0.5)
+        if result.get("status") != "ok":
+            _raise_child_error(result, run_dir)
+        return Path(result["run_dir"])
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, runs))

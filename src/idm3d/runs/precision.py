@@ -31,7 +31,6 @@ __all__ = [
     "grad_scaler",
     "overflow_explained",
     "scaler_state",
-    "under_autocast",
 ]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -64,18 +63,6 @@ def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def under_autocast(fn: Callable[..., Any], precision: str, device: torch.device | str) -> Callable[..., Any]:
-    """``fn`` called under :func:`autocast` (``fn`` itself for fp32); e.g. a sampler's denoiser."""
-    if autocast_dtype(precision) is None:
-        return fn
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with autocast(precision, device):
-            return fn(*args, **kwargs)
-
-    return run
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
