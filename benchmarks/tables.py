@@ -1,7 +1,7 @@
-"""Regenerate README's "Measured" tables from the benchmark JSON under docs/bench/.
+"""Regenerate the measurement tables of docs/measurements.md and README's summary from docs/bench/'s JSON.
 
-    PYTHONPATH=src python benchmarks/tables.py            # rewrite the block between the README markers
-    python benchmarks/tables.py --print    # print it instead
+    PYTHONPATH=src python benchmarks/tables.py            # rewrite the blocks between the markers
+    python benchmarks/tables.py --print    # print them instead
 
 Every table names the command that wrote its JSON (``COMMANDS``); nothing here is typed in by hand
 except those command lines and the goals' thresholds (issue 17).
@@ -20,6 +20,9 @@ from idm3d.bench.compare import add_ratios
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "docs" / "bench"
 BEGIN, END = "<!-- bench-tables:begin -->", "<!-- bench-tables:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- summary:begin -->", "<!-- summary:end -->"
+# file -> (its marked block, what renders it); filled in below the renderers
+BLOCKS: dict[str, tuple[str, str]] = {"docs/measurements.md": (BEGIN, END), "README.md": (SUMMARY_BEGIN, SUMMARY_END)}
 NETS = "idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack"
 COMMANDS = {
     "memory-64.jsonl": f"idm3d bench memory --sizes 64 --nets {NETS} --threads 2 --warmup 1 --repeats 2 "
@@ -366,6 +369,54 @@ def goals() -> str:
     return "\n".join(["Goals of issue 17:", "", table(["goal", "target", "measured", "verdict"], rows)])
 
 
+def _probe(row: dict[str, Any], size: int) -> dict[str, Any]:
+    return next((p for p in row.get("probes", []) if p.get("size") == size), {})
+
+
+def summary() -> str:
+    """README's one table: the headline figures, each linked to its page under docs/bench/."""
+    mem64 = {r["net"]: r for r in load("memory-64.jsonl")}
+    sizes = {r["net"]: r for r in load("max-size.jsonl")}
+    big_train = {r["net"]: r for r in load("idm-256.jsonl")}
+    infer = {r["net"]: r for r in load("inference-256.jsonl")}
+    if not (mem64 and sizes and big_train and infer):
+        return ""
+    gib = 1024.0
+
+    def mib(row: dict[str, Any] | None, key: str = "peak_growth_mib") -> float | None:
+        return None if not row or row.get(key) is None else float(row[key])
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return fmt(a / b if a is not None and b else None, ".2f") + "x"
+
+    i64, m64 = mib(mem64.get("idm")), mib(mem64.get("monai-ckpt"))
+    i128 = _probe(sizes.get("idm", {}), 128).get("peak_growth_mib")
+    m128 = _probe(sizes.get("monai-ckpt", {}), 128).get("peak_growth_mib")
+    # ">=": the largest size probed fitted, so the true limit lies above it
+    cubes = {net: ("≥ " if sizes[net].get("hit_max") else "") + f"{sizes[net].get('max_size')}³"
+             for net in ("idm", "monai-ckpt", "patchddm-ckpt") if net in sizes}
+    train = big_train.get("idm", {})
+    i256, p256 = mib(infer.get("idm")), mib(infer.get("patchddm"))
+    rows = [
+        ["training step, 64³: peak memory vs MONAI `DiffusionModelUNet` checkpointed",
+         f"{fmt(i64, ',.0f')} vs {fmt(m64, ',.0f')} MiB", ratio(i64, m64), "[memory-64](docs/bench/memory-64.md)"],
+        ["training step, 128³: peak memory vs MONAI checkpointed",
+         f"{fmt(i128, ',.0f')} vs {fmt(m128, ',.0f')} MiB", ratio(i128, m128), "[max-size](docs/bench/max-size.md)"],
+        ["largest trainable cube within 21 GiB: IDMUNet / MONAI ckpt / PatchDDM-3D ckpt",
+         " / ".join(cubes.values()), "", "[max-size](docs/bench/max-size.md)"],
+        ["one 256³ training step on 2 CPU cores",
+         f"{fmt(train.get('first_step_s'), '.0f')} s, {fmt(mib(train) and mib(train) / gib, '.1f')} GiB", "",
+         "[idm-256](docs/bench/idm-256.md)"],
+        ["one 256³ denoiser call (sampling) vs PatchDDM-3D",
+         f"{fmt(i256, ',.0f')} vs {fmt(p256, ',.0f')} MiB", ratio(i256, p256),
+         "[inference-256](docs/bench/inference-256.md)"],
+    ]
+    machine = next(iter(mem64.values())).get("machine", {})
+    head = (f"CPU only so far ({machine.get('cpu_cores', '?')} cores, torch {machine.get('torch', '?')}, fp32, "
+            "batch 1, one fresh process per configuration); no GPU figure exists yet.")
+    return head + "\n\n" + table(["figure", "measured", "ratio", "data and command"], rows)
+
+
 def render() -> str:
     parts = [
         goals(),
@@ -380,22 +431,28 @@ def render() -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def rendered() -> dict[str, str]:
+    """Each file's marked block as it should read."""
+    return {"docs/measurements.md": render(), "README.md": summary()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--print", action="store_true", help="print instead of rewriting README.md")
+    parser.add_argument("--print", action="store_true", help="print instead of rewriting the files")
     args = parser.parse_args(argv)
-    text = render()
-    if args.print:
-        print(text)
-        return 0
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    if BEGIN not in content or END not in content:
-        print(f"README.md has no {BEGIN} ... {END} block", file=sys.stderr)
-        return 1
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    for name, text in rendered().items():
+        if args.print:
+            print(f"## {name}\n\n{text}\n")
+            continue
+        begin, end = BLOCKS[name]
+        path = ROOT / name
+        content = path.read_text()
+        if begin not in content or end not in content:
+            print(f"{name} has no {begin} ... {end} block", file=sys.stderr)
+            return 1
+        head, rest = content.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The import arrows of docs/architecture.md, checked on the source: cli -> detect -> demo -> training -> {diffusion,
-data, nets} -> invertible, with the single-definition helpers (errors, devices, jsonio, metrics) below everything."""
+"""The import arrows of docs/architecture.md, checked on the source: cli -> detect/demo/bench -> inference -> training
+-> runs -> {diffusion, data, nets} -> invertible, with the helpers (errors, devices, jsonio, ...) below everything,
+and the lab (benchmarks/) outside the wheel."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "idm3d"
-LEAVES = {"errors", "devices", "jsonio", "metrics", "lazy", "allocator"}  # import nothing of idm3d but errors
+LEAVES = {"errors", "devices", "jsonio", "metrics", "lazy", "allocator", "children"}  # import no idm3d package
 # package -> the idm3d packages and modules it may import (besides itself and the leaves)
 ALLOWED: dict[str, set[str]] = {
     "invertible": set(),
@@ -51,5 +52,19 @@ def test_a_package_imports_only_the_layers_below_it(package: str):
 
 
 @pytest.mark.parametrize("leaf", sorted(LEAVES))
-def test_the_single_definition_modules_import_no_other_idm3d_module(leaf: str):
-    assert _imports(SRC / f"{leaf}.py") <= {leaf, "errors"}
+def test_the_helpers_import_no_idm3d_package(leaf: str):
+    assert _imports(SRC / f"{leaf}.py") <= LEAVES
+
+
+def test_the_wheel_holds_no_lab():
+    """Studies, probes and table generators live in benchmarks/ (the lab), which nothing in src/idm3d imports."""
+    importers = sorted(
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "benchmarks")
+        or (isinstance(node, ast.Import) and any(a.name.split(".")[0] == "benchmarks" for a in node.names))
+    )
+    assert not importers, f"src/idm3d imports the lab: {importers}"
+    lab_names = [p.name for p in SRC.rglob("*.py") if any(w in p.stem for w in ("study", "probe", "tables"))]
+    assert not lab_names, f"studies, probes or table generators in the wheel: {lab_names}"

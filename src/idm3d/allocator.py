@@ -1,31 +1,15 @@
-"""CPU allocator setting: keep a process's resident memory near its live tensors.
+"""The ``IDM3D_MALLOC`` runtime option: keep a CPU process's resident memory near its live tensors.
 
-PyTorch's CPU tensors come from glibc ``malloc``. By default glibc raises its mmap threshold to
-the size of the largest block freed so far (up to 32 MiB), so after the first training step most
-activation-sized blocks come from the heap, and freed heap memory stays resident: an IDMUNet
-process at 64^3 grows by ~0.7-0.9 GiB over four steps that it never uses again
-(``idm3d bench memory --malloc system``). Fixing the thresholds with ``mallopt`` (the same as
-``MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072``) makes every block over 128 KiB an
-``mmap`` returned to the system when freed, and trims the heap top. It costs CPU time: the kernel
-zero-fills fresh pages on each large allocation (~30% more CPU per IDMUNet step at 64^3 on 2 cores,
-``idm3d bench memory --malloc tuned,system`` reports both), which a time-budgeted run pays in steps.
-So it is opt-in: ``IDM3D_MALLOC=tuned`` makes the ``idm3d`` command apply it at start-up, for runs
-whose limit is memory; the default ``system`` keeps glibc's behaviour. The benchmarks' memory rows
-set ``tuned`` explicitly (their ``--malloc`` option).
-Off glibc (macOS, musl) this is a no-op.
-
-Huge pages (part of ``tuned``): every fresh tensor's pages are faulted in by the kernel on first
-touch, one fault per 4 KiB page, and under ``tuned`` every block over 128 KiB is fresh. At 256^3 a
-feature map is 1-2 GiB, and ~40% of a memory-efficient IDMUNet step's CPU time was system time in
-those faults. ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's own switch, makes its CPU allocator align blocks
-of 2 MiB and more to 2 MiB and ask for transparent huge pages (``madvise``): one fault per 2 MiB.
-The 256^3 step took 561 instead of 709 CPU-s with the same peak. With glibc's default heap the
-same switch made the 64^3 step slower (6.4 against 5.3 CPU-s: the heap reuses its pages, so there
-are few faults to save), so ``system`` leaves it off (docs/bench/README.md). PyTorch reads the
-variable once, when it is imported, so the command line applies ``IDM3D_MALLOC`` before anything
-imports torch, and the benchmarks start each child with the variable its setting implies
-(:func:`huge_pages_for`). A value the user set is always kept. Where the kernel's THP mode is
-``never`` it changes nothing.
+``IDM3D_MALLOC=tuned`` makes the ``idm3d`` command, at start-up and before anything imports torch,
+(1) fix glibc's mmap and trim thresholds with ``mallopt`` (as ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` would), so every block over 128 KiB is an ``mmap`` returned to the system
+when freed instead of heap memory that stays resident, and (2) set ``THP_MEM_ALLOC_ENABLE=1``, PyTorch's
+switch for transparent huge pages in its CPU allocator, so those fresh blocks fault in 2 MiB at a time
+rather than 4 KiB. The default ``system`` keeps glibc's and PyTorch's behaviour: fresh pages cost CPU
+time, which a time-budgeted run pays in steps. PyTorch reads its switch once, when it is imported; the
+benchmarks start each child with the value its setting implies (:func:`huge_pages_for`), and a value
+the user set is always kept. Off glibc (macOS, musl) the thresholds are a no-op. Measured effects and
+their commands: docs/measurements.md, "Allocator".
 """
 
 from __future__ import annotations

@@ -73,9 +73,7 @@ def exit_with_parent(parent: int, every_s: float = 2.0) -> None:
 
 
 def _package_root() -> str:
-    import idm3d
-
-    return str(Path(idm3d.__file__).resolve().parent.parent)
+    return str(Path(__file__).resolve().parent.parent)  # the folder holding the idm3d package
 
 
 def run_config(

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -100,22 +100,24 @@ def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False)
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> str:
     tmp = _tmp_path(path)
     save_file(tensors, str(tmp))
-    digest = hashlib.sha256()
     # Hash what is on disk (and fsync it) rather than what we meant to write.
     with open(tmp, "rb+") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+        digest = _hash_file(fh)
         os.fsync(fh.fileno())
     _commit(tmp, path, checkpoint=True)
+    return digest
+
+
+def _hash_file(fh: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: fh.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return _hash_file(fh)
 
 
 def checkpoint_paths(folder: str | Path, step: int) -> tuple[Path, Path]:
