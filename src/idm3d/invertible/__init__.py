@@ -8,6 +8,7 @@ from idm3d.invertible.attention_spatial import SpatialAttention3d
 from idm3d.invertible.base import InvertibleModule, grad_parameters
 from idm3d.invertible.checks import gradient_check
 from idm3d.invertible.coupling import AdditiveCoupling, ConditionedConvNet
+from idm3d.invertible.mode import memory_efficient_mode
 from idm3d.invertible.norms import group_count
 from idm3d.invertible.resampling import (
     InvertibleChannelMix3d,
@@ -38,5 +39,6 @@ __all__ = [
     "gradient_check",
     "group_count",
     "haar_matrix_3d",
+    "memory_efficient_mode",
     "orthogonal_from_skew",
 ]
