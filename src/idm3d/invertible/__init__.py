@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from idm3d.invertible.attention import InvertibleAttention3d
+from idm3d.invertible.attention import InvertibleAttention3d, invertible_attention
 from idm3d.invertible.attention_channel import ChannelAttention3d
 from idm3d.invertible.attention_spatial import SpatialAttention3d
 from idm3d.invertible.base import InvertibleModule, grad_parameters
@@ -39,6 +39,7 @@ __all__ = [
     "gradient_check",
     "group_count",
     "haar_matrix_3d",
+    "invertible_attention",
     "memory_efficient_mode",
     "orthogonal_from_skew",
 ]

@@ -30,6 +30,7 @@ from idm3d.invertible import (
     OrthogonalDownsample3d,
     OrthogonalUpsample3d,
 )
+from idm3d.invertible.attention import invertible_attention
 from idm3d.invertible.mode import memory_efficient_mode
 from idm3d.nets.bookends import Head, Stem
 from idm3d.nets.embedding import TimestepEmbedding
@@ -181,9 +182,7 @@ class IDMUNet(nn.Module):
         return ops, names
 
     def _attention(self, channels: int, variant: str, heads: int) -> InvertibleModule:
-        from idm3d.invertible.attention import InvertibleAttention3d
-
-        return InvertibleAttention3d(channels, variant=variant, heads=heads, cond_dim=self.embed_dim)
+        return invertible_attention(channels, variant=variant, heads=heads, cond_dim=self.embed_dim)
 
     @property
     def size_multiple(self) -> int:
