@@ -55,13 +55,13 @@ class AttentionStack(nn.Module):
         self, variant: str, channels: int, heads: int, depth: int, emb_dim: int, memory_efficient: bool, tokens: int
     ) -> None:
         super().__init__()
-        from idm3d.invertible.attention import InvertibleAttention3d
+        from idm3d.invertible.attention import invertible_attention
         from idm3d.invertible.segment import InvertibleSequence
 
         # The conditioning comes out of trainable layers, as a timestep embedding would.
         self.embed = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU())
         layers = [
-            InvertibleAttention3d(
+            invertible_attention(
                 channels, variant, heads, cond_dim=emb_dim, channel_alternating=bool(i % 2), max_tokens=tokens
             )
             for i in range(depth)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from idm3d.errors import ConfigError
-from idm3d.invertible.attention import InvertibleAttention3d
+from idm3d.invertible.attention import InvertibleAttention3d, invertible_attention
 from idm3d.invertible.attention_masks import pass_mask, voxel_split
 from idm3d.invertible.base import InvertibleModule
 from idm3d.invertible.checks import gradient_check
@@ -33,7 +33,7 @@ def make(
 ) -> InvertibleAttention3d:
     """A module with random (non-initial) parameters so the attention is far from uniform."""
     torch.manual_seed(seed)
-    module = InvertibleAttention3d(
+    module = invertible_attention(
         channels,
         variant=variant,
         heads=heads,
@@ -177,7 +177,7 @@ def test_mask_counts(shape, channels, alternating, passing):
 def test_fresh_module_well_conditioned(variant):
     """T is row-stochastic: constants are preserved; random inputs keep their scale."""
     torch.manual_seed(0)
-    module = InvertibleAttention3d(8, variant=variant, heads=2, cond_dim=COND_DIM).double()
+    module = invertible_attention(8, variant=variant, heads=2, cond_dim=COND_DIM).double()
     emb = torch.randn(2, COND_DIM, dtype=torch.float64)
     const = torch.full((2, 8, 4, 4, 4), 1.5, dtype=torch.float64)
     assert torch.allclose(module(const, emb), const, atol=1e-12)
@@ -225,19 +225,19 @@ def test_memory_efficient_segment_stores_no_activations():
 
 
 def test_spatial_max_tokens():
-    module = InvertibleAttention3d(4, variant="spatial", max_tokens=500)
+    module = invertible_attention(4, variant="spatial", max_tokens=500)
     module(torch.randn(1, 4, 8, 8, 7))  # 448 voxels: fine
     with pytest.raises(ValueError, match=r"512 voxels exceeds max_tokens=500"):
         module(torch.randn(1, 4, 8, 8, 8))
     with pytest.raises(ValueError, match="max_tokens=4096"):
-        InvertibleAttention3d(4, variant="spatial").inverse(torch.randn(1, 4, 16, 16, 17))
+        invertible_attention(4, variant="spatial").inverse(torch.randn(1, 4, 16, 16, 17))
     # the channel variant has no such limit
-    InvertibleAttention3d(4, variant="channel", max_tokens=10)(torch.randn(1, 4, 8, 8, 8))
+    invertible_attention(4, variant="channel", max_tokens=10)(torch.randn(1, 4, 8, 8, 8))
 
 
 @pytest.mark.parametrize("variant", ["channel", "spatial"])
 def test_bad_inputs(variant):
-    module = InvertibleAttention3d(4, variant=variant, cond_dim=COND_DIM)
+    module = invertible_attention(4, variant=variant, cond_dim=COND_DIM)
     emb = torch.randn(2, COND_DIM)
     with pytest.raises(ValueError, match=r"expected a 5D tensor.*got shape \(2, 4, 4, 4\)"):
         module(torch.randn(2, 4, 4, 4), emb)
@@ -250,7 +250,7 @@ def test_bad_inputs(variant):
     with pytest.raises(ValueError, match=r"conditioning of shape \(2, 6\), got \(2, 5\)"):
         module(torch.randn(2, 4, 4, 4, 4), torch.randn(2, 5))
     # an unconditioned module ignores conditioning tensors (a segment passes them to every op)
-    plain = InvertibleAttention3d(4, variant=variant)
+    plain = invertible_attention(4, variant=variant)
     x = torch.randn(2, 4, 4, 4, 4)
     assert torch.equal(plain(x, emb), plain(x))
 
@@ -270,7 +270,7 @@ def test_bad_inputs(variant):
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        InvertibleAttention3d(**kwargs)
+        invertible_attention(**kwargs)
 
 
 @pytest.mark.parametrize("variant", ["channel", "spatial"])

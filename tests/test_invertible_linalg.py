@@ -12,7 +12,14 @@ import threading
 import pytest
 import torch
 
-from idm3d.invertible import ChannelAttention3d, InvertibleAttention3d, SpatialAttention3d, group_count, linalg
+from idm3d.invertible import (
+    ChannelAttention3d,
+    InvertibleAttention3d,
+    SpatialAttention3d,
+    group_count,
+    invertible_attention,
+    linalg,
+)
 from idm3d.invertible.coupling import ConditionedConvNet
 from idm3d.nets.bookends import Head, Stem
 
@@ -93,9 +100,11 @@ def test_one_group_count_for_couplings_and_bookends(channels, groups):
 
 
 @pytest.mark.parametrize(("variant", "cls"), [("channel", ChannelAttention3d), ("spatial", SpatialAttention3d)])
-def test_the_public_constructor_builds_the_variant_class(variant, cls):
-    module = InvertibleAttention3d(8, variant=variant, heads=2, cond_dim=4)
-    positional = InvertibleAttention3d(8, variant, 2)
+def test_the_factory_builds_the_variant_class(variant, cls):
+    module = invertible_attention(8, variant=variant, heads=2, cond_dim=4)
+    positional = invertible_attention(8, variant, 2)
+    with pytest.deprecated_call():  # the old constructor call still works, with a warning
+        assert type(InvertibleAttention3d(8, variant, 2)) is cls
     assert type(module) is cls
     assert type(positional) is cls
     assert isinstance(module, InvertibleAttention3d)

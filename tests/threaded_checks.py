@@ -87,13 +87,13 @@ def run(name: str) -> dict:
 
 def attention() -> dict:
     """Batched inverses and log-determinants above the size where CPU batched LU fails (pytorch#142815)."""
-    from idm3d.invertible import InvertibleAttention3d, InvertibleSequence, gradient_check
+    from idm3d.invertible import InvertibleSequence, gradient_check, invertible_attention
 
     report = {}
     for name, kwargs, edge in (("channel256", {"channels": 256, "variant": "channel"}, 4),
                                ("spatial256_heads2", {"channels": 4, "variant": "spatial", "heads": 2}, 8)):
         torch.manual_seed(0)
-        layers = [InvertibleAttention3d(**kwargs, cond_dim=8, channel_alternating=alt) for alt in (False, True)]
+        layers = [invertible_attention(**kwargs, cond_dim=8, channel_alternating=alt) for alt in (False, True)]
         with torch.no_grad():
             for m in layers:
                 m.to_q.weight.mul_(8.0)

@@ -16,8 +16,9 @@ infinity norm ``cond(T) <= (c + 1) / (c - 1)`` (3 at the initial ``c = 2``). Wit
 with :func:`idm3d.invertible.linalg.solve` (a batched solve that is safe on multi-threaded CPUs).
 
 Variants (one class each, :class:`ChannelAttention3d` in :mod:`~idm3d.invertible.attention_channel`
-and :class:`SpatialAttention3d` in :mod:`~idm3d.invertible.attention_spatial`;
-``InvertibleAttention3d(channels, variant=...)`` builds the one named):
+and :class:`SpatialAttention3d` in :mod:`~idm3d.invertible.attention_spatial`, both subclasses of
+:class:`InvertibleAttention3d`; the factory ``invertible_attention(channels, variant=...)`` builds the
+one named):
 
 * ``"channel"``: ``A`` is ``(C/h) x (C/h)`` per head, from a transposed (channel-token)
   attention: queries/keys are 1x1 projections of ``x1``, L2-normalised over the voxels of ``x1``
@@ -41,6 +42,7 @@ weights and zero bias, so a fresh module is (almost) unconditioned but ``emb`` g
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 from idm3d.invertible.attention_masks import VoxelSplit, pass_table, passing_entries, voxel_split
 from idm3d.invertible.base import BackwardResult, InvertibleModule
 
-__all__ = ["InvertibleAttention3d"]
+__all__ = ["InvertibleAttention3d", "invertible_attention"]
 
 VARIANTS = ("channel", "spatial")
 MASKS = ("checkerboard",)
@@ -62,24 +64,48 @@ def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
-def _variant_class(variant: object) -> type[InvertibleAttention3d]:
+def invertible_attention(channels: int, variant: str = "channel", *args: Any, **kwargs: Any) -> InvertibleAttention3d:
+    """Build the invertible attention ``variant`` names: a :class:`ChannelAttention3d` or a :class:`SpatialAttention3d`.
+
+    Args:
+        channels: number of input (= output) channels.
+        variant: ``"channel"`` or ``"spatial"``.
+        *args: the further positional arguments of :class:`InvertibleAttention3d` (``heads``, ...).
+        **kwargs: its keyword arguments.
+    """
     # Imported here: both variants subclass InvertibleAttention3d, defined below.
     from idm3d.invertible.attention_channel import ChannelAttention3d
     from idm3d.invertible.attention_spatial import SpatialAttention3d
 
-    classes = {"channel": ChannelAttention3d, "spatial": SpatialAttention3d}
+    classes: dict[object, type[InvertibleAttention3d]] = {"channel": ChannelAttention3d, "spatial": SpatialAttention3d}
     if variant not in classes:
-        raise ValueError(f"InvertibleAttention3d: variant must be one of {VARIANTS}, got {variant!r}")
-    return classes[variant]  # type: ignore[index]
+        raise ValueError(f"invertible_attention: variant must be one of {VARIANTS}, got {variant!r}")
+    return classes[variant](channels, variant, *args, **kwargs)
 
 
-class InvertibleAttention3d(InvertibleModule):
+class _DeprecatedBaseCall(type(InvertibleModule)):  # type: ignore[misc]
+    """Calling the base class itself still builds a variant, with a ``DeprecationWarning``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is InvertibleAttention3d:
+            warnings.warn(
+                "InvertibleAttention3d(...) is deprecated; call invertible_attention(...) or build "
+                "ChannelAttention3d / SpatialAttention3d",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return invertible_attention(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class InvertibleAttention3d(InvertibleModule, metaclass=_DeprecatedBaseCall):
     """Masked (checkerboard) self-attention with an exact inverse and a tractable log-determinant.
 
-    ``InvertibleAttention3d(channels, variant=...)`` returns a :class:`ChannelAttention3d` or a
-    :class:`SpatialAttention3d` (both subclasses of this one, which holds what they share: the
-    validation, the query/key/temperature/scale parameters, the FiLM conditioning, the mask and
-    the autocast/dtype contract).
+    The common base of :class:`ChannelAttention3d` and :class:`SpatialAttention3d` (build one with
+    :func:`invertible_attention` or its class), holding what they share: the validation, the
+    query/key/temperature/scale parameters, the FiLM conditioning, the mask and the autocast/dtype
+    contract. Calling ``InvertibleAttention3d(channels, variant=...)`` itself is deprecated: it
+    warns and returns :func:`invertible_attention`'s result.
 
     Args:
         channels: number of input (= output) channels.
@@ -103,12 +129,6 @@ class InvertibleAttention3d(InvertibleModule):
     """
 
     variant: str = ""  # set by each subclass
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> InvertibleAttention3d:
-        if cls is InvertibleAttention3d:
-            cls = _variant_class(kwargs.get("variant", args[1] if len(args) > 1 else "channel"))
-        # no arguments: copy.deepcopy / pickle call __new__(cls) alone
-        return super().__new__(cls)
 
     def __init__(
         self,

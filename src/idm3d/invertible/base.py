@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from idm3d.invertible.rng import forked
+
 __all__ = ["BackwardResult", "InvertibleModule", "grad_parameters"]
 
 # (rebuilt input, dL/dx, dL/dcond per cond tensor, dL/dparam per grad_parameters(module))
@@ -59,7 +61,8 @@ class InvertibleModule(nn.Module):
         Returns:
             ``(x, grad_x, grad_cond, grad_params)``; ``grad_params`` follows ``grad_parameters(self)``.
         """
-        with torch.no_grad():
+        # on a fork of the random generators: the forward below draws what the inverse drew
+        with torch.no_grad(), forked(y, *cond):
             x = self.inverse(y, *cond)
         x = x.detach().requires_grad_(True)
         params = grad_parameters(self)

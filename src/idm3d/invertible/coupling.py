@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+from idm3d.invertible.mode import lean_graph
 from idm3d.invertible.norm_act import group_norm_silu
 from idm3d.invertible.norms import group_count
 from idm3d.invertible.slab_conv import SlabConv3d
@@ -27,10 +28,13 @@ class ConditionedConvNet(nn.Module):
         hidden_channels: width of the hidden layer.
         cond_dim: size of the conditioning vector (``(B, cond_dim)``), or ``None`` for none.
         kernel_size: spatial kernel size (odd).
-        recompute_norms: run each GroupNorm(-FiLM)-SiLU as one autograd node that saves only its
-            input and recomputes the rest in backward (:func:`~idm3d.invertible.norm_act.group_norm_silu`):
-            the graph then holds three feature maps instead of seven and its backward about two
-            transient ones, for a few elementwise ops more.
+
+    Under :func:`~idm3d.invertible.mode.memory_efficient_mode` (a memory-efficient segment turns it
+    on while it rebuilds), a forward that builds a graph runs each GroupNorm(-FiLM)-SiLU as one
+    autograd node that saves only its input and recomputes the rest in backward
+    (:func:`~idm3d.invertible.norm_act.group_norm_silu`), and the first convolution's input is
+    rebuilt from ``x`` instead of saved: fewer feature maps in the graph and in its backward, for a
+    few elementwise ops more. Outside it the plain modules run.
     """
 
     def __init__(
@@ -40,7 +44,6 @@ class ConditionedConvNet(nn.Module):
         hidden_channels: int,
         cond_dim: int | None = None,
         kernel_size: int = 3,
-        recompute_norms: bool = False,
     ) -> None:
         super().__init__()
         if kernel_size % 2 != 1:
@@ -54,10 +57,9 @@ class ConditionedConvNet(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.act = nn.SiLU()
-        self.recompute_norms = recompute_norms
 
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
-        fused = self.recompute_norms and torch.is_grad_enabled()
+        fused = lean_graph()
         if not fused or torch.is_autocast_enabled(x.device.type):
             return self.conv2(self._norm_act_hidden(self.conv1(self._norm_act_in(x, fused)), *cond, fused=fused))
         # The first convolution's input is not kept: its backward rebuilds it from x (one cheap

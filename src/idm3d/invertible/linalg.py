@@ -8,15 +8,9 @@ silently wrong values (pytorch/pytorch#142815; fix proposed in PR #181570, not m
 A batch of one, or any batch with one intra-op thread, takes the serial path, which is correct.
 
 So on CPU, with more than one thread and more than one matrix, the batched call runs with one
-intra-op thread for its duration. The options, timed on the 2-core CI machine while it was shared
-(torch 2.13.0+cpu, fp32, a batch of 2 256x256 matrices with 256 right-hand sides, ``time.perf_counter``
-over 10 calls after one warm-up): batched with 1 thread 2.4 ms, one matrix at a time with 1 thread
-3.5 ms, one at a time with 2 threads 609 ms (MKL's own threads spin while the other core is busy),
-QR + triangular solve with 2 threads 1068 ms; a ``set_num_threads`` pair costs < 1 us. In a training
-step the switch is not measurable: ``python -m benchmarks.attention --sizes 8 --spatial-sizes 8 --channels 256
---batch 2 --depth 2 --threads 1`` gives the same memory-efficient step time (within the machine's
-noise) with and without this module, and with ``--threads 2`` the memory-efficient step, which timed
-out without it (> 60 s), takes 1.4-1.5x the plain-autograd step.
+intra-op thread for its duration (rather than one matrix at a time, or a QR + triangular solve,
+which keep MKL's own threads and let them spin when the cores are shared); its cost in a training
+step is what ``python -m benchmarks.attention`` reports.
 Other devices (CUDA) take the batched call unchanged. The backward passes of both functions use
 the saved LU factors through ``lu_solve``, which has no such fault (checked batched, 2 threads).
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from idm3d.invertible.mode import first_order_only
+
 __all__ = ["group_norm_silu"]
 
 
@@ -34,7 +36,7 @@ _CHUNK = 1 << 15  # positions per product chunk of the channels-last dots
 
 
 def _layout(t: Tensor) -> torch.memory_format:
-    """The layout the kernels run in: channels-last where ``t`` has it, on CPU (where it was measured)."""
+    """The layout the kernels run in: channels-last where ``t`` has it, on CPU only."""
     cl = t.device.type == "cpu" and t.is_contiguous(memory_format=_CL) and not t.is_contiguous()
     return _CL if cl else torch.contiguous_format
 
@@ -81,6 +83,7 @@ class _GroupNormSiLU(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only  # the rebuild is not itself differentiable: refuse double backward
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight, bias, mean, rstd, scale, shift = ctx.saved_tensors
         need_x, need_w, need_b, _, _, need_scale, need_shift = ctx.needs_input_grad[:7]

@@ -1,10 +1,10 @@
 """3D convolution computed in depth slabs with a halo: the same result, bounded working memory.
 
 On CPU, oneDNN serves a ``Conv3d`` weight gradient with its naive reference kernel
-(``ref:any``, ~100x slower) once a tensor of the call passes 2 GiB, e.g. a 32-channel 256^3 fp32
-feature map (``ONEDNN_VERBOSE=1`` shows ``ref:any,backward_weights`` for ``Conv3d(16, 32, 3)`` at
-256^3 and ``jit:avx512_core`` at 128^3). Its blocked-layout copies of a whole volume, and any
-im2col scratch, also scale with the volume. :class:`SlabConv3d` therefore runs a large
+(``ref:any``, far slower than its jit kernels) once a tensor of the call passes 2 GiB, e.g. a
+32-channel 256^3 fp32 feature map (``ONEDNN_VERBOSE=1`` names the kernel each call gets). Its
+blocked-layout copies of a whole volume, and any im2col scratch, also scale with the volume.
+:class:`SlabConv3d` therefore runs a large
 "same"-padded, stride-1 convolution as a loop over depth slabs: each slab reads its planes plus a
 halo of ``kernel // 2`` planes on either side (zeros beyond the volume), writes its own output
 planes, and in backward adds its input gradient into the overlapping planes and its weight and
@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from idm3d.invertible.mode import first_order_only
+
 __all__ = ["DEFAULT_SLAB_BYTES", "SlabConv3d", "slab_conv3d", "slab_ranges"]
 
 # Per-slab bytes of input + output: far under the 2 GiB where oneDNN falls back to its reference
-# kernel, and large enough that 128^3 IDMUNet convolutions still run unsplit. At 256^3, a
-# Conv3d(16, 32, 3) forward + backward took the same CPU time with 256 MiB and 1 GiB slabs.
+# kernel, and large enough that 128^3 IDMUNet convolutions still run unsplit.
 DEFAULT_SLAB_BYTES = 512 * 2**20
 
 
@@ -62,6 +63,7 @@ class _SlabConv3dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only  # the rebuild is not itself differentiable: refuse double backward
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -8,9 +8,9 @@ so the core sees a linear lift of the input and its output is linearly projected
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
+from idm3d.invertible.mode import lean_graph
 from idm3d.invertible.norm_act import group_norm_silu
 from idm3d.invertible.norms import group_count
 from idm3d.invertible.slab_conv import SlabConv3d
@@ -40,11 +40,10 @@ class Stem(nn.Module):
             )
         else:
             self.body = nn.Conv3d(in_channels, width, 1)
-        # set by IDMUNet.memory_efficient: GroupNorm-SiLU as one lean node, last convolution channels-last
-        self.recompute_norms = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.recompute_norms and isinstance(self.body, nn.Sequential) and torch.is_grad_enabled():
+        # memory-efficient mode: GroupNorm-SiLU as one lean node, last convolution channels-last
+        if lean_graph() and isinstance(self.body, nn.Sequential):
             conv1, norm, _, conv2 = self.body
             return conv2(group_norm_silu(conv1(x), norm, channels_last=True)).contiguous()
         return self.body(x)
@@ -70,11 +69,10 @@ class Head(nn.Module):
         # the first prediction is 0: training starts from "predict the mean"
         nn.init.zeros_(conv.weight)
         nn.init.zeros_(conv.bias)
-        # set by IDMUNet.memory_efficient: GroupNorm-SiLU as one lean node, convolution channels-last
-        self.recompute_norms = False
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.recompute_norms and isinstance(self.body, nn.Sequential) and torch.is_grad_enabled():
+        # memory-efficient mode: GroupNorm-SiLU as one lean node, convolution channels-last
+        if lean_graph() and isinstance(self.body, nn.Sequential):
             norm, _, conv = self.body
             return conv(group_norm_silu(x, norm, channels_last=True)).contiguous()
         return self.body(x)

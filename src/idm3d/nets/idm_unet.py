@@ -25,12 +25,13 @@ from idm3d.invertible import (
     Apply,
     ChannelMerge,
     ChannelSplit,
-    ConditionedConvNet,
     InvertibleModule,
     InvertibleSequence,
     OrthogonalDownsample3d,
     OrthogonalUpsample3d,
 )
+from idm3d.invertible.attention import invertible_attention
+from idm3d.invertible.mode import memory_efficient_mode
 from idm3d.nets.bookends import Head, Stem
 from idm3d.nets.embedding import TimestepEmbedding
 
@@ -55,7 +56,9 @@ class IDMUNet(nn.Module):
             core's output and of the head's gradient: the head runs inside the core's autograd
             node) and recompute the bookends instead of storing them; each GroupNorm-SiLU is one
             lean node and, on CPU, the sub-networks' convolutions run channels-last. ``False``:
-            plain autograd throughout, the reference the memory-efficient gradients equal.
+            plain autograd throughout, the reference the memory-efficient gradients equal. One
+            switch: the :attr:`memory_efficient` property sets the core's, which its
+            sub-networks, the head and the stem follow.
         down_fraction: fraction of a level's channels that goes down (``8 f`` is the channel
             growth per level; ``0.25`` doubles it, as a standard U-Net).
         hidden_multiplier: width of each coupling's sub-network relative to its level's width, one
@@ -64,6 +67,20 @@ class IDMUNet(nn.Module):
         num_heads: attention heads.
         context_dim: size of a per-sample context vector added to the timestep embedding.
         resample: ``"cayley"`` or ``"exp"`` parametrisation of the orthogonal resampling.
+
+    Limits of ``memory_efficient=True`` (each refused with a ``RuntimeError``, none silent):
+
+    * no double backward: the core's rebuild and the fused GroupNorm-SiLU nodes are
+      first-order only: a graph-building backward (``create_graph=True``, as a gradient penalty
+      needs) raises at once; use ``memory_efficient=False`` for it (plain autograd, where
+      large volumes' depth-sliced convolutions are once-differentiable too).
+    * one backward per forward: the core's backward rebuilds activations in the memory of its
+      output, behind the head, so a second backward through a retained graph
+      (``retain_graph=True``) raises torch's in-place modification error.
+    * parameters stay as they were between forward and backward (no optimizer step in between).
+
+    Random layers in the core are replayed in backward (the core saves the generators' state, see
+    :class:`~idm3d.invertible.InvertibleSequence`). Not tested under ``torch.compile``.
     """
 
     def __init__(
@@ -122,7 +139,6 @@ class IDMUNet(nn.Module):
             widths, blocks_per_level, attention_levels, attention, hidden_multiplier, num_heads, resample
         )
         self.core = InvertibleSequence(ops, memory_efficient=memory_efficient)
-        self.memory_efficient = memory_efficient  # propagates to the couplings' sub-networks
 
     def _core_ops(
         self,
@@ -166,9 +182,7 @@ class IDMUNet(nn.Module):
         return ops, names
 
     def _attention(self, channels: int, variant: str, heads: int) -> InvertibleModule:
-        from idm3d.invertible.attention import InvertibleAttention3d
-
-        return InvertibleAttention3d(channels, variant=variant, heads=heads, cond_dim=self.embed_dim)
+        return invertible_attention(channels, variant=variant, heads=heads, cond_dim=self.embed_dim)
 
     @property
     def size_multiple(self) -> int:
@@ -177,15 +191,12 @@ class IDMUNet(nn.Module):
 
     @property
     def memory_efficient(self) -> bool:
+        """The one switch: the core's; its sub-networks, the head and the stem follow it at call time."""
         return self.core.memory_efficient
 
     @memory_efficient.setter
     def memory_efficient(self, value: bool) -> None:
         self.core.memory_efficient = bool(value)
-        for module in self.core.modules():
-            if isinstance(module, ConditionedConvNet):
-                module.recompute_norms = bool(value)
-        self.stem.recompute_norms = self.head.recompute_norms = bool(value)
 
     def _check(self, x: Tensor) -> None:
         if x.dim() != 5 or x.shape[1] != self.in_channels:
@@ -218,13 +229,16 @@ class IDMUNet(nn.Module):
             # activations then never coexist with the core's, which is what bounds the peak. The
             # head runs inside the core's node, so the core's backward can work in the memory of
             # its output and of the head's gradient (see InvertibleSequence).
-            return self.core(checkpoint(self._stem, x, use_reentrant=False), emb, head=self.head)
+            return self.core(checkpoint(self._stem, x, True, use_reentrant=False), emb, head=self.head)
         return self.head(self.core(self._stem(x), emb))
 
-    def _stem(self, x: Tensor) -> Tensor:
-        # Under autocast the stem returns bf16/fp16; the core's state (the coupling additions and
-        # the orthogonal resampling) stays in the input's precision so inverses stay exact.
-        return self.stem(x).to(x.dtype)
+    def _stem(self, x: Tensor, lean: bool = False) -> Tensor:
+        # The mode is an argument, not inherited: the checkpoint's recomputation in backward runs
+        # outside any caller's context and must build the very graph the forward built.
+        with memory_efficient_mode(lean):
+            # Under autocast the stem returns bf16/fp16; the core's state (the coupling additions and
+            # the orthogonal resampling) stays in the input's precision so inverses stay exact.
+            return self.stem(x).to(x.dtype)
 
     @torch.no_grad()
     def reconstruction_error(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> dict[str, float]:
