@@ -77,11 +77,15 @@ assert np.isfinite(data).all() and data.std() > 0
 print(f"wheel_check: passed (sample {data.shape}, mean {data.mean():.3f}, std {data.std():.3f})")
 EOF
 venv/bin/idm3d evaluate --run run --steps 2 --no-progress
+# Generated T2s named like the reals, their T1 next to them (how `idm3d detect` pairs a translation's sources).
+mkdir fake
 for case in 001 002; do
-    venv/bin/idm3d sample --run run --condition t1=data/BraTS20_Training_$case/BraTS20_Training_${case}_t1.nii.gz \
-        --out fake_$case.nii.gz --no-progress
+    src=data/BraTS20_Training_$case/BraTS20_Training_${case}
+    cp "${src}_t1.nii.gz" fake/
+    venv/bin/idm3d sample --run run --condition t1="${src}_t1.nii.gz" --out fake/BraTS20_Training_${case}_t2.nii.gz \
+        --no-progress
 done
-venv/bin/idm3d detect --run run --real data/*/*_t2.nii.gz --fake fake_*.nii.gz --out detect --steps 2 --folds 2 \
+venv/bin/idm3d detect --run run --real data/*/*_t2.nii.gz --fake fake/*_t2.nii.gz --out detect --steps 2 --folds 2 \
     --bootstrap 20 --no-progress
 venv/bin/idm3d bench memory --sizes 16 --nets idm --warmup 0 --repeats 0 --no-flops --threads 1 >/dev/null
 venv/bin/idm3d demo --out demo --steps 2 --no-progress --directions t1-t2 \
