@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# One GPU check of idm3d (issues #6, #17): under ~7 minutes on one H100.
+# One GPU check of idm3d (issues #6, #17, #28): at most 8 minutes of device time on one H100/H200.
 #
-#   benchmarks/gpu_check.sh [OUTDIR]            # default OUTDIR: $OUT if set, else runs/gpu_check
-#   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh     # same steps on CPU at tiny sizes (a dry run)
+#   benchmarks/gpu_check.sh [OUTDIR]                  # default OUTDIR: $OUT if set, else runs/gpu_check
+#   GPU_CHECK_DRY=1 benchmarks/gpu_check.sh OUTDIR    # the same steps on CPU at tiny sizes (tests/test_gpu_check_dry.py)
 #
-# Steps, each bounded by `timeout` so one slow step cannot eat the others' time:
-#   1. dependencies: whatever python3 lacks (monai, nibabel, ...) from wheels in .whl/ if present,
-#      else from PyPI; idm3d itself runs from src/ (no install needed)
-#   2. environment: GPU, driver, versions -> OUTDIR/env.json
-#   3. bench memory at 64^3 and 128^3: IDMUNet (memory-efficient, plain) vs MONAI (plain, checkpointed) and
-#      PatchDDM-3D (plain, checkpointed), first step and steady state -> memory.jsonl, memory.png;
-#      one no-grad denoiser call at 128^3 and 256^3 -> inference.jsonl
-#   3b. bench profile at 64^3 (per-module saved bytes and peaks) -> profile.jsonl, profile.png
-#   4. a 200-step bf16 training smoke run on synthetic volumes -> train_metrics.jsonl, train_summary.json
-#   5. bench max-size up to 256^3 within a budget (IDMUNet vs the checkpointed baselines) -> max_size.jsonl
-# Everything printed also goes to OUTDIR/gpu_check.log. Exit status: number of failed steps.
+# Run from a checkout; idm3d runs from src/ and the lab from benchmarks/ (PYTHONPATH), nothing is installed
+# into the machine's Python. Steps, each bounded by `timeout` (seconds on the GPU: 450 s in all, plus at most
+# 2 s of kill grace per step, 472 s <= 480 s even if every step hit its limit):
+#    20  1. dependencies: what python3 lacks (monai, nibabel, pytest, nvidia-ml-py, ...) into a venv over the
+#           system site-packages (its torch kept), from the wheels in .whl/ when present (benchmarks/gpu_wheels.sh)
+#    10  2. environment: GPU, driver, torch, CUDA, cuDNN -> env.json
+#    45  3. exactness first: pytest -m cuda on tests/test_exactness_devices.py and tests/test_device_gates.py
+#           (memory-efficient = plain gradients fp64, round trips, SlabConv3d, batched solve, bf16 autocast)
+#   130  4. memory: one training step at 64^3, 128^3, 256^3, IDMUNet (memory-efficient, plain) against the
+#           checkpointed MONAI and PatchDDM-3D: peak, step time, energy per step and temperature (NVML)
+#           -> memory.jsonl, memory.png
+#    45  5. inference: one no-grad denoiser call at 64^3, 128^3, 256^3 (IDMUNet, MONAI, PatchDDM-3D) -> inference.jsonl
+#    30  6. bf16: the step of 4. under bf16 autocast at 128^3 and 256^3 (IDMUNet, checkpointed MONAI) -> memory_bf16.jsonl
+#    10  7. five synthetic 96^3 volumes; 55: a 200-step bf16 training run on them (idm3d train, 64^3 patches);
+#     5     its summary -> train_metrics.jsonl, train_summary.json
+#    90  8. max-size: the largest of 256^3, 320^3, 384^3 each net trains within 76 GiB -> max_size.jsonl
+#    10  9. summary: gpu_check.json (GPU, driver, torch, every step's status, the issue-28 goals) and SUMMARY.md
+# Every step runs even when an earlier one failed; everything printed also goes to OUTDIR/gpu_check.log.
+# Exit status: the number of failed steps.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,145 +31,132 @@ mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/idm3d-gpu-check.XXXXXX")"
 LOG="$OUTDIR/gpu_check.log"
+STEPS="$OUTDIR/steps.jsonl"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-# idm3d runs from src/; missing packages go to $WORK/site, leaving the machine's environment alone.
-export PYTHONPATH="$ROOT/src:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT/src:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+: > "$STEPS"
 exec > >(tee -a "$LOG") 2>&1
+cd "$ROOT" || exit 1
 
 if [[ "${GPU_CHECK_DRY:-0}" == "1" ]]; then
-    DEVICE=cpu; MEM_SIZES=16; INF_SIZES=16; PROF_SIZE=16; MAX_EDGE=32; BUDGET_GIB=0.4; TRAIN_STEPS=4; PATCH=16
-    VOLUME=32; MEM_EXTRA=(--threads 2 --repeats 1 --no-flops); MAX_EXTRA=(--threads 2); T_MEM=900; T_TRAIN=600
-    T_MAX=900; T_INF=600; T_PROF=300
+    # fewer configurations than on the GPU (each is a fresh process importing torch and MONAI), the same steps
+    DEVICE=cpu; MARK="not cuda"; MEM_SIZES=16; INF_SIZES=16; BF16_SIZES=16; MAX_SIZES=16; BUDGET_GIB=0.5
+    MEM_NETS=idm,idm-plain,monai-ckpt; INF_NETS=idm; BF16_NETS=idm; MAX_NETS=idm; REPEATS=1
+    TRAIN_STEPS=4; PATCH=16; VOLUME=24; EXTRA=(--threads 1); CFG_TIMEOUT=120
+    T_DEPS=300; T_ENV=60; T_TESTS=120; T_MEM=300; T_INF=120; T_BF16=120; T_DATA=60; T_TRAIN=180; T_TSUM=60
+    T_MAX=120; T_SUM=60
 else
-    # Worst case (every step hitting its timeout) stays under 7 minutes with ~20 s of set-up.
-    DEVICE=cuda; MEM_SIZES=64,128; INF_SIZES=128,256; PROF_SIZE=64; MAX_EDGE=256; BUDGET_GIB=24; TRAIN_STEPS=200
-    PATCH=64; VOLUME=96; MEM_EXTRA=(--repeats 3); MAX_EXTRA=(); T_MEM=150; T_TRAIN=60; T_MAX=80; T_INF=40
-    T_PROF=30
+    DEVICE=cuda; MARK="cuda"; MEM_SIZES=64,128,256; INF_SIZES=64,128,256; BF16_SIZES=128,256; MAX_SIZES=256,320,384
+    MEM_NETS=idm,idm-plain,monai-ckpt,patchddm-ckpt; INF_NETS=idm,monai,patchddm; BF16_NETS=idm,monai-ckpt
+    MAX_NETS=idm,monai-ckpt,patchddm-ckpt; REPEATS=3
+    BUDGET_GIB=76; TRAIN_STEPS=200; PATCH=64; VOLUME=96; EXTRA=(); CFG_TIMEOUT=40
+    T_DEPS=20; T_ENV=10; T_TESTS=45; T_MEM=130; T_INF=45; T_BF16=30; T_DATA=10; T_TRAIN=55; T_TSUM=5
+    T_MAX=90; T_SUM=10
 fi
-# Each knob can be overridden from the environment.
+# Knobs that can be overridden from the environment.
 MEM_SIZES="${GPU_CHECK_SIZES:-$MEM_SIZES}"
-MAX_EDGE="${GPU_CHECK_MAX:-$MAX_EDGE}"
+MAX_SIZES="${GPU_CHECK_MAX_SIZES:-$MAX_SIZES}"
 BUDGET_GIB="${GPU_CHECK_BUDGET_GIB:-$BUDGET_GIB}"
 TRAIN_STEPS="${GPU_CHECK_STEPS:-$TRAIN_STEPS}"
 
 FAILED=0
 START=$SECONDS
-step() { echo; echo "=== [$((SECONDS - START)) s] $*"; }
-fail() { echo "!!! FAILED: $*"; FAILED=$((FAILED + 1)); }
+# run_step NAME TIMEOUT_S COMMAND...: run under `timeout`, record {"step", "rc", "seconds", "timeout_s"} in steps.jsonl.
+# With ROWS=FILE.jsonl (a bench memory result), exit 1 still counts as ok where every row is ok, skipped or
+# out of memory (an OOM is a result: the plain networks are expected to run out at 256^3).
+run_step() {
+    local name="$1" limit="$2" t0=$SECONDS rc
+    shift 2
+    echo
+    echo "=== [$((SECONDS - START)) s] $name (timeout ${limit} s)"
+    timeout --kill-after=2 "$limit" "$@"
+    rc=$?
+    if [[ $rc -eq 1 && -n "${ROWS:-}" ]]; then
+        "$PY" -m benchmarks.gpu_summary rows "$ROWS" && rc=0
+    fi
+    printf '{"step": "%s", "rc": %d, "seconds": %d, "timeout_s": %d}\n' "$name" "$rc" "$((SECONDS - t0))" "$limit" >> "$STEPS"
+    if [[ $rc -ne 0 ]]; then
+        echo "!!! FAILED: $name (exit $rc$([[ $rc -eq 124 || $rc -eq 137 ]] && echo ", timed out"))"
+        FAILED=$((FAILED + 1))
+    fi
+    return 0
+}
 
 # ------------------------------------------------------------------ 1. dependencies
-step "dependencies (device=$DEVICE, outdir=$OUTDIR)"
-pip_install() {  # pip_install PIP_NAME...: from carried wheels when present, else the index
-    local opts=(-q --no-deps --no-compile --target "$WORK/site")
+deps() {
+    local pairs=(torch:torch monai:monai nibabel:nibabel einops:einops safetensors:safetensors yaml:pyyaml
+        tqdm:tqdm matplotlib:matplotlib pytest:pytest)
+    [[ "$DEVICE" == cuda ]] && pairs+=(pynvml:nvidia-ml-py)  # energy and temperature, GPU only
+    local missing=() pair
+    # one interpreter tries every import (starting one per package costs seconds on a small machine)
+    read -r -a missing < <("$PY" -c '
+import importlib.util, sys
+print(" ".join(p.split(":")[1] for p in sys.argv[1:] if importlib.util.find_spec(p.split(":")[0]) is None))
+' "${pairs[@]}")
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        echo "all present in $("$PY" -c 'import sys; print(sys.prefix)')"
+        return 0
+    fi
+    if [[ " ${missing[*]} " == *" torch "* ]]; then
+        echo "torch is missing: the machine's own (CUDA) torch is what this check measures"
+        return 1
+    fi
+    # A venv over the system site-packages: pip resolves dependencies against the machine's torch.
+    "$PY" -m venv --system-site-packages "$WORK/venv" || return 1
+    local pip=("$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check)
     if compgen -G "$ROOT/.whl/*.whl" > /dev/null; then
-        "$PY" -m pip install "${opts[@]}" --no-index --find-links "$ROOT/.whl" "$@"
-    else
-        "$PY" -m pip install "${opts[@]}" "$@"
+        pip+=(--no-index --find-links "$ROOT/.whl")
     fi
+    echo "installing ${missing[*]}"
+    "${pip[@]}" "${missing[@]}" || return 1
 }
-if ! "$PY" -c "import torch" 2> /dev/null; then
-    "$PY" -m pip install -q torch || fail "pip install torch"
-fi
-# import name -> pip name; --no-deps everywhere so nothing replaces the machine's torch.
-PAIRS=(monai:monai nibabel:nibabel einops:einops safetensors:safetensors yaml:pyyaml tqdm:tqdm matplotlib:matplotlib)
-[[ "$DEVICE" == cuda ]] && PAIRS+=(pynvml:nvidia-ml-py)  # energy and temperature, GPU only
-for pair in "${PAIRS[@]}"; do
-    mod="${pair%%:*}"; pkg="${pair#*:}"
-    if ! "$PY" -c "import $mod" 2> /dev/null; then
-        echo "installing $pkg"
-        pip_install "$pkg" || { [[ "$mod" == pynvml ]] && echo "(energy/temperature fields will be null)" || fail "install $pkg"; }
-    fi
-done
-"$PY" -c "import idm3d, monai, nibabel; print('idm3d from', idm3d.__file__)" || fail "imports"
+echo "device=$DEVICE outdir=$OUTDIR python=$PY"
+run_step dependencies "$T_DEPS" bash -c "$(declare -f deps); ROOT='$ROOT' WORK='$WORK' PY='$PY' DEVICE='$DEVICE' deps"
+[[ -x "$WORK/venv/bin/python" ]] && PY="$WORK/venv/bin/python"
 
 # ------------------------------------------------------------------ 2. environment
-step "environment"
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-"$PY" - "$OUTDIR/env.json" "$DEVICE" << 'EOF' || fail "environment"
-import json, sys
-import monai, torch
-from idm3d.bench.harness import machine_info
-info = machine_info(sys.argv[2])
-info.update(monai=monai.__version__, cuda_available=torch.cuda.is_available(),
-            bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-json.dump(info, open(sys.argv[1], "w"), indent=2)
-print(json.dumps(info))
-if sys.argv[2] == "cuda" and not torch.cuda.is_available():
-    sys.exit("CUDA requested but torch.cuda.is_available() is False")
-EOF
+run_step environment "$T_ENV" "$PY" -m benchmarks.gpu_summary env "$OUTDIR/env.json" --device "$DEVICE"
 
-# ------------------------------------------------------------------ 3. memory benchmark
-step "bench memory at $MEM_SIZES ($DEVICE)"
-NETS=idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack
-timeout "$T_MEM" "$PY" -m idm3d bench memory --sizes "$MEM_SIZES" --nets "$NETS" \
-    --device "$DEVICE" ${MEM_EXTRA[@]+"${MEM_EXTRA[@]}"} --json-out "$OUTDIR/memory.jsonl" --plot "$OUTDIR/memory.png" \
-    || fail "bench memory (exit $?)"
-step "bench memory --inference at $INF_SIZES ($DEVICE)"
-timeout "$T_INF" "$PY" -m idm3d bench memory --inference --sizes "$INF_SIZES" --nets idm,monai,patchddm \
-    --device "$DEVICE" ${MEM_EXTRA[@]+"${MEM_EXTRA[@]}"} --json-out "$OUTDIR/inference.jsonl" \
-    || fail "bench memory --inference (exit $?)"
-step "bench profile at ${PROF_SIZE}^3 ($DEVICE)"
-timeout "$T_PROF" "$PY" -m idm3d bench profile --size "$PROF_SIZE" --device "$DEVICE" \
-    --json-out "$OUTDIR/profile.jsonl" --plot "$OUTDIR/profile.png" || fail "bench profile (exit $?)"
+# ------------------------------------------------------------------ 3. exactness tests on the device
+run_step exactness "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider -m "$MARK" -rfEs \
+    --junitxml "$OUTDIR/exactness.xml" tests/test_exactness_devices.py tests/test_device_gates.py
 
-# ------------------------------------------------------------------ 4. bf16 training smoke run
-step "training smoke run: $TRAIN_STEPS steps, bf16, ${PATCH}^3 patches"
-"$PY" - "$WORK/data" "$VOLUME" << 'EOF' || fail "synthetic data"
-# Five synthetic "heads": a smooth ellipsoid with noisy texture, so every case passes the data checks.
-import sys
-from pathlib import Path
-import nibabel as nib
-import numpy as np
-root, n = Path(sys.argv[1]), int(sys.argv[2])
-rng = np.random.default_rng(0)
-grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij"))
-for i in range(5):
-    radii = rng.uniform(0.6, 0.85, size=(3, 1, 1, 1))
-    inside = ((grid / radii) ** 2).sum(0) < 1
-    vol = inside * (100 + 20 * np.sin(4 * grid[0] + i) + rng.normal(0, 5, (n, n, n)))
-    (root / f"case{i}").mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), root / f"case{i}" / "t1.nii.gz")
-print(f"wrote 5 cases of {n}^3 under {root}")
-EOF
-timeout "$T_TRAIN" "$PY" -m idm3d train --out "$WORK/train" \
+# ------------------------------------------------------------------ 4-6. memory, inference, bf16
+bench() {  # bench NAME TIMEOUT JSON ARGS...: idm3d bench ... on $DEVICE, its rows in OUTDIR/JSON
+    local name="$1" limit="$2" json="$OUTDIR/$3"
+    shift 3
+    ROWS="$json" run_step "$name" "$limit" "$PY" -m idm3d.cli.main bench "$@" --device "$DEVICE" \
+        --timeout "$CFG_TIMEOUT" --json-out "$json" ${EXTRA[@]+"${EXTRA[@]}"}
+}
+bench memory "$T_MEM" memory.jsonl memory --sizes "$MEM_SIZES" --nets "$MEM_NETS" \
+    --repeats "$REPEATS" --no-flops --plot "$OUTDIR/memory.png"
+bench inference "$T_INF" inference.jsonl memory --inference --sizes "$INF_SIZES" --nets "$INF_NETS" \
+    --repeats "$REPEATS" --no-flops
+bench bf16 "$T_BF16" memory_bf16.jsonl memory --precision bf16 --sizes "$BF16_SIZES" --nets "$BF16_NETS" \
+    --repeats "$REPEATS" --no-flops
+
+# ------------------------------------------------------------------ 7. bf16 training run
+run_step synthetic-data "$T_DATA" "$PY" -m benchmarks.gpu_summary volumes "$WORK/data" --size "$VOLUME"
+run_step train "$T_TRAIN" "$PY" -m idm3d.cli.main train --out "$WORK/train" \
     --set data.root="$WORK/data" --set "data.targets=[t1]" --set "data.patch_size=[$PATCH,$PATCH,$PATCH]" \
     --set data.test_fraction=0.2 --set data.val_fraction=0.0 --set train.max_steps="$TRAIN_STEPS" \
     --precision bf16 --set train.device="$DEVICE" --set train.progress=false \
-    --set train.log_every=10 --set train.checkpoint_every=100 \
-    || fail "idm3d train (exit $?)"
-if [[ -f "$WORK/train/metrics.jsonl" ]]; then
-    cp "$WORK/train/metrics.jsonl" "$OUTDIR/train_metrics.jsonl"
-    "$PY" - "$WORK/train/metrics.jsonl" "$OUTDIR/train_summary.json" "$TRAIN_STEPS" << 'EOF' || fail "training summary"
-import json, math, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-steps = [r for r in rows if isinstance(r.get("loss"), (int, float))]
-summary = {
-    "records": len(rows),
-    "last_step": max((r.get("step", 0) for r in rows), default=0),
-    "first_loss": steps[0]["loss"] if steps else None,
-    "last_loss": steps[-1]["loss"] if steps else None,
-    "all_finite": all(math.isfinite(r["loss"]) for r in steps),
-    "steps_per_s": steps[-1].get("steps_per_s") if steps else None,
-    "max_mem_mb": max((r.get("mem_mb") or 0 for r in rows), default=None),
-}
-json.dump(summary, open(sys.argv[2], "w"), indent=2)
-print(json.dumps(summary))
-if not steps or not summary["all_finite"] or summary["last_step"] < int(sys.argv[3]):
-    sys.exit(f"training smoke run incomplete or non-finite: {summary}")
-EOF
-else
-    fail "no metrics.jsonl from the training run"
-fi
+    --set train.log_every=10 --set train.checkpoint_every=100000
+[[ -f "$WORK/train/metrics.jsonl" ]] && cp "$WORK/train/metrics.jsonl" "$OUTDIR/train_metrics.jsonl"
+run_step train-summary "$T_TSUM" "$PY" -m benchmarks.gpu_summary train "$OUTDIR/train_metrics.jsonl" \
+    "$OUTDIR/train_summary.json" --steps "$TRAIN_STEPS"
 
-# ------------------------------------------------------------------ 5. largest trainable cube
-step "bench max-size up to ${MAX_EDGE}^3 within $BUDGET_GIB GiB ($DEVICE)"
-timeout "$T_MAX" "$PY" -m idm3d bench max-size --budget-gib "$BUDGET_GIB" --max "$MAX_EDGE" \
-    --nets idm,monai-ckpt,patchddm-ckpt \
-    --device "$DEVICE" ${MAX_EXTRA[@]+"${MAX_EXTRA[@]}"} --timeout 60 --json-out "$OUTDIR/max_size.jsonl" \
-    || fail "bench max-size (exit $?)"
+# ------------------------------------------------------------------ 8. largest trainable cube
+run_step max-size "$T_MAX" "$PY" -m idm3d.cli.main bench max-size --budget-gib "$BUDGET_GIB" --sizes "$MAX_SIZES" \
+    --nets "$MAX_NETS" --device "$DEVICE" --timeout "$CFG_TIMEOUT" \
+    --json-out "$OUTDIR/max_size.jsonl" ${EXTRA[@]+"${EXTRA[@]}"}
 
-step "done in $((SECONDS - START)) s, $FAILED failed step(s); results in $OUTDIR"
+# ------------------------------------------------------------------ 9. summary
+run_step summary "$T_SUM" "$PY" -m benchmarks.gpu_summary report "$OUTDIR" --dry "${GPU_CHECK_DRY:-0}"
+
+echo
+echo "=== done in $((SECONDS - START)) s, $FAILED failed step(s); results in $OUTDIR"
 ls -la "$OUTDIR"
 rm -rf "$WORK"
 exec 1>&- 2>&-

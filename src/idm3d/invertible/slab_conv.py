@@ -112,6 +112,8 @@ def slab_conv3d(
         raise ValueError(f"slab_conv3d: kernel sizes must be odd, got {tuple(weight.shape[2:])}")
     if slab_bytes < 1:
         raise ValueError(f"slab_conv3d: slab_bytes must be >= 1, got {slab_bytes}")
+    if x.device.type != "cpu" and slab_bytes == DEFAULT_SLAB_BYTES:  # the default answers oneDNN (CPU only):
+        slab_bytes = 2**31 * x.element_size()  # elsewhere split only what 32-bit indexing cannot hold
     plane = x.shape[0] * (x.shape[1] + weight.shape[0]) * x.shape[3] * x.shape[4] * x.element_size()
     planes = max(1, slab_bytes // max(plane, 1) - 2 * (weight.shape[2] // 2))
     padding = tuple(k // 2 for k in weight.shape[2:])
