@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from idm3d import devices
 from idm3d.diffusion import schedule
 from idm3d.diffusion.pipeline import DiffusionPipeline
-from idm3d.errors import CheckpointError, ConfigError
+from idm3d.errors import ArgumentError, CheckpointError, ConfigError
 from idm3d.runs.checkpoint import TrainState, load_state_strict
 from idm3d.runs.config import Config, SampleConfig, config_from_dict, config_to_dict
 from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
@@ -47,18 +47,27 @@ def resolve_device(name: str | torch.device, option: str = "train.device") -> to
     """:func:`idm3d.devices.resolve_device`, with an error naming ``option``."""
     try:
         return devices.resolve_device(name)
-    except ValueError as err:
-        raise ConfigError(f"{option}: {err}") from None
+    except ArgumentError as err:
+        raise ConfigError(f"{option}: {err.detail}") from None
+
+
+# The scheduler layer's argument names (ArgumentError.argument) -> the config keys they come from.
+_SCHEDULER_KEYS = {
+    "kind": "sample.sampler",
+    "num_inference_steps": "sample.steps",
+    "schedule": "diffusion.schedule",
+    "prediction_type": "diffusion.prediction_type",
+}
 
 
 def build_scheduler(cfg: Config, kind: str = "ddpm", steps: int | None = None) -> Scheduler:
     """The MONAI scheduler of ``cfg.diffusion``: ``ddpm`` for training, or a sampler with ``steps`` set."""
     try:
         return schedule.build_scheduler(cfg.diffusion, kind, steps)  # type: ignore[arg-type]
-    except ValueError as err:
-        key = {"kind": "sample.sampler", "num_inference_steps": "sample.steps", "schedule": "diffusion.schedule"}
-        arg, _, detail = str(err).partition(": ")
-        raise ConfigError(f"{key.get(arg, 'diffusion')}: {detail or err}") from None
+    except ArgumentError as err:
+        if err.argument not in _SCHEDULER_KEYS:
+            raise
+        raise ConfigError(f"{_SCHEDULER_KEYS[err.argument]}: {err.detail}") from None
 
 
 def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
