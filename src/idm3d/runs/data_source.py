@@ -99,6 +99,10 @@ def patch_schedule(cfg: Config) -> PatchSchedule:
     """The patch sizes of ``data.patch.schedule`` (scales of ``data.patch_size``, rounded to the model's size step)."""
     d = cfg.data
     if d.patch.schedule == "fixed":
+        multiple = required_multiple(cfg.model)
+        if any(p % multiple for p in d.patch_size):
+            raise ConfigError(f"data.patch_size: expected multiples of {multiple} (the model's size step: one halving "
+                              f"per level after the first), got {d.patch_size}")
         return PatchSchedule.fixed(d.patch_size)
     pairs = PATCH_DIFFUSION_MIX if d.patch.schedule == "mixed" else [(s.scale, s.share) for s in d.patch.schedule]
     with naming_keys():

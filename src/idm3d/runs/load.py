@@ -23,9 +23,9 @@ from idm3d import devices
 from idm3d.diffusion import schedule
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import ArgumentError, CheckpointError, ConfigError
-from idm3d.runs.checkpoint import TrainState, load_state_strict
+from idm3d.runs.checkpoint import TrainState, check_signature, load_state_strict
 from idm3d.runs.config import Config, SampleConfig, config_from_dict, config_to_dict
-from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
+from idm3d.runs.model_factory import architecture_signature, build_model, build_model_from_record, model_channels
 from idm3d.runs.precision import autocast, check_precision
 from idm3d.runs.rundir import RunDir
 
@@ -34,6 +34,7 @@ __all__ = [
     "LoadedRun",
     "build_pipeline",
     "build_scheduler",
+    "load_pipeline",
     "load_run",
     "mask_background",
     "resolve_device",
@@ -200,7 +201,10 @@ def load_run(
     device: str | torch.device = "auto",
     **overrides: Any,
 ) -> LoadedRun:
-    """Rebuild a run's model from its config and load a checkpoint's weights (EMA unless ``sample.use_ema`` false).
+    """Rebuild a run's model and load a checkpoint's weights (EMA unless ``sample.use_ema`` false).
+
+    The network is rebuilt from the model record alone (the checkpoint's safetensors metadata, else the
+    run's ``model.json``); runs written before model records existed are rebuilt from their config.
 
     Args:
         run_dir: the run folder.
@@ -212,7 +216,7 @@ def load_run(
 
     Raises:
         ConfigError: not a run folder, bad device or settings. CheckpointError: no checkpoint, tampered,
-            another architecture, no weights of the asked kind.
+            another architecture, a bad model record, no weights of the asked kind.
     """
     run = RunDir(run_dir)
     cfg = run.read_config()
@@ -221,9 +225,13 @@ def load_run(
     check_precision(settings.precision, dev, "--precision")
     if use_ema is None:
         use_ema = settings.use_ema
-    in_ch, out_ch = model_channels(cfg.data)
-    model = build_model(cfg.model, in_ch, out_ch)
-    tensors, state, path = run.load_checkpoint(checkpoint, expected_signature=architecture_signature(model, cfg.model))
+    tensors, state, path = run.load_checkpoint(checkpoint)  # verified (sha256) before its metadata is trusted
+    record, source = run.checkpoint_model_record(path)
+    if record is not None:
+        model = build_model_from_record(record, source)
+    else:  # a run from before model records: its config says what to build
+        model = build_model(cfg.model, *model_channels(cfg.data))
+    check_signature(path, state.signature, architecture_signature(model, cfg.model))
     prefix = "ema/" if use_ema else "model/"
     if not any(k.startswith(prefix) for k in tensors):
         raise CheckpointError(f"{path}: holds no {prefix[:-1]} weights")
@@ -231,3 +239,18 @@ def load_run(
     model.to(dev).eval()
     pipeline = build_pipeline(cfg, model, dev, settings)
     return LoadedRun(run, cfg, model, path, state, "ema" if use_ema else "model", settings, dev, pipeline)
+
+
+def load_pipeline(run_dir: str | Path, **overrides: Any) -> DiffusionPipeline:
+    """The ready :class:`~idm3d.diffusion.pipeline.DiffusionPipeline` of a trained run (diffusers'
+    ``from_pretrained``): :func:`load_run`'s pipeline, its network rebuilt from the run's model record.
+
+    ``overrides``: what :func:`load_run` takes (``checkpoint``, ``use_ema``, ``device``, ``sample`` settings
+    such as ``precision`` or ``roi_size``).
+
+    Example::
+
+        pipe = idm3d.load_pipeline("runs/t1t2", device="cuda")
+        t2 = pipe.sample((1, 1, 64, 64, 64), condition=t1, scheduler=...)
+    """
+    return load_run(run_dir, **overrides).pipeline
