@@ -25,7 +25,13 @@ from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import ArgumentError, CheckpointError, ConfigError
 from idm3d.runs.checkpoint import TrainState, check_signature, load_state_strict
 from idm3d.runs.config import Config, SampleConfig, config_from_dict, config_to_dict
-from idm3d.runs.model_factory import architecture_signature, build_model, build_model_from_record, model_channels
+from idm3d.runs.model_factory import (
+    architecture_signature,
+    build_model,
+    build_model_from_record,
+    model_channels,
+    record_disagreement,
+)
 from idm3d.runs.precision import autocast, check_precision
 from idm3d.runs.rundir import RunDir
 
@@ -229,6 +235,9 @@ def load_run(
     record, source = run.checkpoint_model_record(path)
     if record is not None:
         model = build_model_from_record(record, source)
+        disagreement = record_disagreement(record, cfg.model)
+        if disagreement is not None:  # config.yaml edited after training, or another run's checkpoint
+            raise CheckpointError(f"{path}: checkpoint is from another architecture ({disagreement})")
     else:  # a run from before model records: its config says what to build
         model = build_model(cfg.model, *model_channels(cfg.data))
     check_signature(path, state.signature, architecture_signature(model, cfg.model))

@@ -43,6 +43,7 @@ __all__ = [
     "model_channels",
     "model_class",
     "model_record",
+    "record_disagreement",
     "required_multiple",
     "size_multiple",
 ]
@@ -220,6 +221,24 @@ def build_model_from_record(record: Mapping[str, Any], source: str = "model.json
         return _construct(cls, kwargs)
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from None
+
+
+def record_disagreement(record: Mapping[str, Any], model_cfg: Any) -> str | None:
+    """Where a ``ModelConfig`` contradicts a model record (its name, or a kwarg it sets), or ``None``.
+
+    Only what the config states is compared (its channels depend on the data section, which a record
+    makes unnecessary)."""
+    if record.get("name") != model_cfg.name:
+        return f"model.name: config {model_cfg.name!r} vs model record {record.get('name')!r}"
+    kwargs = record.get("kwargs") or {}
+    for key, value in dict(model_cfg.kwargs).items():
+        try:
+            mine = _jsonable(value, key)
+        except ConfigError:
+            mine = value
+        if key not in kwargs or kwargs[key] != mine:
+            return f"model.kwargs.{key}: config {value!r} vs model record {kwargs.get(key)!r}"
+    return None
 
 
 def _construct(cls: type[nn.Module], kwargs: dict[str, Any]) -> nn.Module:

@@ -131,14 +131,15 @@ class RunDir:
         return record
 
     def checkpoint_model_record(self, path: str | Path | None = None) -> tuple[dict[str, Any] | None, str]:
-        """``(record, where)``: the model record of a checkpoint (default: the newest): its safetensors
-        metadata, else this run's ``model.json``; ``(None, ...)`` for runs written before either existed."""
+        """``(record, where)``: the model record that describes a checkpoint (default: the newest) of this run:
+        the run's ``model.json``, else the checkpoint's safetensors metadata; ``(None, ...)`` for runs written
+        before either existed."""
+        record = self.read_model_record()
+        if record is not None:
+            return record, str(self.path / MODEL)
         found, doc = ckpt.read_state_json(self.checkpoint(path))
         weights = found.with_name(doc["weights_file"])
-        record = ckpt.read_model_metadata(weights) if weights.is_file() else None
-        if record is not None:
-            return record, f"{weights} (model metadata)"
-        return self.read_model_record(), str(self.path / MODEL)
+        return (ckpt.read_model_metadata(weights) if weights.is_file() else None), f"{weights} (model metadata)"
 
     # ----------------------------------------------------------------------------- data
 
