@@ -183,3 +183,13 @@ def test_idm_unet_config_rebuilds_the_same_architecture():
     again = type(net)(**net.config)
     assert net.config == again.config
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
+
+
+def test_a_config_that_contradicts_the_record_is_another_architecture(run_dir: Path, tmp_path: Path):
+    copy = tmp_path / "edited"
+    shutil.copytree(run_dir, copy)
+    (copy / "model.json").unlink()  # the checkpoint's metadata describes the weights
+    cfg = (copy / "config.yaml").read_text().replace("blocks_per_level: 1", "blocks_per_level: 2")
+    (copy / "config.yaml").write_text(cfg)
+    with pytest.raises(CheckpointError, match=r"another architecture \(model\.kwargs\.blocks_per_level: config 2"):
+        idm3d.load_run(copy, device="cpu")
