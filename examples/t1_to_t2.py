@@ -11,7 +11,7 @@ steps); ``--minutes`` sets its training time. What each step calls:
    the run folder gets the config, checkpoints, metrics (and TensorBoard events when installed).
 2. ``idm3d.load_run``: the EMA model, its sampling scheduler and the ready ``DiffusionPipeline``,
    loaded from safetensors (nothing is unpickled).
-3. ``idm3d.sample``: reads the T1 NIfTI, preprocesses it as in training, runs the chain and writes the
+3. ``idm3d.sample_to_file``: reads the T1 NIfTI, preprocesses it as in training, runs the chain and writes the
    synthetic T2 on the T1's own grid and affine (``idm3d sample --condition``).
 4. The same chain by hand, on a tensor: ``run.pipeline.sample(shape, condition, scheduler=run.scheduler())``.
 """
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. Translate a NIfTI file; the output lies on the input's grid, with its affine.
     t1 = args.t1 if args.t1 is not None else held_out_t1(run)
-    written = idm3d.sample(run, args.out / "t2_synthetic.nii.gz", {"t1": t1}, progress=not args.smoke)
+    written = idm3d.sample_to_file(run, args.out / "t2_synthetic.nii.gz", {"t1": t1}, progress=not args.smoke)
     print(f"{t1} -> {written[0]} (mid-slices: {written[-1]})")
 
     # 4. The same chain on a tensor in the model's [-1, 1] range (a training-patch-sized block here).

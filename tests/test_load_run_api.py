@@ -107,10 +107,10 @@ def test_average_is_the_mean_of_chains_from_separate_seeds(run_dir: Path):
 def test_sample_takes_a_loaded_run(run_dir: Path, tmp_path: Path):
     run = idm3d.load_run(run_dir, device="cpu")
     t1 = Path(run.config.data.root) / "BraTS20_Training_001" / "BraTS20_Training_001_t1.nii.gz"
-    written = idm3d.sample(run, tmp_path / "t2.nii.gz", {"t1": t1})
+    written = idm3d.sample_to_file(run, tmp_path / "t2.nii.gz", {"t1": t1})
     assert [p.name for p in written] == ["t2.nii.gz", "t2.png"]
     with pytest.raises(ValueError, match=r"^steps: set when loading the run"):
-        idm3d.sample(run, tmp_path / "t2.nii.gz", {"t1": t1}, steps=4)
+        idm3d.sample_to_file(run, tmp_path / "t2.nii.gz", {"t1": t1}, steps=4)
 
 
 def test_bad_run_folder_is_one_line(tmp_path: Path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from idm3d.errors import ArgumentError
+
 __all__ = ["resolve_device"]
 
 
@@ -11,8 +13,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else must be a valid, available torch device.
 
     Raises:
-        ValueError: not a device name, or CUDA asked for on a machine without it. Callers that read the
-            name from an option prefix the option (``train.device: ...``).
+        ArgumentError: (``argument`` ``device``) not a device name, or CUDA asked for on a machine without
+            it. Callers that read the name from an option name the option with ``err.detail``
+            (``train.device: ...``).
     """
     if isinstance(name, torch.device):
         return name
@@ -21,7 +24,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise ValueError(f"expected auto, cpu or cuda[:N], got {name!r}") from None
+        raise ArgumentError("device", f"expected auto, cpu or cuda[:N], got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{name!r} requested but CUDA is not available (torch {torch.__version__})")
+        raise ArgumentError("device", f"{name!r} requested but CUDA is not available (torch {torch.__version__})")
     return device

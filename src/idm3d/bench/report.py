@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from idm3d import devices
-from idm3d.errors import ConfigError
+from idm3d.errors import ArgumentError, ConfigError
 from idm3d.jsonio import dumps, json_safe
 
 __all__ = [
@@ -81,8 +81,8 @@ def resolve_device(name: str) -> str:
         raise ConfigError(f"--device: expected 'cpu' or 'cuda', got {name!r}")
     try:
         return str(devices.resolve_device(name))
-    except ValueError as err:
-        raise ConfigError(f"--device {name}: {err}") from None
+    except ArgumentError as err:
+        raise ConfigError(f"--device {name}: {err.detail}") from None
 
 
 def parse_sizes(text: str, option: str = "--sizes", multiple: int = 8) -> list[int]:

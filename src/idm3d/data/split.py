@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from idm3d.errors import DataError
+from idm3d.errors import ArgumentError, DataError
 
 __all__ = ["Split", "load_split", "save_split", "split_cases"]
 
@@ -52,15 +52,15 @@ def split_cases(
     ids = sorted(case_ids)
     fr = tuple(float(f) for f in fractions)
     if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
-        raise ValueError(f"fractions: expected (train>0, val>=0, test>=0) summing to 1, got {fractions}")
+        raise ArgumentError("fractions", f"expected (train>0, val>=0, test>=0) summing to 1, got {fractions}")
     if len(set(ids)) != len(ids):
-        raise ValueError("case_ids: must be unique")
+        raise ArgumentError("case_ids", "must be unique")
     n = len(ids)
     n_val, n_test = (round(n * f) for f in fr[1:])
     if n >= 3:
         n_val, n_test = (max(k, 1) if f > 0 else k for k, f in ((n_val, fr[1]), (n_test, fr[2])))
     if n - n_val - n_test < 1:
-        raise ValueError(f"case_ids: {n} cases cannot give a non-empty train set with fractions {fractions}")
+        raise ArgumentError("case_ids", f"{n} cases cannot give a non-empty train set with fractions {fractions}")
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [ids[i] for i in order]
     return Split(

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from idm3d.errors import ArgumentError
+
 __all__ = ["COORDINATE_CHANNELS", "coordinate_channels", "position_of"]
 
 COORDINATE_CHANNELS = 3
@@ -27,7 +29,7 @@ COORDINATE_CHANNELS = 3
 def position_of(corner: Sequence[int], extent: Sequence[int]) -> Tensor:
     """The ``(2, 3)`` position of a grid whose lowest corner is ``corner`` in a volume of shape ``extent``."""
     if len(corner) != 3 or len(extent) != 3:
-        raise ValueError(f"position: expected 3 corner and 3 extent values, got {tuple(corner)}, {tuple(extent)}")
+        raise ArgumentError("position", f"expected 3 corner and 3 extent values, got {tuple(corner)}, {tuple(extent)}")
     return torch.tensor([list(map(int, corner)), list(map(int, extent))], dtype=torch.long)
 
 
@@ -59,19 +61,19 @@ def coordinate_channels(
     """
     grid = tuple(int(g) for g in grid)
     if len(grid) != 3:
-        raise ValueError(f"grid: expected 3 spatial sizes, got {grid}")
+        raise ArgumentError("grid", f"expected 3 spatial sizes, got {grid}")
     if position is None:
         position = position_of((0, 0, 0), grid)
     position = torch.as_tensor(position, dtype=torch.long).cpu()
     if position.ndim == 2:
         position = position[None].expand(batch, 2, 3)
     if position.ndim != 3 or tuple(position.shape[1:]) != (2, 3):
-        raise ValueError(f"position: expected shape (B, 2, 3) (corner, whole-volume shape), "
+        raise ArgumentError("position", f"expected shape (B, 2, 3) (corner, whole-volume shape), "
                          f"got {tuple(position.shape)}")
     corner, extent = position[:, 0], position[:, 1]
     size = torch.tensor(grid)
     if bool((corner < 0).any()) or bool((corner + size > extent).any()):
-        raise ValueError(f"position: a {grid} grid at corners {corner.tolist()} leaves volumes {extent.tolist()}")
+        raise ArgumentError("position", f"a {grid} grid at corners {corner.tolist()} leaves volumes {extent.tolist()}")
     device = torch.device("cpu") if device is None else torch.device(device)
     n = position.shape[0]
     axes = [_axis(grid[a], corner[:, a], extent[:, a], device, dtype) for a in range(3)]

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.diffusion.schedule import predict_epsilon, predict_x0
+from idm3d.errors import ArgumentError
 
 __all__ = ["FEATURE_NAMES", "N_BANDS", "detection_features", "noise_statistics"]
 
@@ -62,7 +63,7 @@ def noise_statistics(noise: Tensor, n_bands: int = N_BANDS) -> dict[str, float]:
         ValueError: ``noise`` is not 5D, or a spatial size below 2.
     """
     if noise.ndim != 5 or min(noise.shape[2:]) < 2:
-        raise ValueError(f"noise: expected (B, C, D, H, W) with sizes >= 2, got {tuple(noise.shape)}")
+        raise ArgumentError("noise", f"expected (B, C, D, H, W) with sizes >= 2, got {tuple(noise.shape)}")
     x = noise.double()
     mean, std = x.mean(), x.std()
     z = (x - mean) / std.clamp_min(1e-12)
@@ -118,13 +119,13 @@ def detection_features(
         ValueError: a batch other than one, a mask of another grid, a timestep outside the chain.
     """
     if x0.ndim != 5 or x0.shape[0] != 1:
-        raise ValueError(f"x0: expected one volume (1, C, D, H, W), got {tuple(x0.shape)}")
+        raise ArgumentError("x0", f"expected one volume (1, C, D, H, W), got {tuple(x0.shape)}")
     if mask is not None and tuple(mask.shape[2:]) != tuple(x0.shape[2:]):
-        raise ValueError(f"mask: grid {tuple(mask.shape[2:])} is not the volume's {tuple(x0.shape[2:])}")
+        raise ArgumentError("mask", f"grid {tuple(mask.shape[2:])} is not the volume's {tuple(x0.shape[2:])}")
     n_train = pipeline.scheduler.num_train_timesteps
     t_small = max(1, round(0.05 * n_train)) if residual_timestep is None else int(residual_timestep)
     if not 0 <= t_small < n_train:
-        raise ValueError(f"residual_timestep: expected 0 <= t < {n_train}, got {t_small}")
+        raise ArgumentError("residual_timestep", f"expected 0 <= t < {n_train}, got {t_small}")
     x0 = x0.float().cpu()
     mask = None if mask is None else mask.bool().cpu()
     dev = pipeline._device(device)

@@ -32,6 +32,7 @@ from idm3d.diffusion.coordinates import coordinate_channels
 from idm3d.diffusion.sampling import denoise_fn
 from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, predict_x0, training_target
 from idm3d.diffusion.structural import ssim_loss
+from idm3d.errors import ArgumentError
 
 __all__ = ["Denoiser", "DiffusionPipeline"]
 
@@ -72,9 +73,9 @@ class DiffusionPipeline:
         coordinates: bool = False,
     ) -> None:
         if loss not in ("mse", "l1"):
-            raise ValueError(f"loss: expected mse|l1, got {loss!r}")
+            raise ArgumentError("loss", f"expected mse|l1, got {loss!r}")
         if not ssim_weight >= 0:
-            raise ValueError(f"ssim_weight: expected >= 0, got {ssim_weight!r}")
+            raise ArgumentError("ssim_weight", f"expected >= 0, got {ssim_weight!r}")
         self.ssim_weight = float(ssim_weight)
         self.model = model
         self.scheduler = scheduler
@@ -151,7 +152,7 @@ class DiffusionPipeline:
 
     def _check(self, scheduler: Scheduler) -> None:
         if scheduler.prediction_type != self.prediction_type:
-            raise ValueError(f"scheduler: predicts {scheduler.prediction_type!r}, the pipeline's model "
+            raise ArgumentError("scheduler", f"predicts {scheduler.prediction_type!r}, the pipeline's model "
                              f"{self.prediction_type!r}")
 
     @torch.no_grad()
@@ -197,7 +198,7 @@ class DiffusionPipeline:
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise: shape {tuple(noise.shape)} is not the sample shape {shape}")
+            raise ArgumentError("noise", f"shape {tuple(noise.shape)} is not the sample shape {shape}")
         noise = noise.to(device, torch.float32)
         if x_start is not None:
             if start_timestep is None:

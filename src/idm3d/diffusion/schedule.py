@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedules, Scheduler
 from torch import Tensor
 
+from idm3d.errors import ArgumentError
+
 __all__ = [
     "PREDICTION_TYPES",
     "SCHEDULE_ALIASES",
@@ -42,7 +44,7 @@ def monai_schedule_name(name: str) -> str:
     resolved = SCHEDULE_ALIASES.get(name, name)
     if resolved not in NoiseSchedules.names:
         known = sorted(set(NoiseSchedules.names) | set(SCHEDULE_ALIASES))
-        raise ValueError(f"schedule: expected one of {'|'.join(known)}, got {name!r}")
+        raise ArgumentError("schedule", f"expected one of {'|'.join(known)}, got {name!r}")
     return resolved
 
 
@@ -60,11 +62,13 @@ def build_scheduler(
         num_inference_steps: if given, ``set_timesteps`` is called (sampling); must be <= T.
 
     Raises:
-        ValueError: unknown schedule or kind, or too many inference steps (MONAI refuses an unknown
-            prediction type).
+        ArgumentError: unknown schedule, kind or prediction type, or too many inference steps (its
+            ``argument`` names which).
     """
     schedule = monai_schedule_name(diffusion.schedule)
     prediction_type = diffusion.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ArgumentError("prediction_type", f"expected one of {'|'.join(PREDICTION_TYPES)}, got {prediction_type!r}")
     t_max = int(diffusion.num_train_timesteps)
     # The cosine schedule takes no beta range; the beta schedules do.
     schedule_args = {} if schedule == "cosine" else {"beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end}
@@ -80,11 +84,11 @@ def build_scheduler(
     elif kind == "ddim":
         scheduler = DDIMScheduler(**common)
     else:
-        raise ValueError(f"kind: expected ddpm|ddim, got {kind!r}")
+        raise ArgumentError("kind", f"expected ddpm|ddim, got {kind!r}")
     if num_inference_steps is not None:
         if not 1 <= num_inference_steps <= t_max:
-            raise ValueError(
-                f"num_inference_steps: expected an integer in [1, {t_max}] (num_train_timesteps), "
+            raise ArgumentError(
+                "num_inference_steps", f"expected an integer in [1, {t_max}] (num_train_timesteps), "
                 f"got {num_inference_steps}"
             )
         scheduler.set_timesteps(num_inference_steps)
@@ -94,7 +98,7 @@ def build_scheduler(
 def _prediction_type(scheduler: Scheduler, prediction_type: str | None) -> str:
     kind = scheduler.prediction_type if prediction_type is None else prediction_type
     if kind not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type: expected one of {'|'.join(PREDICTION_TYPES)}, got {kind!r}")
+        raise ArgumentError("prediction_type", f"expected one of {'|'.join(PREDICTION_TYPES)}, got {kind!r}")
     return kind
 
 
@@ -150,7 +154,7 @@ def diffusion_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Ten
         return F.mse_loss(p, t)
     if kind == "l1":
         return F.l1_loss(p, t)
-    raise ValueError(f"loss: expected mse|l1, got {kind!r}")
+    raise ArgumentError("loss", f"expected mse|l1, got {kind!r}")
 
 
 def sample_timesteps(scheduler: Scheduler, batch: int, generator: torch.Generator | None = None) -> Tensor:

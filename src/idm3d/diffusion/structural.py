@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from idm3d.errors import ArgumentError
 from idm3d.metrics import KERNEL_SIGMA, ssim_window
 
 __all__ = ["ssim_loss", "ssim_map_separable"]
@@ -42,11 +43,11 @@ def _blur(x: Tensor, win: tuple[int, int, int]) -> Tensor:
 def ssim_map_separable(prediction: Tensor, target: Tensor, data_range: float = 2.0) -> Tensor:
     """The local 3D SSIM map of :func:`idm3d.metrics.ssim_map`, differentiable, in float32."""
     if prediction.shape != target.shape or prediction.ndim != 5:
-        raise ValueError(f"ssim: expected two equal (B, C, X, Y, Z) shapes, got {tuple(prediction.shape)} "
+        raise ArgumentError("ssim", f"expected two equal (B, C, X, Y, Z) shapes, got {tuple(prediction.shape)} "
                          f"and {tuple(target.shape)}")
     win = ssim_window(tuple(prediction.shape[2:]))
     if min(win) < 3:
-        raise ValueError(f"ssim: volume {tuple(prediction.shape[2:])} is too small for an SSIM window")
+        raise ArgumentError("ssim", f"volume {tuple(prediction.shape[2:])} is too small for an SSIM window")
     x, y = prediction.float(), target.float()
     c = x.shape[1]
     # the five local moments in one grouped filter pass

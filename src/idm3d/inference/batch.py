@@ -124,12 +124,11 @@ def sample_folder(run: LoadedRun, input_dir: str | Path, out_dir: str | Path, *,
     out, root = Path(out_dir), Path(input_dir)
     cases, problems = scan_cases(root, run.sources)
     failed: dict[str, str] = {}
-    for problem in problems:  # "<folder>: <what is wrong>", the folder a case or input_dir itself
-        where, _, why = problem.partition(": ")
-        if not cases and Path(where) == root:
+    for problem in problems:  # problem.file: a case folder, or input_dir itself
+        if not cases and problem.file == root:
             raise ConfigError(f"--input-dir {problem}")
-        name = Path(where).name
-        failed[name] = f"{failed[name]}; {why}" if name in failed else why
+        name = problem.file.name
+        failed[name] = f"{failed[name]}; {problem.detail}" if name in failed else problem.detail
     if not cases and not failed:
         raise ConfigError(f"--input-dir {root}: no case holds the sources {run.sources}")
     files = {c.case_id: c.files for c in cases}

@@ -13,8 +13,10 @@ reads the inputs and writes the outputs.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +30,8 @@ from idm3d.runs.load import BACKGROUND, LoadedRun, load_run, mask_background, sa
 from idm3d.runs.model_factory import size_multiple
 
 __all__ = [
-    "BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings", "write_sample",
+    "BACKGROUND", "mask_background", "output_paths", "parse_conditions", "sample", "sample_settings", "sample_to_file",
+    "write_sample",
 ]
 
 _SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
@@ -88,7 +91,7 @@ def _scaling(info: Mapping | None, modality: str) -> IntensityScaling | None:
     return IntensityScaling(float(s["lo"]), float(s["hi"]))
 
 
-def sample(
+def sample_to_file(
     run_dir: str | Path | LoadedRun,
     out: str | Path,
     conditions: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
@@ -138,6 +141,19 @@ def sample(
     return write_sample(run, out, conditions, shape=shape, progress=progress)
 
 
+_SAMPLE_WARNED = False
+
+
+def sample(*args: Any, **kwargs: Any) -> list[Path]:
+    """Deprecated name of :func:`sample_to_file` (warns once, then calls it)."""
+    global _SAMPLE_WARNED
+    if not _SAMPLE_WARNED:
+        _SAMPLE_WARNED = True
+        warnings.warn("idm3d.sample is deprecated; use idm3d.sample_to_file (it reads condition files and writes "
+                      "NIfTI/PNG; DiffusionPipeline.sample samples tensors)", DeprecationWarning, stacklevel=2)
+    return sample_to_file(*args, **kwargs)
+
+
 def write_sample(
     run: LoadedRun,
     out: str | Path,
@@ -148,7 +164,7 @@ def write_sample(
     progress: bool = False,
     png: bool = True,
 ) -> list[Path]:
-    """:func:`sample` with a loaded run: the NIfTI file(s) (and, with ``png``, the mid-slice PNG, last).
+    """:func:`sample_to_file` with a loaded run: the NIfTI file(s) (and, with ``png``, the mid-slice PNG, last).
 
     ``seed`` overrides the run's ``sample.seed`` for this volume (``idm3d sample --num``).
     """

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from idm3d.errors import ArgumentError
 from idm3d.invertible import (
     AdditiveCoupling,
     Apply,
@@ -33,11 +34,13 @@ from idm3d.invertible import (
 from idm3d.invertible.attention import invertible_attention
 from idm3d.invertible.mode import memory_efficient_mode
 from idm3d.nets.bookends import Head, Stem
+from idm3d.nets.config import records_config
 from idm3d.nets.embedding import TimestepEmbedding
 
 __all__ = ["IDMUNet"]
 
 
+@records_config  # net.config: the constructor arguments (idm3d.nets.config)
 class IDMUNet(nn.Module):
     """Invertible diffusion U-Net, a drop-in for MONAI's ``DiffusionModelUNet`` (3D).
 
@@ -103,31 +106,32 @@ class IDMUNet(nn.Module):
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
-            raise ValueError(f"IDMUNet: spatial_dims must be 3, got {spatial_dims}")
+            raise ArgumentError("spatial_dims", f"must be 3, got {spatial_dims}")
         if levels < 1 or blocks_per_level < 1:
-            raise ValueError(f"IDMUNet: levels and blocks_per_level must be >= 1, got {levels}, {blocks_per_level}")
+            bad = "levels" if levels < 1 else "blocks_per_level"
+            raise ArgumentError(bad, f"must be >= 1, got {min(levels, blocks_per_level)}")
         if len(attention_levels) != levels:
-            raise ValueError(f"IDMUNet: attention_levels needs {levels} entries, got {len(attention_levels)}")
+            raise ArgumentError("attention_levels", f"needs {levels} entries, got {len(attention_levels)}")
         if attention not in ("channel", "spatial", "none"):
-            raise ValueError(f"IDMUNet: attention must be 'channel', 'spatial' or 'none', got {attention!r}")
+            raise ArgumentError("attention", f"must be 'channel', 'spatial' or 'none', got {attention!r}")
         widths = [channels]
         for level in range(1, levels):
             down = widths[-1] * down_fraction
             if down != int(down) or int(down) < 1 or int(down) >= widths[-1]:
-                raise ValueError(
-                    f"IDMUNet: level {level - 1} has {widths[-1]} channels; down_fraction={down_fraction} "
+                raise ArgumentError(
+                    "down_fraction", f"level {level - 1} has {widths[-1]} channels; down_fraction={down_fraction} "
                     "must send a whole number of them (at least one, not all) down"
                 )
             widths.append(8 * int(down))
         if channels < 2:
-            raise ValueError(f"IDMUNet: channels must be >= 2, got {channels}")
+            raise ArgumentError("channels", f"must be >= 2, got {channels}")
         if hidden_multiplier is None:
             hidden_multiplier = (0.5,) + (1.0,) * (levels - 1)
         elif isinstance(hidden_multiplier, (int, float)):
             hidden_multiplier = (float(hidden_multiplier),) * levels
         if len(hidden_multiplier) != levels or min(hidden_multiplier) <= 0:
-            raise ValueError(
-                f"IDMUNet: hidden_multiplier needs one positive number or {levels}, got {hidden_multiplier}"
+            raise ArgumentError(
+                "hidden_multiplier", f"needs one positive number or {levels}, got {hidden_multiplier}"
             )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.levels, self.widths = levels, widths

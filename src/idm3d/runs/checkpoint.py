@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -36,6 +36,7 @@ from idm3d.jsonio import json_safe
 
 __all__ = [
     "FORMAT",
+    "MODEL_METADATA_KEY",
     "TrainState",
     "atomic_write_text",
     "check_signature",
@@ -47,12 +48,14 @@ __all__ = [
     "load_state_strict",
     "optimizer_from_flat",
     "optimizer_to_flat",
+    "read_model_metadata",
     "read_state_json",
     "remove_stale_files",
     "save_checkpoint",
 ]
 
 FORMAT = "idm3d-checkpoint-v1"
+MODEL_METADATA_KEY = "idm3d.model"  # safetensors metadata: the model record (model.json) as a JSON string
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
 _TMP_MARK = ".tmp-"
 # Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
@@ -97,9 +100,9 @@ def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False)
     _commit(tmp, path, _checkpoint)
 
 
-def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> str:
+def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> str:
     tmp = _tmp_path(path)
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
     # Hash what is on disk (and fsync it) rather than what we meant to write.
     with open(tmp, "rb+") as fh:
         digest = _hash_file(fh)
@@ -195,9 +198,16 @@ def _check_finite(tensors: Mapping[str, Tensor]) -> None:
 
 
 def save_checkpoint(
-    folder: str | Path, step: int, tensors: Mapping[str, Tensor], state: Mapping[str, Any], keep: int | None = None
+    folder: str | Path,
+    step: int,
+    tensors: Mapping[str, Tensor],
+    state: Mapping[str, Any],
+    keep: int | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep``; return its JSON path.
+
+    ``metadata``: strings stored in the safetensors header (the model record, :data:`MODEL_METADATA_KEY`).
 
     Raises:
         NonFiniteError: a floating-point tensor contains NaN/Inf (such weights are never saved).
@@ -208,7 +218,7 @@ def save_checkpoint(
     weights, meta = checkpoint_paths(folder, step)
     # Private, contiguous CPU copies: safetensors refuses shared storage (tied weights, views).
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    sha = _atomic_save_tensors(flat, weights)
+    sha = _atomic_save_tensors(flat, weights, metadata)
     doc = {**state, "format": FORMAT, "step": int(step), "weights_file": weights.name, "weights_sha256": sha}
     atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
     if keep is not None:
@@ -355,6 +365,28 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
     return tensors, state
+
+
+def read_model_metadata(weights: str | Path) -> dict[str, Any] | None:
+    """The model record stored in a safetensors file's metadata (only its header is read), or ``None``.
+
+    Raises:
+        CheckpointError: an unreadable header, or a record that is not a JSON object.
+    """
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            text = (fh.metadata() or {}).get(MODEL_METADATA_KEY)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({err})") from None
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{weights}: the model record in its metadata is not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{weights}: the model record in its metadata is not a JSON object")
+    return record
 
 
 def check_signature(path: Path, found: Any, expected: Mapping[str, Any]) -> None:

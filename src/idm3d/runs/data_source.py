@@ -35,7 +35,7 @@ from idm3d.data.patch_schedule import PATCH_DIFFUSION_MIX, PatchSchedule, scaled
 from idm3d.data.patches import PatchSampler
 from idm3d.data.preprocess import CaseRecord, PreprocessConfig
 from idm3d.data.split import Split, split_cases
-from idm3d.errors import ConfigError, DataError, IDM3DError
+from idm3d.errors import ArgumentError, ConfigError, DataError
 from idm3d.runs.config import MIN_PATCH_EDGE, Config
 from idm3d.runs.model_factory import required_multiple
 
@@ -57,8 +57,8 @@ __all__ = [
 ]
 
 _MAX_LISTED = 10
-# The data layer's argument names (the first word of its ValueError messages) and the config keys they
-# come from; any other ValueError is a bug, not bad input, and keeps its traceback.
+# The data layer's argument names (ArgumentError.argument) and the config keys they come from; any other
+# ValueError is a bug, not bad input, and keeps its traceback.
 _KEYS = {name: f"data.{name}" for name in ("patch_size", "batch_size", "foreground_prob", "percentiles", "margin",
                                            "spacing", "spatial_size")}
 _KEYS["modalities"] = "data.sources/data.targets"
@@ -67,16 +67,14 @@ _KEYS["schedule"] = "data.patch.schedule"
 
 @contextlib.contextmanager
 def naming_keys() -> Iterator[None]:
-    """Turn the data layer's ``ValueError`` about one of its arguments into a ConfigError naming the key."""
+    """Turn the data layer's :class:`~idm3d.errors.ArgumentError` about one of its arguments into a
+    ConfigError naming the key (through the ``_KEYS`` table)."""
     try:
         yield
-    except IDM3DError:
-        raise
-    except ValueError as err:
-        arg, _, detail = str(err).partition(": ")
-        if arg not in _KEYS:
+    except ArgumentError as err:
+        if err.argument not in _KEYS:
             raise
-        raise ConfigError(f"{_KEYS[arg]}: {detail}") from None
+        raise ConfigError(f"{_KEYS[err.argument]}: {err.detail}") from None
 
 
 class TrainingData(Protocol):
@@ -101,6 +99,10 @@ def patch_schedule(cfg: Config) -> PatchSchedule:
     """The patch sizes of ``data.patch.schedule`` (scales of ``data.patch_size``, rounded to the model's size step)."""
     d = cfg.data
     if d.patch.schedule == "fixed":
+        multiple = required_multiple(cfg.model)
+        if any(p % multiple for p in d.patch_size):
+            raise ConfigError(f"data.patch_size: expected multiples of {multiple} (the model's size step: one halving "
+                              f"per level after the first), got {d.patch_size}")
         return PatchSchedule.fixed(d.patch_size)
     pairs = PATCH_DIFFUSION_MIX if d.patch.schedule == "mixed" else [(s.scale, s.share) for s in d.patch.schedule]
     with naming_keys():
@@ -316,9 +318,8 @@ class FolderSource(DataSource):
         fractions = (1.0 - d.val_fraction - d.test_fraction, d.val_fraction, d.test_fraction)
         try:
             return split_cases(case_ids, fractions, seed=d.split_seed)
-        except ValueError as err:  # too few cases for these fractions
-            raise DataError(f"data.root {d.root}: {str(err).partition(': ')[2]} (data.val_fraction, "
-                            "data.test_fraction)") from None
+        except ArgumentError as err:  # too few cases for these fractions
+            raise DataError(f"data.root {d.root}: {err.detail} (data.val_fraction, data.test_fraction)") from None
 
     def prepare(self, saved_split: Split | None = None) -> PreparedData:
         root = check_data(self.cfg)

@@ -22,10 +22,16 @@ from torch import Tensor, nn
 from idm3d import devices
 from idm3d.diffusion import schedule
 from idm3d.diffusion.pipeline import DiffusionPipeline
-from idm3d.errors import CheckpointError, ConfigError
-from idm3d.runs.checkpoint import TrainState, load_state_strict
+from idm3d.errors import ArgumentError, CheckpointError, ConfigError
+from idm3d.runs.checkpoint import TrainState, check_signature, load_state_strict
 from idm3d.runs.config import Config, SampleConfig, config_from_dict, config_to_dict
-from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
+from idm3d.runs.model_factory import (
+    architecture_signature,
+    build_model,
+    build_model_from_record,
+    model_channels,
+    record_disagreement,
+)
 from idm3d.runs.precision import autocast, check_precision
 from idm3d.runs.rundir import RunDir
 
@@ -34,6 +40,7 @@ __all__ = [
     "LoadedRun",
     "build_pipeline",
     "build_scheduler",
+    "load_pipeline",
     "load_run",
     "mask_background",
     "resolve_device",
@@ -47,18 +54,27 @@ def resolve_device(name: str | torch.device, option: str = "train.device") -> to
     """:func:`idm3d.devices.resolve_device`, with an error naming ``option``."""
     try:
         return devices.resolve_device(name)
-    except ValueError as err:
-        raise ConfigError(f"{option}: {err}") from None
+    except ArgumentError as err:
+        raise ConfigError(f"{option}: {err.detail}") from None
+
+
+# The scheduler layer's argument names (ArgumentError.argument) -> the config keys they come from.
+_SCHEDULER_KEYS = {
+    "kind": "sample.sampler",
+    "num_inference_steps": "sample.steps",
+    "schedule": "diffusion.schedule",
+    "prediction_type": "diffusion.prediction_type",
+}
 
 
 def build_scheduler(cfg: Config, kind: str = "ddpm", steps: int | None = None) -> Scheduler:
     """The MONAI scheduler of ``cfg.diffusion``: ``ddpm`` for training, or a sampler with ``steps`` set."""
     try:
         return schedule.build_scheduler(cfg.diffusion, kind, steps)  # type: ignore[arg-type]
-    except ValueError as err:
-        key = {"kind": "sample.sampler", "num_inference_steps": "sample.steps", "schedule": "diffusion.schedule"}
-        arg, _, detail = str(err).partition(": ")
-        raise ConfigError(f"{key.get(arg, 'diffusion')}: {detail or err}") from None
+    except ArgumentError as err:
+        if err.argument not in _SCHEDULER_KEYS:
+            raise
+        raise ConfigError(f"{_SCHEDULER_KEYS[err.argument]}: {err.detail}") from None
 
 
 def sample_settings(cfg: Config, **overrides: object) -> SampleConfig:
@@ -191,7 +207,10 @@ def load_run(
     device: str | torch.device = "auto",
     **overrides: Any,
 ) -> LoadedRun:
-    """Rebuild a run's model from its config and load a checkpoint's weights (EMA unless ``sample.use_ema`` false).
+    """Rebuild a run's model and load a checkpoint's weights (EMA unless ``sample.use_ema`` false).
+
+    The network is rebuilt from the model record alone (the checkpoint's safetensors metadata, else the
+    run's ``model.json``); runs written before model records existed are rebuilt from their config.
 
     Args:
         run_dir: the run folder.
@@ -203,7 +222,7 @@ def load_run(
 
     Raises:
         ConfigError: not a run folder, bad device or settings. CheckpointError: no checkpoint, tampered,
-            another architecture, no weights of the asked kind.
+            another architecture, a bad model record, no weights of the asked kind.
     """
     run = RunDir(run_dir)
     cfg = run.read_config()
@@ -212,9 +231,16 @@ def load_run(
     check_precision(settings.precision, dev, "--precision")
     if use_ema is None:
         use_ema = settings.use_ema
-    in_ch, out_ch = model_channels(cfg.data)
-    model = build_model(cfg.model, in_ch, out_ch)
-    tensors, state, path = run.load_checkpoint(checkpoint, expected_signature=architecture_signature(model, cfg.model))
+    tensors, state, path = run.load_checkpoint(checkpoint)  # verified (sha256) before its metadata is trusted
+    record, source = run.checkpoint_model_record(path)
+    if record is not None:
+        model = build_model_from_record(record, source)
+        disagreement = record_disagreement(record, cfg.model)
+        if disagreement is not None:  # config.yaml edited after training, or another run's checkpoint
+            raise CheckpointError(f"{path}: checkpoint is from another architecture ({disagreement})")
+    else:  # a run from before model records: its config says what to build
+        model = build_model(cfg.model, *model_channels(cfg.data))
+    check_signature(path, state.signature, architecture_signature(model, cfg.model))
     prefix = "ema/" if use_ema else "model/"
     if not any(k.startswith(prefix) for k in tensors):
         raise CheckpointError(f"{path}: holds no {prefix[:-1]} weights")
@@ -222,3 +248,18 @@ def load_run(
     model.to(dev).eval()
     pipeline = build_pipeline(cfg, model, dev, settings)
     return LoadedRun(run, cfg, model, path, state, "ema" if use_ema else "model", settings, dev, pipeline)
+
+
+def load_pipeline(run_dir: str | Path, **overrides: Any) -> DiffusionPipeline:
+    """The ready :class:`~idm3d.diffusion.pipeline.DiffusionPipeline` of a trained run (diffusers'
+    ``from_pretrained``): :func:`load_run`'s pipeline, its network rebuilt from the run's model record.
+
+    ``overrides``: what :func:`load_run` takes (``checkpoint``, ``use_ema``, ``device``, ``sample`` settings
+    such as ``precision`` or ``roi_size``).
+
+    Example::
+
+        pipe = idm3d.load_pipeline("runs/t1t2", device="cuda")
+        t2 = pipe.sample((1, 1, 64, 64, 64), condition=t1, scheduler=...)
+    """
+    return load_run(run_dir, **overrides).pipeline

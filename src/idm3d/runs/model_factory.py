@@ -6,31 +6,55 @@ defaults; ``monai`` builds MONAI's ``DiffusionModelUNet`` with the one baseline 
 :func:`idm3d.nets.baselines.monai_kwargs`. Both share the call ``net(x, timesteps, context=None)``. The channel
 counts come from the task: ``in = targets + sources`` (sources are concatenated to the noisy target;
 plus 3 with ``data.patch.coordinates``), ``out = targets``.
+
+A built network is described by a *model record* (:func:`model_record`), saved as the run's ``model.json``
+and in every checkpoint's safetensors metadata: a registry name (:data:`MODEL_REGISTRY`, an allowlist; no
+class path is ever imported from a file) and the full constructor arguments, defaults resolved.
+:func:`build_model_from_record` rebuilds the network from a record alone, without the run's config.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import hashlib
 import importlib
 import inspect
 import json
 import math
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from idm3d.errors import ConfigError
+from idm3d.errors import ArgumentError, ConfigError
 
 __all__ = [
+    "MODEL_FORMAT",
+    "MODEL_REGISTRY",
     "architecture_signature",
     "baseline_model",
     "build_model",
+    "build_model_from_record",
+    "check_model_kwargs",
+    "check_model_record",
     "model_channels",
+    "model_class",
+    "model_record",
+    "record_disagreement",
     "required_multiple",
     "size_multiple",
 ]
 
 _SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")
+MODEL_FORMAT = "idm3d-model-v1"
+# model.name -> (module, class): the only classes a model record may name.
+MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+    "idm": ("idm3d.nets.idm_unet", "IDMUNet"),
+    "monai": ("monai.networks.nets", "DiffusionModelUNet"),
+}
 
 
 def model_channels(data: Any) -> tuple[int, int]:
@@ -46,11 +70,24 @@ def model_channels(data: Any) -> tuple[int, int]:
     return n_targets + n_sources + n_coords, n_targets
 
 
-def _idm_class() -> type[nn.Module]:
+def model_class(name: str) -> type[nn.Module]:
+    """The network class of ``model.name`` (``idm``, ``monai``) from :data:`MODEL_REGISTRY`.
+
+    Raises:
+        ConfigError: a name not in the registry, or its class cannot be imported.
+    """
+    if name not in MODEL_REGISTRY:
+        raise ConfigError(f"model.name: expected {'|'.join(MODEL_REGISTRY)}, got {name!r}")
+    module, cls = MODEL_REGISTRY[name]
     try:
-        return importlib.import_module("idm3d.nets.idm_unet").IDMUNet
+        return getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"model.name: 'idm' is unavailable ({err}); use model.name=monai") from None
+        other = "monai" if name == "idm" else "idm"
+        raise ConfigError(f"model.name: {name!r} is unavailable ({err}); use model.name={other}") from None
+
+
+def _idm_class() -> type[nn.Module]:
+    return model_class("idm")
 
 
 def _monai_defaults() -> dict[str, Any]:
@@ -93,25 +130,218 @@ def _fit_to_widths(kw: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def _jsonable(value: Any, key: str) -> Any:
+    """``value`` as plain JSON data (tuples as lists); ConfigError naming ``key`` for anything else."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _jsonable(v, f"{key}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{key}: {type(value).__name__} values cannot be recorded in model.json, got {value!r}")
+
+
+def model_record(model_cfg: Any, in_channels: int, out_channels: int) -> dict[str, Any]:
+    """What rebuilds the network of a ``ModelConfig`` for a task: ``{"format", "name", "class", "kwargs"}``.
+
+    ``kwargs`` are the full constructor arguments (``spatial_dims``, ``in_channels``, ``out_channels`` and
+    every default resolved), as JSON data. :func:`build_model_from_record` builds from it.
+
+    Raises:
+        ConfigError: unknown model name, or kwargs the network does not take (named).
+    """
+    name = model_cfg.name
+    kwargs = _resolved_kwargs(name, dict(model_cfg.kwargs))
+    cls = model_class(name)
+    try:
+        full = _call_arguments(cls, spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs: {cls.__name__} rejected the options ({err})") from None
+    return {
+        "format": MODEL_FORMAT,
+        "name": name,
+        "class": cls.__name__,
+        "kwargs": {k: _jsonable(v, f"model.kwargs.{k}") for k, v in full.items()},
+    }
+
+
+def _call_arguments(cls: type, **kwargs: Any) -> dict[str, Any]:
+    from idm3d.nets.config import call_arguments  # lazy: nets imports torch modules only when asked
+
+    return call_arguments(cls, **kwargs)
+
+
+def check_model_record(record: Any, source: str = "model.json") -> tuple[type[nn.Module], dict[str, Any]]:
+    """``(class, kwargs)`` of a model record, checked; CheckpointError naming ``source`` for a bad one.
+
+    The class comes from :data:`MODEL_REGISTRY` by the record's ``name`` only: a record naming anything else
+    is refused, never imported.
+    """
+    from idm3d.errors import CheckpointError
+
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"{source}: expected a model record (a JSON object), got {type(record).__name__}")
+    if record.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{source}: not an idm3d model record (format {record.get('format')!r}, "
+                              f"expected {MODEL_FORMAT!r})")
+    name, kwargs = record.get("name"), record.get("kwargs")
+    if name not in MODEL_REGISTRY:
+        raise CheckpointError(f"{source}: unknown model name {name!r} (known: {', '.join(MODEL_REGISTRY)})")
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"{source}: 'kwargs' must be a JSON object of constructor arguments")
+    try:
+        cls = model_class(name)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    if record.get("class", cls.__name__) != cls.__name__:
+        raise CheckpointError(f"{source}: model {name!r} is {cls.__name__}, the record says {record.get('class')!r}")
+    return cls, dict(kwargs)
+
+
+def build_model_from_record(record: Mapping[str, Any], source: str = "model.json") -> nn.Module:
+    """The network a model record (``model.json``, or a checkpoint's metadata) describes, freshly initialised.
+
+    Example::
+
+        record = json.loads(Path("runs/t1t2/model.json").read_text())
+        net = idm3d.build_model_from_record(record)  # then load weights into it
+
+    Raises:
+        CheckpointError: not a model record, a name outside :data:`MODEL_REGISTRY`, or arguments the
+            network refuses (each naming ``source``).
+    """
+    from idm3d.errors import CheckpointError
+
+    cls, kwargs = check_model_record(record, source)
+    try:
+        return _construct(cls, kwargs)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def record_disagreement(record: Mapping[str, Any], model_cfg: Any) -> str | None:
+    """Where a ``ModelConfig`` contradicts a model record (its name, or a kwarg it sets), or ``None``.
+
+    Only what the config states is compared (its channels depend on the data section, which a record
+    makes unnecessary)."""
+    if record.get("name") != model_cfg.name:
+        return f"model.name: config {model_cfg.name!r} vs model record {record.get('name')!r}"
+    kwargs = record.get("kwargs") or {}
+    for key, value in dict(model_cfg.kwargs).items():
+        try:
+            mine = _jsonable(value, key)
+        except ConfigError:
+            mine = value
+        if key not in kwargs or kwargs[key] != mine:
+            return f"model.kwargs.{key}: config {value!r} vs model record {kwargs.get(key)!r}"
+    return None
+
+
+def _construct(cls: type[nn.Module], kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs: {cls.__name__} rejected the options ({err})") from None
+    except ArgumentError as err:
+        if err.argument not in kwargs:
+            raise
+        raise ConfigError(f"model.kwargs.{err.argument}: {err.detail}") from None
+    except (ValueError, AssertionError) as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"model.kwargs: {msg}") from None
+
+
 def build_model(model_cfg: Any, in_channels: int, out_channels: int) -> nn.Module:
-    """Instantiate the denoiser of a ``ModelConfig`` (``name`` + ``kwargs``).
+    """Instantiate the denoiser of a ``ModelConfig`` (``name`` + ``kwargs``): the network of
+    :func:`model_record` for these channels.
 
     Raises:
         ConfigError: unknown model name, bad kwargs (named), or the IDM network cannot be imported.
     """
-    name = model_cfg.name
-    kwargs = _resolved_kwargs(name, dict(model_cfg.kwargs))
-    if name == "idm":
-        cls = _idm_class()
-    else:
-        from monai.networks.nets import DiffusionModelUNet as cls
+    record = model_record(model_cfg, in_channels, out_channels)
+    return _construct(model_class(record["name"]), record["kwargs"])
+
+
+# ------------------------------------------------------------------------ model.kwargs against the signature
+
+
+def _type_text(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        plural = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
+        return f"a list of {plural.get(args[0], _type_text(args[0]))}" if args else "a list"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """False only where ``value`` clearly contradicts the annotation ``tp`` (unknown types fit)."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return not args or all(_fits(v, args[0]) for v in value)
+    return True
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """Check ``model.kwargs`` against the network's own signature (run when a config is loaded).
+
+    Raises:
+        ConfigError: one line naming the key: one the task sets (``in_channels``...), one the network does
+            not take (with the closest argument name), or a value whose type contradicts the annotation.
+    """
+    for key in _SET_BY_TASK:
+        if key in kwargs:
+            raise ConfigError(
+                f"model.kwargs.{key}: set by the task (data.targets/data.sources), remove it from model.kwargs"
+            )
     try:
-        return cls(spatial_dims=3, in_channels=in_channels, out_channels=out_channels, **kwargs)
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs: {cls.__name__} rejected the options ({err})") from None
-    except (ValueError, AssertionError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"model.kwargs: {msg}") from None
+        cls = model_class(name)
+    except ConfigError:
+        return  # an unavailable network is reported when it is built
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve: names are still checked
+        hints = {}
+    known = [p for p in params if p not in _SET_BY_TASK]
+    for key, value in kwargs.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"model.kwargs.{key}: not an argument of {cls.__name__}{hint}")
+        tp = hints.get(key, inspect.Parameter.empty)
+        if not _fits(value, tp):
+            raise ConfigError(f"model.kwargs.{key}: expected {_type_text(tp)}, got {value!r}")
 
 
 def size_multiple(model: nn.Module) -> int:

@@ -4,9 +4,11 @@
 
     <run>/config.yaml           the resolved configuration
     <run>/run.json              architecture signature, library versions
+    <run>/model.json            the model record: registry name + full constructor arguments (rebuilds the net)
     <run>/split.json            train/val/test case ids (folder data)
     <run>/data.json             reference affine and per-modality intensity scaling of the training cases
-    <run>/checkpoints/          step-XXXXXXXX.{safetensors,json}: tensors + a TrainState
+    <run>/checkpoints/          step-XXXXXXXX.{safetensors,json}: tensors (+ the model record in the
+                                safetensors metadata) + a TrainState
     <run>/metrics.jsonl         per-step records; <run>/loss.png the curve
     <run>/eval-<split>.{json,md} evaluation reports; other figures and reports by name
     <run>/events.out.tfevents.* TensorBoard event files (``tensorboard --logdir runs/``)
@@ -42,6 +44,7 @@ __all__ = ["RunDir", "versions"]
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.yaml"
 RUN_INFO = "run.json"
+MODEL = "model.json"
 SPLIT = "split.json"
 DATA_INFO = "data.json"
 METRICS = "metrics.jsonl"
@@ -107,6 +110,37 @@ class RunDir:
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
 
+    # ----------------------------------------------------------------------------- model
+
+    def write_model_record(self, record: Mapping[str, Any]) -> Path:
+        """``model.json``: what rebuilds the network (:func:`idm3d.runs.model_factory.model_record`)."""
+        self.create()
+        return self.write_json(MODEL, dict(record))
+
+    def read_model_record(self) -> dict[str, Any] | None:
+        """``model.json`` (a JSON object; checked when built from), or ``None`` for runs written before it."""
+        path = self.path / MODEL
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(record).__name__}")
+        return record
+
+    def checkpoint_model_record(self, path: str | Path | None = None) -> tuple[dict[str, Any] | None, str]:
+        """``(record, where)``: the model record that describes a checkpoint (default: the newest) of this run:
+        the run's ``model.json``, else the checkpoint's safetensors metadata; ``(None, ...)`` for runs written
+        before either existed."""
+        record = self.read_model_record()
+        if record is not None:
+            return record, str(self.path / MODEL)
+        found, doc = ckpt.read_state_json(self.checkpoint(path))
+        weights = found.with_name(doc["weights_file"])
+        return (ckpt.read_model_metadata(weights) if weights.is_file() else None), f"{weights} (model metadata)"
+
     # ----------------------------------------------------------------------------- data
 
     def read_split(self) -> Split | None:
@@ -156,9 +190,19 @@ class RunDir:
         """Delete what a crash left in ``checkpoints/`` (temporary files, uncommitted weights)."""
         return ckpt.remove_stale_files(self.checkpoints)
 
-    def save_checkpoint(self, state: TrainState, tensors: Mapping[str, Tensor], keep: int | None = None) -> Path:
-        """Write checkpoint ``state.step`` atomically, keeping the newest ``keep``; return its JSON path."""
-        return ckpt.save_checkpoint(self.checkpoints, state.step, tensors, state.to_json(), keep=keep)
+    def save_checkpoint(
+        self,
+        state: TrainState,
+        tensors: Mapping[str, Tensor],
+        keep: int | None = None,
+        model: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint ``state.step`` atomically, keeping the newest ``keep``; return its JSON path.
+
+        ``model``: the model record, stored (as a JSON string) in the safetensors metadata."""
+        metadata = None if model is None else {ckpt.MODEL_METADATA_KEY: json.dumps(dict(model), sort_keys=True)}
+        return ckpt.save_checkpoint(self.checkpoints, state.step, tensors, state.to_json(), keep=keep,
+                                    metadata=metadata)
 
     def load_checkpoint(
         self,

@@ -32,7 +32,7 @@ from idm3d.runs.config import Config, config_to_dict
 from idm3d.runs.data_source import PreparedData, TrainingData, data_source, step_batch
 from idm3d.runs.load import build_pipeline, resolve_device
 from idm3d.runs.logs import memory_mb
-from idm3d.runs.model_factory import architecture_signature, build_model, model_channels
+from idm3d.runs.model_factory import architecture_signature, build_model, model_channels, model_record
 from idm3d.runs.rundir import RunDir, versions
 from idm3d.runs.tensorboard import NullBoard, tensorboard_wanted
 from idm3d.training import distributed
@@ -95,6 +95,7 @@ class Trainer:
         in_ch, out_ch = model_channels(cfg.data)
         torch.manual_seed(step_seed(cfg.train.seed, 0, _STREAM_INIT))  # same seed, same initial weights
         self.model = build_model(cfg.model, in_ch, out_ch).to(self.device)  # before the (slow) data
+        self.model_record = model_record(cfg.model, in_ch, out_ch)  # model.json, and each checkpoint's metadata
         self.prepared: PreparedData | None = None
         if data is None:
             self.prepared = data_source(cfg).prepare(self.folder.read_split())
@@ -170,7 +171,8 @@ class Trainer:
         if not self.dist.is_main:  # every process holds the same state: rank 0 writes it
             return self.ckpt_dir / f"step-{self.step:08d}.json"
         tensors = training_tensors(self.model, self.ema, self.optimizer)
-        return self.folder.save_checkpoint(self.train_state(), tensors, keep=self.cfg.train.keep_checkpoints)
+        return self.folder.save_checkpoint(self.train_state(), tensors, keep=self.cfg.train.keep_checkpoints,
+                                           model=self.model_record)
 
     def _open(self) -> None:
         """Rank 0 writes the run folder's config, split and data summary and opens the metrics log."""
@@ -179,6 +181,7 @@ class Trainer:
         run = self.folder
         removed = run.remove_stale_files() if self._resumed_from is not None else []
         run.write_config(self.cfg, self.signature)
+        run.write_model_record(self.model_record)
         if self.prepared is not None:
             if self.prepared.split is not None:
                 run.write_split(self.prepared.split)
