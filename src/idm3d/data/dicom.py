@@ -167,7 +167,7 @@ def load_series(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
     if data.shape != info.shape:
         raise DataError(f"{info.folder}: pixel data of shape {data.shape} does not match the headers {info.shape}")
-    return np.ascontiguousarray(data), info.affine
+    return data, info.affine  # Fortran-ordered (X, Y, Z), as nibabel returns NIfTI data
 
 
 def _uid() -> str:

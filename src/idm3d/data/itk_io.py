@@ -127,8 +127,8 @@ def load_itk(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     except MemoryError:
         raise DataError(f"{path}: header asks for more memory than there is (corrupt header?)") from None
     _, affine = _geometry(image, path)
-    data = sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0)
-    return np.ascontiguousarray(data), affine
+    # A transposed view of the (z, y, x) copy: (X, Y, Z) in Fortran order, as nibabel returns NIfTI data.
+    return sitk.GetArrayViewFromImage(image).astype(np.float32).transpose(2, 1, 0), affine
 
 
 def save_itk(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *, compress: bool = True) -> Path:
