@@ -26,10 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `idm3d train`")
     p.add_argument("--out", type=Path, required=True,
-                   help="output .nii.gz (with several targets: OUT_<target>); with --input-dir/--num a folder")
+                   help="output .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd (with several targets: OUT_<target>); "
+                   "a data.intensity ct run: a name without suffix writes a DICOM series folder; with "
+                   "--input-dir/--num a folder")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--condition", nargs="+", default=None, metavar="FILE",
-                        help="source volume(s) in the run's source order, or MODALITY=FILE")
+                        help="source volume(s) in the run's source order, or MODALITY=FILE (NIfTI, NRRD, "
+                        "MetaImage, or a DICOM series folder)")
     inputs.add_argument("--input-dir", type=Path, metavar="DIR",
                         help="translation runs: translate every case folder of DIR into the folder OUT")
     inputs.add_argument("--num", type=int, metavar="N",

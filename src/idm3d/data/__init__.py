@@ -1,4 +1,5 @@
-"""Data layer: safe NIfTI reading, case discovery and checks, MONAI preprocessing, splits, patches, demo data.
+"""Data layer: reading NIfTI, NRRD, MetaImage and DICOM series safely, cases and checks, MONAI preprocessing,
+splits, patches, demo data.
 
 Names are imported lazily so that ``idm3d data check`` does not pay for importing MONAI.
 """
@@ -11,6 +12,9 @@ from idm3d.lazy import lazy_exports
 
 _EXPORTS = {
     "nifti": ("load_volume", "read_header", "save_volume", "validate_volume", "VolumeHeader"),
+    "readers": ("VOLUME_SUFFIXES", "image_format", "is_volume_name", "load_image", "read_image_header", "save_image"),
+    "dicom": ("is_dicom_folder", "load_series", "read_series", "save_series"),
+    "intensity": ("FOREGROUND_MODES", "INTENSITY_MODES", "body_mask"),
     "cases": (
         "CaseFiles",
         "check_case",
@@ -36,9 +40,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from idm3d.data.cases import *  # noqa: F403
     from idm3d.data.dataset import *  # noqa: F403
     from idm3d.data.demo import *  # noqa: F403
+    from idm3d.data.dicom import *  # noqa: F403
+    from idm3d.data.intensity import *  # noqa: F403
     from idm3d.data.nifti import *  # noqa: F403
     from idm3d.data.patch_schedule import *  # noqa: F403
     from idm3d.data.patches import *  # noqa: F403
     from idm3d.data.preprocess import *  # noqa: F403
+    from idm3d.data.readers import *  # noqa: F403
     from idm3d.data.split import *  # noqa: F403
 

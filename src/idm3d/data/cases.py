@@ -1,13 +1,18 @@
 """Finding cases on disk and checking them: BraTS2020 layout and generic folders of case sub-folders.
 
-Both layouts are one folder per case holding one NIfTI file per modality; a modality ``m`` is the file
-whose name (without ``.nii``/``.nii.gz``) is ``m`` or ends in ``_m``, case-insensitively::
+Both layouts are one folder per case holding one volume per modality: a NIfTI, NRRD (``.nrrd``/``.nhdr``)
+or MetaImage (``.mha``/``.mhd``) file, or a sub-folder holding a DICOM series. A modality ``m`` is the
+file (or DICOM folder) whose name without its suffix is ``m`` or ends in ``_m``, case-insensitively::
 
     root/BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz   # BraTS2020 (t1, t1ce, t2, flair, seg)
     root/subject_a/subject_a_t1.nii.gz                         # generic, suffix match
     root/subject_b/t2.nii                                      # generic, bare modality name
+    root/patient_c/patient_c_ct.nrrd                           # NRRD, MetaImage likewise
+    root/patient_d/patient_d_ct/IM0001.dcm ...                 # a DICOM series folder
+    root/patient_e/IM0001.dcm ...                              # a case folder that is one DICOM series:
+                                                               # the case's only modality (one requested)
 
-``t1`` never matches ``..._t1ce.nii.gz``. A root holding NIfTI files and no sub-folders is one case.
+``t1`` never matches ``..._t1ce.nii.gz``. A root holding volume files and no sub-folders is one case.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from idm3d.data.nifti import is_nifti_name, load_volume, read_header, strip_nifti_suffix
+from idm3d.data.dicom import is_dicom_folder
+from idm3d.data.readers import is_volume_name, read_image_header, strip_volume_suffix
+from idm3d.data.readers import load_image as load_volume
 from idm3d.errors import ArgumentError, DataError
 
 __all__ = [
@@ -103,18 +110,22 @@ def parse_modalities(value: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def _matches(filename: str, modality: str) -> bool:
-    stem = strip_nifti_suffix(filename).lower()
+    stem = strip_volume_suffix(filename).lower()
     return stem == modality or stem.endswith("_" + modality)
 
 
 def _nifti_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_nifti_name(p.name) and not p.name.startswith("."))
+    """The volumes of a folder: NIfTI/NRRD/MetaImage files and DICOM-series sub-folders (name kept for history)."""
+    entries = (p for p in folder.iterdir() if not p.name.startswith("."))
+    return sorted(p for p in entries if (p.is_file() and is_volume_name(p.name)) or (p.is_dir() and is_dicom_folder(p)))
 
 
 def _case_from_folder(folder: Path, modalities: Sequence[str], problems: list[Problem]) -> CaseFiles | None:
     niftis = _nifti_files(folder)
+    if not niftis and len(modalities) == 1 and is_dicom_folder(folder):
+        return CaseFiles(folder.name, folder, {modalities[0]: folder})  # the case folder is one DICOM series
     if not niftis:
-        problems.append(Problem(folder, "case folder holds no .nii/.nii.gz files"))
+        problems.append(Problem(folder, "case folder holds no .nii/.nii.gz files (nor .nrrd/.mha or DICOM series)"))
         return None
     files: dict[str, Path] = {}
     for modality in modalities:
@@ -122,7 +133,8 @@ def _case_from_folder(folder: Path, modalities: Sequence[str], problems: list[Pr
         if not found:
             problems.append(Problem(
                 folder, f"case {folder.name} has no {modality} file "
-                f"(expected a name ending in _{modality}.nii.gz or _{modality}.nii)"
+                f"(expected a name ending in _{modality}.nii.gz or _{modality}.nii; or .nrrd, .mha, "
+                f"or a DICOM series folder named ..._{modality})"
             ))
         elif len(found) > 1:
             names = ", ".join(p.name for p in found)
@@ -148,11 +160,11 @@ def scan_cases(root: str | os.PathLike, modalities: Iterable[str] | str) -> tupl
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     problems: list[Problem] = []
     if not subdirs:
-        if not _nifti_files(root):
+        if not _nifti_files(root) and not is_dicom_folder(root):
             return [], [Problem(root, "data folder is empty (no case sub-folders and no .nii/.nii.gz files)")]
         case = _case_from_folder(root, mods, problems)
         return ([case] if case else []), problems
-    if not any(_nifti_files(d) for d in subdirs):
+    if not any(_nifti_files(d) or is_dicom_folder(d) for d in subdirs):
         hint = f"; did you mean {subdirs[0]}?" if len(subdirs) == 1 else ""
         return [], [Problem(root, f"no sub-folder holds .nii/.nii.gz files{hint}")]
     cases = [c for d in subdirs if (c := _case_from_folder(d, mods, problems)) is not None]
@@ -177,7 +189,7 @@ def detect_layout(cases: Sequence[CaseFiles]) -> str:
     """``"brats2020"`` when every case folder and file follows BraTS2020 naming, else ``"generic"``."""
     if cases and all(
         _BRATS_CASE.match(c.case_id)
-        and all(strip_nifti_suffix(p.name).lower() == f"{c.case_id}_{m}".lower() for m, p in c.files.items())
+        and all(strip_volume_suffix(p.name).lower() == f"{c.case_id}_{m}".lower() for m, p in c.files.items())
         for c in cases
     ):
         return "brats2020"
@@ -220,7 +232,7 @@ def check_case(case: CaseFiles, *, deep: bool = True) -> list[Problem]:
                 data, affine = load_volume(path, allow_constant=modality in LABEL_MODALITIES)
                 geometry[modality] = (path, tuple(data.shape), affine)
             else:
-                header = read_header(path)
+                header = read_image_header(path)
                 geometry[modality] = (path, header.shape, header.affine)
         except DataError as err:
             problems.append(Problem.from_error(path, err))

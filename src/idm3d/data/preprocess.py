@@ -4,9 +4,11 @@ Pipeline (all modalities of a case stacked as channels, so they stay aligned):
 
 1. ``Orientation`` to RAS (voxel axes x=Right, y=Anterior, z=Superior: the last axis is axial);
 2. optional ``Spacing`` to a working voxel size (bilinear);
-3. ``CropForeground`` to the brain-mask box plus a margin;
+3. ``CropForeground`` to the foreground-mask box plus a margin (``foreground``: the brain mask by default,
+   a CT body mask, or none: :mod:`idm3d.data.intensity`);
 4. per-volume percentile clipping and scaling to [-1, 1] (``ScaleIntensityRange`` with percentiles
-   measured inside the brain mask; the values are kept in :class:`IntensityScaling` for the inverse);
+   measured inside the brain mask; the values are kept in :class:`IntensityScaling` for the inverse), or with
+   ``intensity="ct"`` one fixed HU ``window`` for every volume;
 5. ``DivisiblePad`` to a multiple of ``divisible_by`` (or ``ResizeWithPadOrCrop`` to a fixed size),
    padding with -1 (background after scaling).
 
@@ -29,7 +31,8 @@ from monai.transforms import Spacing as MonaiSpacing
 from monai.utils import TraceKeys
 
 from idm3d.data.cases import LABEL_MODALITIES
-from idm3d.data.nifti import save_volume
+from idm3d.data.intensity import check_modes, foreground_mask
+from idm3d.data.readers import save_image
 from idm3d.errors import ArgumentError, DataError
 
 __all__ = ["CaseRecord", "IntensityScaling", "PreprocessConfig", "preprocess_case"]
@@ -52,6 +55,11 @@ class PreprocessConfig:
             are clipped.
         foreground_threshold: a voxel is foreground when any ``mask_from`` modality exceeds this value.
         mask_from: modalities defining the brain mask; None means every requested modality.
+        intensity: ``percentile`` (per volume, MRI) or ``ct`` (the fixed HU ``window`` -> [-1, 1]).
+        window: ``(lower, upper)`` HU of the ``ct`` mode; values outside are clipped.
+        foreground: ``brain`` (``foreground_threshold``), ``body`` (CT: ``body_threshold`` HU, largest
+            component) or ``none`` (every voxel).
+        body_threshold: HU above which a voxel may belong to the body mask.
     """
 
     orientation: str | None = "RAS"
@@ -63,8 +71,13 @@ class PreprocessConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     foreground_threshold: float = 0.0
     mask_from: tuple[str, ...] | None = None
+    intensity: str = "percentile"
+    window: tuple[float, float] = (-1000.0, 1000.0)
+    foreground: str = "brain"
+    body_threshold: float = -500.0
 
     def __post_init__(self) -> None:
+        check_modes(self.intensity, self.window, self.foreground)
         lo, hi = self.percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ArgumentError("percentiles", f"expected 0 <= lower < upper <= 100, got {self.percentiles}")
@@ -117,6 +130,8 @@ class CaseRecord:
         scalings: per-modality intensity scaling, for :meth:`IntensityScaling.inverse`.
         original_affine: affine of the files as read.
         original_shape: spatial shape of the files as read.
+        background: the value (original units) :meth:`to_original` puts outside the crop box and the
+            grid: 0 for MRI, the window's lower end (air) for CT.
     """
 
     case_id: str
@@ -127,6 +142,7 @@ class CaseRecord:
     scalings: dict[str, IntensityScaling]
     original_affine: np.ndarray
     original_shape: tuple[int, int, int]
+    background: float = 0.0
     _transforms: list = field(default_factory=list, repr=False)
     _operations: list = field(default_factory=list, repr=False)
 
@@ -156,13 +172,16 @@ class CaseRecord:
             )
         if modality is not None:
             vol = self.scalings[modality].inverse(vol)
+        # The inverse transforms pad with zeros (crop box, resampling): shift so that padding is the background.
+        vol = vol - self.background if self.background else vol
         # MONAI matches each record to its transform by id(); a pickled record (DataLoader worker) holds new
         # transform objects, so switch the check off: the records are replayed in exactly their own order.
         operations = _without_ids(copy.deepcopy(self._operations))
         meta = MetaTensor(vol, affine=torch.as_tensor(self.affine), applied_operations=operations)
         for transform in reversed(self._transforms):
             meta = transform.inverse(meta)
-        return meta.as_tensor()[0].numpy().astype(np.float32)
+        out = meta.as_tensor()[0]
+        return (out + self.background if self.background else out).numpy().astype(np.float32)
 
     def save(
         self,
@@ -172,14 +191,17 @@ class CaseRecord:
         *,
         original_grid: bool = True,
     ) -> None:
-        """Write a volume as NIfTI, on the original grid (default) or on the preprocessed grid."""
+        """Write a volume on the original grid (default) or on the preprocessed grid.
+
+        The format follows ``path``'s name (NIfTI, NRRD, MetaImage, or a DICOM series folder).
+        """
         if original_grid:
-            save_volume(path, self.to_original(volume, modality), self.original_affine)
+            save_image(path, self.to_original(volume, modality), self.original_affine)
         else:
             vol = torch.as_tensor(volume).detach().cpu().float()
             if modality is not None:
                 vol = self.scalings[modality].inverse(vol)
-            save_volume(path, vol.numpy(), self.affine)
+            save_image(path, vol.numpy(), self.affine)
 
 
 def _without_ids(value: object) -> object:
@@ -234,7 +256,8 @@ def preprocess_case(
     arrays = [np.asarray(volumes[m], dtype=np.float32) for m in names]
     given_mask = mask is not None
     if mask is None:
-        mask = np.any([np.asarray(volumes[m]) > config.foreground_threshold for m in mask_from], axis=0)
+        mask = foreground_mask(volumes, mask_from, config.foreground, threshold=config.foreground_threshold,
+                               body_threshold=config.body_threshold)
     stack = np.stack([*arrays, np.asarray(mask, dtype=np.float32)])
     original_shape = tuple(int(s) for s in stack.shape[1:])
     meta = MetaTensor(torch.from_numpy(stack), affine=torch.as_tensor(np.asarray(affine, dtype=np.float64)))
@@ -243,7 +266,9 @@ def preprocess_case(
     if config.orientation:
         transforms.append(Orientation(axcodes=config.orientation, labels=_RAS_LABELS))
     if config.spacing is not None:
-        transforms.append(MonaiSpacing(pixdim=config.spacing, mode="bilinear", padding_mode="zeros"))
+        # CT: beyond the field of view is the edge value, not 0 HU (water); MRI keeps zeros (background 0).
+        padding = "border" if config.intensity == "ct" else "zeros"
+        transforms.append(MonaiSpacing(pixdim=config.spacing, mode="bilinear", padding_mode=padding))
     if config.crop_foreground:
         # The mask is the last channel; bilinear resampling blurs it, so threshold at one half.
         transforms.append(
@@ -254,14 +279,17 @@ def preprocess_case(
 
     brain = meta[-1:].as_tensor() > 0.5
     if not bool(brain.any()):
-        origin = (
-            "the given mask" if given_mask else f"no voxel of {list(mask_from)} above {config.foreground_threshold:g}"
-        )
-        raise DataError(f"{case_id}: brain mask is empty ({origin})")
-    scalings = {
-        m: _percentile_scaling(meta[i].as_tensor()[brain[0]].float(), config.percentiles, f"{case_id} {m}")
-        for i, m in enumerate(names)
-    }
+        body = config.foreground == "body"
+        threshold = f"{config.body_threshold:g} HU" if body else f"{config.foreground_threshold:g}"
+        origin = "the given mask" if given_mask else f"no voxel of {list(mask_from)} above {threshold}"
+        raise DataError(f"{case_id}: {'body' if body else 'brain'} mask is empty ({origin})")
+    if config.intensity == "ct":
+        scalings = {m: IntensityScaling(float(config.window[0]), float(config.window[1])) for m in names}
+    else:
+        scalings = {
+            m: _percentile_scaling(meta[i].as_tensor()[brain[0]].float(), config.percentiles, f"{case_id} {m}")
+            for i, m in enumerate(names)
+        }
     scaled = torch.stack([scalings[m].forward(meta[i].as_tensor().float()) for i, m in enumerate(names)])
     meta = MetaTensor(torch.cat([scaled, brain.float()]), meta=meta.meta, applied_operations=meta.applied_operations)
 
@@ -283,6 +311,7 @@ def preprocess_case(
         scalings=scalings,
         original_affine=np.asarray(affine, dtype=np.float64),
         original_shape=original_shape,
+        background=float(config.window[0]) if config.intensity == "ct" else 0.0,
         _transforms=transforms,
         _operations=copy.deepcopy(meta.applied_operations),
     )

@@ -7,7 +7,10 @@ typical range of the training cases' target modality (median of their percentile
 synthesised target has no reference scan of its own.
 
 The model, its settings and the chain come from :func:`idm3d.runs.load.load_run`; this module only
-reads the inputs and writes the outputs.
+reads the inputs and writes the outputs. Inputs may be NIfTI, NRRD, MetaImage or DICOM-series folders
+(:mod:`idm3d.data.readers`); the output's format follows ``out``'s name (``.nii.gz``, ``.nii``, ``.nrrd``,
+``.nhdr``, ``.mha``, ``.mhd``; for a ``data.intensity: ct`` run, a name without suffix is a new DICOM series
+folder, :func:`idm3d.data.dicom.save_series`). A CT run's outputs are in Hounsfield units (its window).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import CaseRecord, IntensityScaling, preprocess_case
+from idm3d.data.readers import load_image as load_volume
+from idm3d.data.readers import save_image as save_volume
 from idm3d.errors import ConfigError, DataError
 from idm3d.inference.figures import save_mid_slices
 from idm3d.runs.config import Config
@@ -34,7 +38,7 @@ __all__ = [
     "write_sample",
 ]
 
-_SUFFIX = re.compile(r"(\.nii\.gz|\.nii)$", re.IGNORECASE)
+_SUFFIX = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.nhdr|\.mha|\.mhd)$", re.IGNORECASE)
 
 
 def parse_conditions(sources: Sequence[str], conditions: Sequence[str | Path] | Mapping[str, str | Path]) -> dict:
@@ -60,12 +64,18 @@ def parse_conditions(sources: Sequence[str], conditions: Sequence[str | Path] | 
     return {m: found[m] for m in sources}
 
 
-def output_paths(out: str | Path, targets: Sequence[str]) -> tuple[list[Path], Path]:
-    """NIfTI path per target (``out``, or ``out`` with ``_<target>`` when several) and the PNG path."""
+def output_paths(out: str | Path, targets: Sequence[str], *, dicom: bool = False) -> tuple[list[Path], Path]:
+    """Volume path per target (``out``, or ``out`` with ``_<target>`` when several) and the PNG path.
+
+    ``dicom``: a name without a suffix is accepted (a DICOM series folder; CT runs).
+    """
     out = Path(out)
-    if not _SUFFIX.search(out.name):
-        raise ConfigError(f"--out {out}: expected a name ending in .nii.gz or .nii")
-    stem, suffix = _SUFFIX.sub("", out.name), _SUFFIX.search(out.name).group(1)
+    if not _SUFFIX.search(out.name) and not (dicom and not out.suffix):
+        more = "; or a folder name without suffix for a DICOM series" if dicom else ""
+        raise ConfigError(f"--out {out}: expected a name ending in .nii.gz or .nii (or .nrrd, .nhdr, .mha, .mhd"
+                          f"{more})")
+    match = _SUFFIX.search(out.name)
+    stem, suffix = (_SUFFIX.sub("", out.name), match.group(1)) if match else (out.name, "")
     paths = [out] if len(targets) == 1 else [out.with_name(f"{stem}_{t}{suffix}") for t in targets]
     return paths, out.with_name(f"{stem}.png")
 
@@ -169,7 +179,7 @@ def write_sample(
     ``seed`` overrides the run's ``sample.seed`` for this volume (``idm3d sample --num``).
     """
     info = run.run.read_data_info()
-    nifti_paths, png_path = output_paths(out, run.targets)
+    nifti_paths, png_path = output_paths(out, run.targets, dicom=run.config.data.intensity == "ct")
     record = _condition(run, conditions)
     if record is not None:  # translation: on the condition's grid, masked by its brain mask
         volume = run.masked(run.infer(condition=record.image[None], seed=seed, progress=progress), record.mask[None])

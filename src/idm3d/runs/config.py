@@ -92,6 +92,12 @@ class DataConfig:
     spatial_size: list[int] | None = field(default=None, metadata=_range(1, 4096))
     percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5], metadata=_range(0.0, 100.0))
     margin: int = field(default=2, metadata=_range(0, 1000))
+    # percentile: per-volume percentiles -> [-1, 1] (MRI); ct: the fixed HU window -> [-1, 1], outputs in HU
+    intensity: Literal["percentile", "ct"] = "percentile"
+    window: list[float] = field(default_factory=lambda: [-1000.0, 1000.0], metadata=_range(-100000.0, 100000.0))
+    # the crop box and foreground patches: auto = brain with percentile, body with ct (docs/ct.md)
+    foreground: Literal["auto", "brain", "body", "none"] = "auto"
+    body_threshold: float = field(default=-500.0, metadata=_range(-100000.0, 100000.0))  # HU (foreground body)
     patch: PatchConfig = field(default_factory=PatchConfig)
 
 
@@ -352,6 +358,13 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"data.spatial_size: expected 3 integers or null, got {d.spatial_size}")
     if len(d.percentiles) != 2 or not d.percentiles[0] < d.percentiles[1]:
         raise ConfigError(f"data.percentiles: expected [lower, upper] with lower < upper, got {d.percentiles}")
+    if len(d.window) != 2 or not d.window[0] < d.window[1]:
+        raise ConfigError(f"data.window: expected [lower, upper] HU with lower < upper, got {d.window}")
+    if d.foreground == "body" and d.intensity != "ct":
+        raise ConfigError("data.foreground: body thresholds Hounsfield units; it needs data.intensity ct, got "
+                          f"{d.intensity!r}")
+    if d.root is None and d.intensity != "percentile":
+        raise ConfigError(f"data.intensity: the demo data (data.root null) is MRI; {d.intensity!r} needs data.root")
     if d.val_fraction + d.test_fraction >= 1.0:
         raise ConfigError(
             f"data.test_fraction: val_fraction + test_fraction must be < 1, got {d.val_fraction + d.test_fraction}"

@@ -60,7 +60,8 @@ _MAX_LISTED = 10
 # The data layer's argument names (ArgumentError.argument) and the config keys they come from; any other
 # ValueError is a bug, not bad input, and keeps its traceback.
 _KEYS = {name: f"data.{name}" for name in ("patch_size", "batch_size", "foreground_prob", "percentiles", "margin",
-                                           "spacing", "spatial_size")}
+                                           "spacing", "spatial_size", "intensity", "window", "foreground",
+                                           "body_threshold")}
 _KEYS["modalities"] = "data.sources/data.targets"
 _KEYS["schedule"] = "data.patch.schedule"
 
@@ -119,6 +120,14 @@ def data_modalities(cfg: Config) -> tuple[str, ...]:
 def preprocess_config(cfg: Config) -> PreprocessConfig:
     """The preprocessing every part of a run uses (:meth:`DataSource.preprocess_config` of its source)."""
     return data_source(cfg).preprocess_config()
+
+
+def foreground_mode(cfg: Config) -> str:
+    """``data.foreground``, with ``auto`` resolved: the brain mask for MRI (percentile), the body mask for CT."""
+    d = cfg.data
+    if d.foreground != "auto":
+        return d.foreground
+    return "body" if d.intensity == "ct" else "brain"
 
 
 def data_root(cfg: Config) -> Path:
@@ -222,6 +231,10 @@ class DataSource(abc.ABC):
                 percentiles=(d.percentiles[0], d.percentiles[1]),
                 # Translation crops/masks by the sources: at sampling time they are all there is.
                 mask_from=tuple(d.sources) if d.task == "translate" else tuple(d.targets),
+                intensity=d.intensity,
+                window=(d.window[0], d.window[1]),
+                foreground=foreground_mode(self.cfg),
+                body_threshold=d.body_threshold,
             )
 
     @abc.abstractmethod
