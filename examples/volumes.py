@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,8 +53,14 @@ def nifti_volumes(folder: Path, size: int) -> list[torch.Tensor]:
     files = sorted(p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
     if not files:
         raise SystemExit(f"--data-dir {folder}: no .nii or .nii.gz files found")
+    # MONAI 1.6's LoadImage registers every reader it knows; with pydicom installed and no nvImageCodec its
+    # DICOM reader logs and warns on every construction, which says nothing about these NIfTI files.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+        reader = transforms.LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
     load = transforms.Compose([
-        transforms.LoadImage(image_only=True, ensure_channel_first=True),
+        reader,
         transforms.Lambda(func=lambda x: x[:1]),  # the first channel of multi-channel files
         transforms.Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # NIfTI world axes
         transforms.ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=-1.0, b_max=1.0, clip=True),
