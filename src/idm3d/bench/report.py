@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from idm3d import devices
-from idm3d.errors import ArgumentError, ConfigError
+from idm3d.errors import ConfigError
 from idm3d.jsonio import dumps, json_safe
 
 __all__ = [
@@ -76,13 +75,12 @@ def machine_markdown(info: Mapping[str, Any]) -> str:
 
 
 def resolve_device(name: str) -> str:
-    """Validate ``--device`` (:func:`idm3d.devices.resolve_device`); a bad name is a one-line error."""
+    """Validate ``--device``: ``cpu`` or ``cuda[:N]``, never ``auto`` (a benchmark names what it measures)."""
     if name == "auto" or not (name == "cpu" or name.startswith("cuda")):
         raise ConfigError(f"--device: expected 'cpu' or 'cuda', got {name!r}")
-    try:
-        return str(devices.resolve_device(name))
-    except ArgumentError as err:
-        raise ConfigError(f"--device {name}: {err.detail}") from None
+    from idm3d.runs.load import resolve_device as resolve  # lazy: the runs layer imports MONAI
+
+    return str(resolve(name, "--device"))
 
 
 def parse_sizes(text: str, option: str = "--sizes", multiple: int = 8) -> list[int]:
