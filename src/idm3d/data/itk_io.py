@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from idm3d.data.nifti import volume_to_write
 from idm3d.errors import DataError
 
 __all__ = ["ITK_SUFFIXES", "affine_from_itk", "itk_from_affine", "load_itk", "read_itk_header", "save_itk"]
@@ -139,11 +140,7 @@ def save_itk(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, *, c
     path = Path(path)
     if path.suffix.lower() not in ITK_SUFFIXES:
         raise DataError(f"{path}: output name must end in .nrrd, .nhdr, .mha or .mhd")
-    array = np.asarray(data, dtype=np.float32)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise DataError(f"{path}: can only write 3D volumes, got shape {array.shape}")
+    array = volume_to_write(data, path)
     sitk = _sitk()
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     origin, spacing, direction = itk_from_affine(affine)

@@ -12,6 +12,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "save_volume",
     "strip_nifti_suffix",
     "validate_volume",
+    "volume_to_write",
 ]
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -199,6 +201,16 @@ def read_header(path: str | os.PathLike) -> VolumeHeader:
     return VolumeHeader(path=path, shape=spatial, affine=_check_affine(affine, path), zooms=zooms[:3])
 
 
+def volume_to_write(data: Any, path: Path) -> np.ndarray:
+    """``data`` as a float32 3D array for a writer: one leading channel dropped, anything else not 3D refused."""
+    array = np.asarray(data, dtype=np.float32)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise DataError(f"{path}: can only write 3D volumes, got shape {array.shape}")
+    return array
+
+
 def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
     """Write a float32 NIfTI volume atomically (temporary file then rename).
 
@@ -213,11 +225,7 @@ def save_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -
     path = Path(path)
     if not is_nifti_name(path):
         raise DataError(f"{path}: output name must end in .nii or .nii.gz")
-    array = np.asarray(data, dtype=np.float32)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3:
-        raise DataError(f"{path}: can only write 3D volumes, got shape {array.shape}")
+    array = volume_to_write(data, path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units("mm")

@@ -31,7 +31,7 @@ import yaml
 from torch import Tensor
 
 from idm3d.data.split import Split, load_split, save_split
-from idm3d.errors import CheckpointError, ConfigError, DataError
+from idm3d.errors import CheckpointError, ConfigError, DataError, IDM3DError
 from idm3d.jsonio import dumps
 from idm3d.runs import checkpoint as ckpt
 from idm3d.runs.checkpoint import TrainState, atomic_write_text
@@ -120,12 +120,9 @@ class RunDir:
     def read_model_record(self) -> dict[str, Any] | None:
         """``model.json`` (a JSON object; checked when built from), or ``None`` for runs written before it."""
         path = self.path / MODEL
-        if not path.is_file():
+        record = _read_json(path, CheckpointError)
+        if record is None:
             return None
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(record, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(record).__name__}")
         return record
@@ -160,12 +157,9 @@ class RunDir:
     def read_data_info(self) -> dict[str, Any] | None:
         """``data.json`` (reference affine, working grid, typical intensity scaling), or ``None``."""
         path = self.path / DATA_INFO
-        if not path.is_file():
+        info = _read_json(path, DataError)
+        if info is None:
             return None
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            raise DataError(f"{path}: not valid JSON ({err})") from None
         _check_data_info(info, path)
         return info
 
@@ -253,6 +247,16 @@ class RunDir:
         path = self.path / name
         atomic_write_text(path, text)
         return path
+
+
+def _read_json(path: Path, error: type[IDM3DError]) -> Any | None:
+    """A run file's JSON, ``None`` when the file is absent (a run written before it); bad JSON is ``error``."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path}: not valid JSON ({err})") from None
 
 
 def _is_number(x: Any) -> bool:
