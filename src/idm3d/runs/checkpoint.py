@@ -93,21 +93,29 @@ def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False)
     """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _commit(tmp, path, _checkpoint)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _commit(tmp, path, _checkpoint)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> str:
     tmp = _tmp_path(path)
-    save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
-    # Hash what is on disk (and fsync it) rather than what we meant to write.
-    with open(tmp, "rb+") as fh:
-        digest = _hash_file(fh)
-        os.fsync(fh.fileno())
-    _commit(tmp, path, checkpoint=True)
+    try:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        # Hash what is on disk (and fsync it) rather than what we meant to write.
+        with open(tmp, "rb+") as fh:
+            digest = _hash_file(fh)
+            os.fsync(fh.fileno())
+        _commit(tmp, path, checkpoint=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
     return digest
 
 
@@ -220,7 +228,12 @@ def save_checkpoint(
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     sha = _atomic_save_tensors(flat, weights, metadata)
     doc = {**state, "format": FORMAT, "step": int(step), "weights_file": weights.name, "weights_sha256": sha}
-    atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+    try:
+        atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+    except OSError:
+        if not meta.is_file():  # not committed: the weights are an orphan, free their space now
+            weights.unlink(missing_ok=True)
+        raise
     if keep is not None:
         for _, old in list_checkpoints(folder)[:-keep]:
             # JSON first: once it is gone the weights are an orphan, never a half checkpoint.
