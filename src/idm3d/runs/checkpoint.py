@@ -57,7 +57,7 @@ __all__ = [
 FORMAT = "idm3d-checkpoint-v1"
 MODEL_METADATA_KEY = "idm3d.model"  # safetensors metadata: the model record (model.json) as a JSON string
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
-_TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>"
 # Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
 # kill the process inside this window).
 _PAUSE_ENV = "IDM3D_CHECKPOINT_WRITE_PAUSE"
@@ -78,7 +78,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
 def _commit(tmp: Path, path: Path, checkpoint: bool = False) -> None:
@@ -164,7 +164,7 @@ def remove_stale_files(folder: str | Path) -> list[Path]:
     committed = {p.stem for _, p in list_checkpoints(folder)}
     removed = []
     for p in folder.iterdir():
-        stale_tmp = _TMP_MARK in p.name
+        stale_tmp = TMP_MARK in p.name
         orphan = p.suffix == ".safetensors" and p.stem not in committed
         if p.is_file() and (stale_tmp or orphan):
             p.unlink(missing_ok=True)

@@ -231,6 +231,8 @@ class RunDir:
             if err.errno not in WRITE_ERRNOS:
                 raise
             name = what or (Path(err.filename).name if err.filename else "a file")
+            if name.startswith(".") and ckpt.TMP_MARK in name:  # a temporary file: name the file it becomes
+                name = name[1:name.index(ckpt.TMP_MARK)]
             code = errno.errorcode.get(err.errno or 0, str(err.errno))
             last = self.latest_checkpoint()
             kept = f"last complete checkpoint {last.name} is intact" if last else "no checkpoint was written yet"
