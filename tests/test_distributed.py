@@ -180,7 +180,7 @@ def test_torchrun_two_processes_rank0_writes_and_resume_matches_one_process(tmp_
     events = {n for n in names if n.startswith("events.out.tfevents.")}
     assert len(events) == (1 if tensorboard_available() else 0)  # rank 0's TensorBoard log only
     assert names - events == {
-        "checkpoints", "config.yaml", "run.json", "split.json", "data.json", "metrics.jsonl", "loss.png"}
+        "checkpoints", "config.yaml", "run.json", "model.json", "split.json", "data.json", "metrics.jsonl", "loss.png"}
     assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     state = json.loads((run / "checkpoints" / "step-00000002.json").read_text())
     assert state["world_size"] == 2

@@ -57,7 +57,7 @@ __all__ = [
 FORMAT = "idm3d-checkpoint-v1"
 MODEL_METADATA_KEY = "idm3d.model"  # safetensors metadata: the model record (model.json) as a JSON string
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
-_TMP_MARK = ".tmp-"
+TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>"
 # Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
 # kill the process inside this window).
 _PAUSE_ENV = "IDM3D_CHECKPOINT_WRITE_PAUSE"
@@ -78,7 +78,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
 def _commit(tmp: Path, path: Path, checkpoint: bool = False) -> None:
@@ -93,21 +93,29 @@ def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False)
     """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
     path = Path(path)
     tmp = _tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _commit(tmp, path, _checkpoint)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _commit(tmp, path, _checkpoint)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> str:
     tmp = _tmp_path(path)
-    save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
-    # Hash what is on disk (and fsync it) rather than what we meant to write.
-    with open(tmp, "rb+") as fh:
-        digest = _hash_file(fh)
-        os.fsync(fh.fileno())
-    _commit(tmp, path, checkpoint=True)
+    try:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        # Hash what is on disk (and fsync it) rather than what we meant to write.
+        with open(tmp, "rb+") as fh:
+            digest = _hash_file(fh)
+            os.fsync(fh.fileno())
+        _commit(tmp, path, checkpoint=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
+        raise
     return digest
 
 
@@ -156,7 +164,7 @@ def remove_stale_files(folder: str | Path) -> list[Path]:
     committed = {p.stem for _, p in list_checkpoints(folder)}
     removed = []
     for p in folder.iterdir():
-        stale_tmp = _TMP_MARK in p.name
+        stale_tmp = TMP_MARK in p.name
         orphan = p.suffix == ".safetensors" and p.stem not in committed
         if p.is_file() and (stale_tmp or orphan):
             p.unlink(missing_ok=True)
@@ -220,7 +228,12 @@ def save_checkpoint(
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     sha = _atomic_save_tensors(flat, weights, metadata)
     doc = {**state, "format": FORMAT, "step": int(step), "weights_file": weights.name, "weights_sha256": sha}
-    atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+    try:
+        atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+    except OSError:
+        if not meta.is_file():  # not committed: the weights are an orphan, free their space now
+            weights.unlink(missing_ok=True)
+        raise
     if keep is not None:
         for _, old in list_checkpoints(folder)[:-keep]:
             # JSON first: once it is gone the weights are an orphan, never a half checkpoint.

@@ -162,6 +162,8 @@ class TrainConfig:
     drift_action: Literal["warn", "stop"] = "warn"
     progress: bool = True
     log: LogConfig = field(default_factory=LogConfig)
+    # signals that stop training after the current step with a checkpoint and exit code 75 (docs/failure-modes.md)
+    stop_signals: list[Literal["TERM", "INT", "USR1", "USR2", "HUP"]] = field(default_factory=lambda: ["TERM", "INT"])
 
 
 @dataclass

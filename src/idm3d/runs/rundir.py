@@ -19,10 +19,13 @@ Readers check what they read and fail with one line naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import platform
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,7 @@ from idm3d.runs.config import Config, config_from_dict, config_to_dict
 from idm3d.runs.logs import MetricsLog, plot_loss_curve, read_metrics
 from idm3d.runs.tensorboard import TensorBoardLog
 
-__all__ = ["RunDir", "versions"]
+__all__ = ["WRITE_ERRNOS", "RunDir", "RunWriteError", "versions"]
 
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.yaml"
@@ -49,6 +52,28 @@ SPLIT = "split.json"
 DATA_INFO = "data.json"
 METRICS = "metrics.jsonl"
 LOSS_PNG = "loss.png"
+
+# OSErrors that mean "this folder takes no more writes" (full disk, quota, read-only or forbidden folder,
+# file too large, a failing device): the run stops with one line instead of a traceback.
+WRITE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "EIO")
+    if hasattr(errno, name)
+)
+
+
+class RunWriteError(IDM3DError):
+    """A write into the run folder failed (full disk, quota, read-only folder); nothing committed was lost."""
+
+
+def _space(folder: Path) -> str:
+    """``"<free> free of <total>"`` on ``folder``'s file system (its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**30:.1f} GiB"
 
 
 def versions() -> dict[str, str]:
@@ -184,6 +209,32 @@ class RunDir:
         """Delete what a crash left in ``checkpoints/`` (temporary files, uncommitted weights)."""
         return ckpt.remove_stale_files(self.checkpoints)
 
+    @contextlib.contextmanager
+    def writing(self, what: str | None = None) -> Iterator[None]:
+        """Turn a failed write (:data:`WRITE_ERRNOS`) inside the block into one :class:`RunWriteError` line.
+
+        The line names the folder, the error, the free space and the newest complete checkpoint, which
+        the atomic writes leave intact (temporary files of the failed write are removed).
+
+        Args:
+            what: what was being written (default: the file the error names, else "the run folder").
+        """
+        try:
+            yield
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            name = what or (Path(err.filename).name if err.filename else "a file")
+            if name.startswith(".") and ckpt.TMP_MARK in name:  # a temporary file: name the file it becomes
+                name = name[1:name.index(ckpt.TMP_MARK)]
+            code = errno.errorcode.get(err.errno or 0, str(err.errno))
+            last = self.latest_checkpoint()
+            kept = f"last complete checkpoint {last.name} is intact" if last else "no checkpoint was written yet"
+            raise RunWriteError(
+                f"{self.path}: cannot write {name} ({err.strerror or err}, {code}); {_space(self.path)} there; "
+                f"{kept}; free space and rerun with --resume auto"
+            ) from None
+
     def save_checkpoint(
         self,
         state: TrainState,
@@ -195,8 +246,9 @@ class RunDir:
 
         ``model``: the model record, stored (as a JSON string) in the safetensors metadata."""
         metadata = None if model is None else {ckpt.MODEL_METADATA_KEY: json.dumps(dict(model), sort_keys=True)}
-        return ckpt.save_checkpoint(self.checkpoints, state.step, tensors, state.to_json(), keep=keep,
-                                    metadata=metadata)
+        with self.writing(f"checkpoint step-{state.step:08d} in {CHECKPOINTS}/"):
+            return ckpt.save_checkpoint(self.checkpoints, state.step, tensors, state.to_json(), keep=keep,
+                                        metadata=metadata)
 
     def load_checkpoint(
         self,

@@ -40,7 +40,9 @@ from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.preview import preview_volumes
 from idm3d.training.progress import Clock
+from idm3d.training.resume import ResumeMode, resume_point
 from idm3d.training.state import restore_tensors, training_tensors
+from idm3d.training.stopping import StopSignals
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
@@ -75,18 +77,20 @@ class Trainer:
     Args:
         cfg: the run configuration.
         run_dir: the run folder.
-        resume: continue from the newest checkpoint in ``run_dir``; otherwise ``run_dir`` must not
-            already hold checkpoints.
+        resume: ``True``: continue from the newest checkpoint in ``run_dir``; ``False``: ``run_dir`` must
+            not already hold checkpoints; ``"auto"``: either, see :func:`~idm3d.training.resume.resume_point`.
         data: training data; built from ``cfg.data`` (with the dataset checks) when ``None``.
     """
 
     def __init__(
-        self, cfg: Config, run_dir: str | Path, resume: bool = False, data: TrainingData | None = None
+        self, cfg: Config, run_dir: str | Path, resume: ResumeMode = False, data: TrainingData | None = None
     ) -> None:
         self.cfg = cfg
         self.folder = RunDir(run_dir)
-        self.resume = resume
-        existing = self._resume_point(resume)
+        # Every process decides from the folder alone, before any writes: rank 0 writes only after the DDP
+        # constructor below, a collective that waits for every process to get there.
+        existing = resume_point(self.folder, cfg, resume)
+        self.resume = existing is not None
         self.dist = distributed.setup(cfg.train.device)
         self.dist.check_batch(cfg.data.batch_size)
         self.device = self.dist.device
@@ -136,14 +140,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ state
 
-    def _resume_point(self, resume: bool) -> Path | None:
-        existing = self.folder.latest_checkpoint()
-        if existing is not None and not resume:
-            raise ConfigError(f"--out {self.run_dir}: holds checkpoints already; pass --resume or choose a new folder")
-        if resume and existing is None:
-            raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
-        return existing
-
     def _restore(self, path: Path) -> None:
         tensors, state, _ = self.folder.load_checkpoint(path, expected_signature=self.signature)
         restore_tensors(path, tensors, state, self.model, self.ema, self.optimizer, self.scaler)
@@ -179,7 +175,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         run = self.folder
-        removed = run.remove_stale_files() if self._resumed_from is not None else []
+        removed = run.remove_stale_files()  # also before a first checkpoint: a crash may have left some
         run.write_config(self.cfg, self.signature)
         run.write_model_record(self.model_record)
         if self.prepared is not None:
@@ -383,7 +379,16 @@ class Trainer:
                 self.folder.plot_loss()
 
     def run(self) -> Path:
-        """Train until ``train.max_steps``, ``max_seconds`` and/or ``max_cpu_seconds``; return the run folder."""
+        """Train until ``train.max_steps``, ``max_seconds`` and/or ``max_cpu_seconds``; return the run folder.
+
+        Raises:
+            TrainingStopped: a ``train.stop_signals`` signal arrived; a checkpoint at the current step is written.
+            RunWriteError: a write into the run folder failed (full disk...); the last checkpoint is intact.
+        """
+        with self.folder.writing(), StopSignals(self.cfg.train.stop_signals, announce=self.dist.is_main) as stop:
+            return self._run(stop)
+
+    def _run(self, stop: StopSignals) -> Path:
         self._open()
         self._first_step = self.step  # the first step of every run (fresh or resumed) gets a drift check
         clock = Clock(self.elapsed, self.cpu)
@@ -403,6 +408,10 @@ class Trainer:
                 self._log(record, result, clock, bar)
                 self._checkpoint()
                 self._preview(clock)
+                if stop.agreed(self.dist):  # every process, after the same step
+                    self._checkpoint(final=True)
+                    self.dist.barrier()  # written before any process exits (torchrun would kill rank 0)
+                    raise stop.stopped(self.step, self.ckpt_dir / f"step-{self.step:08d}.json")
             self._checkpoint(final=True)
             self._preview(clock, final=True)
         finally:
@@ -414,7 +423,7 @@ class Trainer:
         return self.run_dir
 
 
-def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+def train(cfg: Config, run_dir: str | Path | None = None, resume: ResumeMode = False) -> Path:
     """Train a model from ``cfg`` into ``run_dir`` (a new ``runs/<task>-<time>`` folder when ``None``).
 
     Returns:
@@ -423,6 +432,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool = False) 
     Raises:
         DataError: the dataset checks failed (every problem is listed).
         ConfigError, CheckpointError, NonFiniteError: see :class:`Trainer`.
+        TrainingStopped, RunWriteError: see :meth:`Trainer.run`.
     """
     ctx = distributed.setup(cfg.train.device)  # joins torchrun's process group, if any
     try:
