@@ -42,7 +42,7 @@ cd "$ROOT" || exit 1
 if [[ "${GPU_CHECK_DRY:-0}" == "1" ]]; then
     # fewer configurations than on the GPU (each is a fresh process importing torch and MONAI), the same steps
     DEVICE=cpu; MARK="not cuda"; MEM_SIZES=16; INF_SIZES=16; BF16_SIZES=16; MAX_SIZES=16; BUDGET_GIB=0.5
-    MEM_NETS=idm,monai-ckpt; INF_NETS=idm; BF16_NETS=idm; MAX_NETS=idm; REPEATS=0
+    MEM_NETS=idm,idm-plain,monai-ckpt; INF_NETS=idm; BF16_NETS=idm; MAX_NETS=idm; REPEATS=0
     TRAIN_STEPS=4; PATCH=16; VOLUME=24; EXTRA=(--threads 1); CFG_TIMEOUT=120
     T_DEPS=300; T_ENV=60; T_TESTS=120; T_MEM=300; T_INF=120; T_BF16=120; T_DATA=60; T_TRAIN=180; T_TSUM=60
     T_MAX=120; T_SUM=60

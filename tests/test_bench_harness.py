@@ -201,8 +201,12 @@ def test_flops_count_the_rebuilt_activations():
     with torch.no_grad():
         emb = model.embed(features)
         segment_forward = count_step_flops(model, lambda: model.segment(x, emb))
-    # The memory-efficient backward re-runs each coupling's sub-network once more than autograd.
-    assert flops[True] - flops[False] == segment_forward > 0
+    # The memory-efficient backward re-runs each coupling's sub-network once more than autograd, and its lean
+    # graph recomputes the GroupNorm-SiLU in front of each sub-network's first convolution (cheap next to
+    # the convolutions) instead of keeping its output.
+    extra = flops[True] - flops[False]
+    assert segment_forward > 0
+    assert segment_forward <= extra <= 1.01 * segment_forward
 
 
 @pytest.mark.parametrize("threshold", [0, 1, 5, 9, 16, 40])
