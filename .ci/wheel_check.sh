@@ -45,7 +45,7 @@ import numpy as np
 
 axis = np.linspace(-1, 1, 24)
 x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-for case in range(1, 4):
+for case in range(1, 6):
     rng = np.random.default_rng(case)
     cx, cy, cz = 0.1 * rng.standard_normal(3)
     r = np.sqrt(((x - cx) / 0.8) ** 2 + ((y - cy) / 0.7) ** 2 + ((z - cz) / 0.75) ** 2)
@@ -79,7 +79,7 @@ EOF
 venv/bin/idm3d evaluate --run run --steps 2 --no-progress
 # Generated T2s named like the reals, their T1 next to them (how `idm3d detect` pairs a translation's sources).
 mkdir fake
-for case in 001 002; do
+for case in 001 002 003; do
     src=data/BraTS20_Training_$case/BraTS20_Training_${case}
     cp "${src}_t1.nii.gz" fake/
     venv/bin/idm3d sample --run run --condition t1="${src}_t1.nii.gz" --out fake/BraTS20_Training_${case}_t2.nii.gz \
