@@ -74,7 +74,8 @@ def test_in_place_chain_is_bitwise_the_old_one(
             results.append(run(pipe, shape, condition, scheduler, generator, eta, noise, None))
     assert torch.equal(results[0], results[1])
     assert torch.equal(noise, noise0)  # the caller's noise is not the chain's buffer
-    assert results[1].shape == shape and results[1].is_contiguous()
+    assert results[1].shape == shape
+    assert results[1].is_contiguous()
 
 
 def test_deterministic_step_runs_in_slabs_without_a_whole_volume_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -91,4 +92,5 @@ def test_deterministic_step_runs_in_slabs_without_a_whole_volume_step(monkeypatc
     x_t, out = torch.randn(1, 1, 10, 16, 16), torch.randn(1, 1, 10, 16, 16)
     expected, _ = real(out, int(scheduler.timesteps[0]), x_t.clone(), eta=0.0)
     pipeline_module._step_into(scheduler, out, int(scheduler.timesteps[0]), x_t, None, 0.0)
-    assert seen == [4, 4, 2] and torch.equal(x_t, expected)
+    assert seen == [4, 4, 2]
+    assert torch.equal(x_t, expected)
