@@ -46,6 +46,8 @@ COMMANDS = {
     "--repeats 0 --no-flops --max-growth-gib 12 --json-out docs/bench/sampling-256-before.jsonl",
     "sampling-256.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm --threads 2 --warmup 0 "
     "--repeats 0 --no-flops --max-growth-gib 12 --json-out docs/bench/sampling-256.jsonl",
+    "sampling-256-bf16.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm --threads 2 --warmup 0 "
+    "--repeats 0 --no-flops --max-growth-gib 12 --precision bf16 --json-out docs/bench/sampling-256-bf16.jsonl",
     "sampling-512-step.jsonl": "idm3d bench memory --inference --sampling-step --sizes 512 --nets idm --threads 2 "
     "--warmup 0 --repeats 0 --no-flops --max-growth-gib 21 --timeout 5400 "
     "--json-out docs/bench/sampling-512-step.jsonl",
@@ -459,8 +461,8 @@ def summary() -> str:
         if step512.get("status") == "ok":
             measured = (f"{step512['size']}³, {fmt(mib(step512) and mib(step512) / gib, '.1f')} GiB, "
                         f"{fmt(step512.get('first_step_s'), '.0f')} s")
-        rows.append(["largest sampled cube: one whole-volume DDIM step of IDMUNet within 21 GiB", measured, "",
-                     "[sampling-512-step](docs/bench/sampling-512-step.md)"])
+        label = "largest sampled cube (largest measured): one whole-volume DDIM step of IDMUNet within 21 GiB"
+        rows.append([label, measured, "", "[sampling-512-step](docs/bench/sampling-512-step.md)"])
     machine = next(iter(mem64.values())).get("machine", {})
     head = (f"CPU only so far ({machine.get('cpu_cores', '?')} cores, torch {machine.get('torch', '?')}, fp32, "
             "batch 1, one fresh process per configuration); no GPU figure exists yet.")
