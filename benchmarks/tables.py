@@ -41,6 +41,16 @@ COMMANDS = {
     "--repeats 0 --no-flops --max-growth-gib 16 --timeout 3000 --json-out docs/bench/idm-256-4k.jsonl",
     "inference-256.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm,monai,patchddm,conv-stack "
     "--threads 2 --warmup 0 --repeats 0 --max-growth-gib 20 --json-out docs/bench/inference-256.jsonl",
+    # issue 29: the in-place no-grad path; "-before" ran the same command at 35084c6 (before it)
+    "sampling-256-before.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm --threads 2 --warmup 0 "
+    "--repeats 0 --no-flops --max-growth-gib 12 --json-out docs/bench/sampling-256-before.jsonl",
+    "sampling-256.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm --threads 2 --warmup 0 "
+    "--repeats 0 --no-flops --max-growth-gib 12 --json-out docs/bench/sampling-256.jsonl",
+    "sampling-256-bf16.jsonl": "idm3d bench memory --inference --sizes 256 --nets idm --threads 2 --warmup 0 "
+    "--repeats 0 --no-flops --max-growth-gib 12 --precision bf16 --json-out docs/bench/sampling-256-bf16.jsonl",
+    "sampling-512-step.jsonl": "idm3d bench memory --inference --sampling-step --sizes 512 --nets idm --threads 2 "
+    "--warmup 0 --repeats 0 --no-flops --max-growth-gib 21 --timeout 5400 "
+    "--json-out docs/bench/sampling-512-step.jsonl",
     "max-size.jsonl": "idm3d bench max-size --budget-gib 21 --nets idm,idm-plain,monai,monai-ckpt,patchddm,"
     "patchddm-ckpt --sizes 64,128,192,256,320 --warmup 0 --threads 2 --timeout 3000 "
     "--json-out docs/bench/max-size.jsonl",
@@ -199,6 +209,38 @@ def inference() -> str:
          "changes nothing without a backward, so the checkpointed baselines are the plain ones here):", "",
          table(head, body)]
     )
+
+
+SAMPLING = {
+    "sampling-256-before.jsonl": "at 35084c6 (before)",
+    "sampling-256.jsonl": "in place (after)",
+    "sampling-256-bf16.jsonl": "in place, bf16 autocast",
+    "sampling-512.jsonl": "in place",
+    "sampling-512-bf16.jsonl": "in place, bf16 autocast",
+    "sampling-512-step.jsonl": "in place, one DDIM step",
+}
+
+
+def sampling() -> str:
+    """Issue 29: IDMUNet's no-grad call (and one sampling step) before and after the in-place path."""
+    body = []
+    names = [n for n in SAMPLING if load(n)]
+    for name in names:
+        for r in load(name):
+            body.append([
+                f"{r['size']}³", SAMPLING[name], r.get("mode", "?"), r.get("precision", "fp32"), r.get("status", "?"),
+                fmt(r.get("first_step_growth_mib"), ",.0f"), fmt(r.get("first_step_growth_T"), ".2f"),
+                fmt(r.get("first_step_s"), ".0f"), fmt(r.get("first_step_cpu_s"), ".0f"),
+            ])
+    if not body:
+        return ""
+    head = ["size", "code", "what", "precision", "status", "peak growth (MiB)", "peak (T)", "time (s)", "CPU (s)"]
+    commands = "\n".join(f"- `{COMMANDS[n]}`" for n in names if n in COMMANDS)
+    return "\n".join([
+        "IDMUNet without a graph (issue 29): one denoiser call, or one step of the sampling chain; T is one "
+        "32-channel full-resolution fp32 map (2,048 MiB at 256³, 16,384 MiB at 512³), the state the in-place "
+        "core keeps. Commands:", "", commands, "", table(head, body),
+    ])
 
 
 def big() -> str:
@@ -396,7 +438,10 @@ def summary() -> str:
     cubes = {net: ("≥ " if sizes[net].get("hit_max") else "") + f"{sizes[net].get('max_size')}³"
              for net in ("idm", "monai-ckpt", "patchddm-ckpt") if net in sizes}
     train = big_train.get("idm", {})
-    i256, p256 = mib(infer.get("idm")), mib(infer.get("patchddm"))
+    # the in-place no-grad call (issue 29) where measured; PatchDDM-3D's from the same command's table
+    after = {r["net"]: r for r in load("sampling-256.jsonl")}
+    i256, p256 = mib(after.get("idm") or infer.get("idm")), mib(infer.get("patchddm"))
+    step512 = next(iter(load("sampling-512-step.jsonl")), {})
     rows = [
         ["training step, 64³: peak memory vs MONAI `DiffusionModelUNet` checkpointed",
          f"{fmt(i64, ',.0f')} vs {fmt(m64, ',.0f')} MiB", ratio(i64, m64), "[memory-64](docs/bench/memory-64.md)"],
@@ -409,8 +454,15 @@ def summary() -> str:
          "[idm-256](docs/bench/idm-256.md)"],
         ["one 256³ denoiser call (sampling) vs PatchDDM-3D",
          f"{fmt(i256, ',.0f')} vs {fmt(p256, ',.0f')} MiB", ratio(i256, p256),
-         "[inference-256](docs/bench/inference-256.md)"],
+         "[inference-256](docs/bench/inference-256.md), [sampling-256](docs/bench/sampling-256.md)"],
     ]
+    if step512:
+        measured = f"{step512['size']}³: {step512.get('status')}"
+        if step512.get("status") == "ok":
+            measured = (f"{step512['size']}³, {fmt(mib(step512) and mib(step512) / gib, '.1f')} GiB, "
+                        f"{fmt(step512.get('first_step_s'), '.0f')} s")
+        label = "largest sampled cube (largest measured): one whole-volume DDIM step of IDMUNet within 21 GiB"
+        rows.append([label, measured, "", "[sampling-512-step](docs/bench/sampling-512-step.md)"])
     machine = next(iter(mem64.values())).get("machine", {})
     head = (f"CPU only so far ({machine.get('cpu_cores', '?')} cores, torch {machine.get('torch', '?')}, fp32, "
             "batch 1, one fresh process per configuration); no GPU figure exists yet.")
@@ -427,6 +479,7 @@ def render() -> str:
         big(),
         max_size(),
         inference(),
+        sampling(),
     ]
     return "\n\n".join(p for p in parts if p)
 

@@ -9,7 +9,15 @@ from typing import Any
 from idm3d.bench.nets import BASELINES, NET_LABELS
 from idm3d.bench.report import Column, machine_markdown, markdown_table, plot_grouped_bars, ratio
 
-__all__ = ["COLUMNS", "RATIO_METRICS", "add_ratios", "markdown", "plot_rows"]
+__all__ = ["COLUMNS", "RATIO_METRICS", "T_CHANNELS", "add_ratios", "map_mib", "markdown", "plot_rows"]
+
+# The unit T of peaks: one full-resolution fp32 map of IDMUNet's default width (its state there).
+T_CHANNELS = 32
+
+
+def map_mib(size: int, batch: int = 1) -> float:
+    """MiB of one T: a ``T_CHANNELS``-channel fp32 map of a ``size``-cube, times the batch."""
+    return batch * T_CHANNELS * size**3 * 4 / 2**20
 
 # (record key, short name): the metrics every row is divided by each baseline's.
 RATIO_METRICS = (
@@ -29,6 +37,7 @@ COLUMNS = (
     Column("status", "status"),
     Column("parameters", "params", ","),
     Column("first_step_growth_mib", "first step growth (MiB)", ".0f"),
+    Column("first_step_growth_T", "first step (T)", ".2f"),
     Column("steady_growth_mib", "steady growth (MiB)", ".0f"),
     Column("retained_mib", "held after step 1 (MiB)", ".0f"),
     Column("first_step_s", "first step (s)", ".1f"),
@@ -49,6 +58,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     throughput fields; ``vs_conv_stack`` is the GFLOP-per-CPU-second ratio to the yardstick."""
     by = {(r["net"], *_key(r)): r for r in rows if r.get("status") == "ok"}
     for r in rows:
+        if isinstance(r.get("size"), int):
+            unit = map_mib(r["size"], r.get("batch") or 1)
+            for key in ("first_step_growth_mib", "steady_growth_mib", "peak_growth_mib"):
+                if r.get(key) is not None:
+                    r[key.replace("_mib", "_T")] = r[key] / unit
         if isinstance(r.get("flops"), int):
             r["gflops"] = r["flops"] / 1e9
             cpu = r.get("step_cpu_s") or r.get("first_step_cpu_s")  # first step only: --repeats 0
@@ -91,7 +105,9 @@ def _ratio_table(rows: list[dict[str, Any]]) -> str:
 def markdown(
     rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any], sizing: dict, note: str | None
 ) -> str:
-    what = "one no-grad denoiser call" if getattr(args, "inference", False) else "one training step"
+    what = "one training step"
+    if getattr(args, "inference", False):
+        what = "one sampling step (DDIM)" if getattr(args, "sampling_step", False) else "one no-grad denoiser call"
     out = [
         f"## idm3d bench memory: {what}, batch {args.batch}, precision {args.precision}",
         "",
@@ -101,7 +117,9 @@ def markdown(
         f"{tuple(sizing['monai_channels'])}, 2 res blocks, attention at the lowest level: "
         f"{_count(sizing['monai_params'])} parameters, 1 input channel; PatchDDM-3D as published, 8 input "
         "channels. First step: a fresh process's first step; steady: one step after the warm-up. "
-        "CPU time is the process's (all threads): the budget on a shared machine.",
+        "CPU time is the process's (all threads): the budget on a shared machine. T: one "
+        f"{T_CHANNELS}-channel full-resolution fp32 map "
+        f"({map_mib(args_size(rows), args.batch):,.0f} MiB at the first size).",
         "",
         markdown_table(rows, COLUMNS),
         "",
@@ -117,6 +135,11 @@ def markdown(
     if any(r.get("memory_method") == "ru_maxrss" for r in rows):
         out.append("- CPU peak from ru_maxrss (VmHWM reset unavailable): only the first step is measured")
     return "\n".join(out)
+
+
+def args_size(rows: list[dict[str, Any]]) -> int:
+    """The first row's cube edge (the T of the header)."""
+    return next((r["size"] for r in rows if isinstance(r.get("size"), int)), 0)
 
 
 def _count(value: int | None) -> str:

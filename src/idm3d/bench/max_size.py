@@ -1,4 +1,7 @@
-"""``idm3d bench max-size``: the largest cube each network can train on within a memory budget.
+"""``idm3d bench max-size``: the largest cube each network can train on (or sample) within a memory budget.
+
+``--inference`` probes one no-grad denoiser call, ``--inference --sampling-step`` one step of the
+sampling chain (:func:`idm3d.bench.memory.sampling_step`), instead of a training step.
 
 For every network the edge length (a multiple of 16, of 64 for PatchDDM-3D) is bisected; each probe is one training step
 in a fresh process, and it fits when the step's peak memory growth stays under the budget. On CPU
@@ -29,6 +32,7 @@ from idm3d.bench.harness import (
     resolve_device,
     run_config,
 )
+from idm3d.bench.memory import inference_mode
 from idm3d.bench.nets import NET_LABELS, parse_nets, size_multiple, size_parameters
 from idm3d.errors import ConfigError
 
@@ -63,7 +67,13 @@ def _available_bytes(device: str) -> int | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``idm3d bench max-size``."""
-    parser.add_argument("--budget-gib", type=float, required=True, help="memory budget of one training step (GiB)")
+    parser.add_argument(
+        "--budget-gib", type=float, required=True, help="memory budget of one training step (or call) in GiB"
+    )
+    parser.add_argument("--inference", action="store_true", help="probe one no-grad denoiser call (sampling)")
+    parser.add_argument(
+        "--sampling-step", action="store_true", help="with --inference: one step of the sampling chain"
+    )
     parser.add_argument(
         "--nets",
         default="idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt",
@@ -101,6 +111,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``idm3d bench max-size``; prints markdown (or JSON lines with ``--json``)."""
     _check(args)
+    mode = inference_mode(args)
     nets = parse_nets(args.nets)
     sizes = parse_sizes(args.sizes, "--sizes", multiple=STEP) if args.sizes else []
     device = resolve_device(args.device)
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         def fits(k: int, net: str = net, probes: list[dict[str, Any]] = probes, unit: int = unit) -> bool:
             config = {
                 "bench": "max-size",
+                "mode": mode,
                 "net": net,
                 "size": k * unit,
                 "batch": args.batch,
@@ -170,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "bench": "max-size",
+                "mode": mode,
                 "net": net,
                 "label": NET_LABELS[net],
                 "device": device,
@@ -190,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_WHAT = {"train": "training step", "inference": "no-grad denoiser call", "sampling-step": "sampling step"}
+
 COLUMNS = (
     Column("label", "network"),
     Column("max_cube", "largest cube"),
@@ -209,7 +224,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
         )
         table.append({**r, "max_cube": cube, "probed": probed})
     out = [
-        f"## idm3d bench max-size: budget {args.budget_gib:g} GiB per training step, batch {args.batch}, "
+        f"## idm3d bench max-size: budget {args.budget_gib:g} GiB per {_WHAT[inference_mode(args)]}, "
+        f"batch {args.batch}, "
         f"precision {args.precision}",
         "",
         machine_markdown(info),

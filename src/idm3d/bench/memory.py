@@ -7,8 +7,11 @@ Baselines (:mod:`idm3d.bench.nets`): MONAI's ``DiffusionModelUNet`` widened to a
 parameters, plain and with every block checkpointed, and PatchDDM-3D's published network, plain
 and checkpointed. ``conv-stack`` (8 x Conv3d(32, 32, 3) + SiLU) measures what the machine's
 convolutions deliver, the yardstick of the GFLOP/s ratio. ``--inference`` measures one no-grad
-denoiser call instead (sampling). ``--malloc tuned,system`` repeats each row with glibc's default
-allocator thresholds (see :mod:`idm3d.allocator`). Every row is compared with every baseline.
+denoiser call instead (sampling), ``--inference --sampling-step`` one step of
+``DiffusionPipeline.sample`` (the chain's x_t buffer, the call, the DDIM update). ``--malloc tuned,system``
+repeats each row with glibc's default allocator thresholds (see :mod:`idm3d.allocator`). Every row is
+compared with every baseline. Peaks are also given in T, one 32-channel full-resolution fp32 map
+(IDMUNet's state at full resolution), the unit of the training tables.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks.schedulers import DDIMScheduler
 
 from idm3d.allocator import SETTINGS
 from idm3d.bench.compare import COLUMNS, add_ratios, markdown, plot_rows
@@ -35,10 +39,11 @@ from idm3d.bench.harness import (
     run_config,
 )
 from idm3d.bench.nets import NET_LABELS, build_net, in_channels, parse_nets, size_multiple, size_parameters
+from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import ConfigError
 from idm3d.nets.baselines import count_parameters
 
-__all__ = ["COLUMNS", "add_arguments", "child", "run"]
+__all__ = ["COLUMNS", "add_arguments", "child", "inference_mode", "run", "sampling_step"]
 
 DEFAULT_NETS = "idm,idm-plain,monai,monai-ckpt,patchddm,patchddm-ckpt,conv-stack"
 
@@ -55,7 +60,8 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     """Build one network and measure one training step or denoiser call (runs in a fresh process)."""
     device = torch.device(config["device"])
     size, batch, name = config["size"], config["batch"], config["net"]
-    infer = config.get("mode", "train") == "inference"
+    mode = config.get("mode", "train")
+    infer = mode in ("inference", "sampling-step")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.get("precision", "fp32"))
 
     def step_on(where: str | torch.device) -> tuple[torch.nn.Module, Any]:
@@ -69,6 +75,9 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         def step() -> None:
             cast = torch.autocast(torch.device(where).type, dtype=dtype) if dtype is not None else nullcontext()
             with cast:
+                if mode == "sampling-step":
+                    sampling_step(net, x, timesteps)
+                    return
                 if infer:
                     with torch.no_grad():
                         net(x, timesteps)
@@ -107,6 +116,19 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def sampling_step(net: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor) -> None:
+    """One step of ``DiffusionPipeline.sample`` (DDIM, 50 steps, the first), the network's other input
+    channels a condition: its noise and x_t buffer, the network call and the update count as growth."""
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(50)
+    scheduler.timesteps = scheduler.timesteps[:1]  # the chain's first step only
+    target = getattr(net, "out_channels", 1)
+    # the network's further input channels are a condition, a view of the inputs built before the baseline
+    condition = x[:, target:] if x.shape[1] > target else None
+    shape = (x.shape[0], target, *x.shape[2:])
+    DiffusionPipeline(net, scheduler).sample(shape, condition, generator=torch.Generator().manual_seed(0))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``idm3d bench memory``."""
     parser.add_argument("--sizes", default="32,64", help="cube edge lengths, multiples of 8 (default 32,64)")
@@ -125,6 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--inference", action="store_true", help="one no-grad denoiser call (sampling) instead of a training step"
+    )
+    parser.add_argument(
+        "--sampling-step",
+        action="store_true",
+        help="with --inference: one step of the sampling chain (x_t, the call, the update) instead of a bare call",
     )
     parser.add_argument(
         "--malloc",
@@ -149,6 +176,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
 
 
+def inference_mode(args: argparse.Namespace) -> str:
+    """The row mode: ``train``, ``inference`` (one no-grad call) or ``sampling-step``."""
+    if getattr(args, "sampling_step", False) and not args.inference:
+        raise ConfigError("--sampling-step: needs --inference")
+    if not args.inference:
+        return "train"
+    return "sampling-step" if getattr(args, "sampling_step", False) else "inference"
+
+
 def _mallocs(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names or any(n not in SETTINGS for n in names):
@@ -170,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     sizing, note = size_parameters()
     if note:
         progress(f"bench memory: {note}")
-    mode = "inference" if args.inference else "train"
+    mode = inference_mode(args)
     rows: list[dict[str, Any]] = []
     for size in sizes:
         for net in nets:

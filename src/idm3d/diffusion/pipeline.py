@@ -195,6 +195,7 @@ class DiffusionPipeline:
         device = self._device(device)
         shape = tuple(int(s) for s in shape)
         timesteps = scheduler.timesteps
+        given = noise is not None
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         elif tuple(noise.shape) != shape:
@@ -209,16 +210,23 @@ class DiffusionPipeline:
             image = scheduler.add_noise(x_start.to(device, torch.float32), noise,
                                         timesteps[:1].expand(shape[0]).to(device))
         else:
-            image = noise
+            image = noise.clone() if given else noise  # the chain writes into it: never the caller's tensor
+        del noise
         cond = None if condition is None else condition.to(device, torch.float32)
-        self.model_input(image, cond, position)  # shape checks before the first (expensive) network call
+        # The chain's state: the network input, built once (condition and coordinate channels do not
+        # change), with x_t as its first channels; each step writes x_{t-1} there. The loop then holds
+        # that buffer, the prediction and a step's slab temporaries beside the network's own peak.
+        buffer = self.model_input(image, cond, position)  # shape checks before the first network call
+        x_t = buffer[:, : shape[1]]
+        del image, cond
         f = self.denoiser()
         eta_arg = eta if isinstance(scheduler, DDIMScheduler) else None
         for t in tqdm(timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            out = f(self.model_input(image, cond, position), t_batch)
-            image = _step(scheduler, out, t, image, generator, eta_arg)
-        return image
+            out = f(buffer, t_batch)
+            _step_into(scheduler, out, t, x_t, generator, eta_arg)
+            del out
+        return x_t if x_t.shape == buffer.shape else x_t.clone()  # not a view keeping the condition alive
 
     @torch.no_grad()
     def invert(
@@ -270,6 +278,31 @@ class DiffusionPipeline:
             x0_hat = (image - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             image = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
         return image
+
+
+# Bytes of one slab of a deterministic step's update (MONAI's step makes ~4 temporaries of its input's size).
+STEP_SLAB_BYTES = 32 * 2**20
+
+
+def _step_into(
+    scheduler: Scheduler, out: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None, eta: float | None
+) -> None:
+    """``x_t <- scheduler.step(out, t, x_t)``, in ``x_t``'s memory.
+
+    A deterministic step (DDIM with ``eta == 0``) is elementwise, so it runs on depth slabs: the same
+    operations on the same values (bitwise MONAI's result), a slab's temporaries instead of the
+    volume's. A stochastic one (DDPM, ``eta > 0``) runs whole, so its noise is drawn as MONAI draws
+    it (one call over the whole shape); it runs after the network call returned, below its peak.
+    """
+    if eta is None or eta > 0:
+        x_t.copy_(_step(scheduler, out, t, x_t, generator, eta))
+        return
+    plane = max(1, x_t[:, :, :1].numel() * x_t.element_size())
+    planes = max(1, STEP_SLAB_BYTES // plane)
+    for d0 in range(0, x_t.shape[2], planes):
+        part = x_t[:, :, d0 : d0 + planes]
+        prev, _ = scheduler.step(out[:, :, d0 : d0 + planes], t, part, eta=0.0, generator=generator)
+        part.copy_(prev)
 
 
 def _step(

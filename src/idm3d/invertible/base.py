@@ -46,6 +46,17 @@ class InvertibleModule(nn.Module):
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def forward_(self, x: Tensor, *cond: Tensor) -> Tensor:
+        """The no-grad forward, which may write over ``x`` (the caller hands its memory over).
+
+        The default computes ``forward`` and, where the shape is kept, copies the result back into
+        ``x``: the state stays in its buffer, so a later skip join is still a view there.
+        """
+        y = self.forward(x, *cond)
+        if y.shape == x.shape and y.dtype == x.dtype and 0 not in x.stride():
+            return x.copy_(y)
+        return y
+
     def log_det(self, x: Tensor, *cond: Tensor) -> Tensor:
         """Per-sample ``log|det dy/dx|``, shape ``(B,)``. Volume-preserving modules return zeros."""
         return x.new_zeros(x.shape[0])

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
+from idm3d.invertible.inplace_ops import coupling_add_
 from idm3d.invertible.mode import lean_graph
 from idm3d.invertible.norm_act import group_norm_silu
 from idm3d.invertible.norms import group_count
@@ -148,6 +149,13 @@ class AdditiveCoupling(InvertibleModule):
         self.check_input(x, self.channels)
         x1, x2 = self._halves(x)
         return self._join(x1, x2 + self.net(x1, *cond))
+
+    def forward_(self, x: Tensor, *cond: Tensor) -> Tensor:
+        # no graph: F(x1) goes straight into x2's channels, large F in depth slabs (inplace_ops)
+        self.check_input(x, self.channels)
+        x1, x2 = self._halves(x)
+        coupling_add_(self.net, x1, x2, cond)
+        return x
 
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, self.channels)

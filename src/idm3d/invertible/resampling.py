@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from idm3d.invertible import linalg
 from idm3d.invertible.base import InvertibleModule
+from idm3d.invertible.inplace_ops import resample_in_place
 
 __all__ = [
     "InvertibleChannelMix3d",
@@ -97,6 +98,12 @@ class OrthogonalDownsample3d(InvertibleModule):
         self.check_input(x, self.channels, even=True)
         return _grouped_conv(x, self.weight.kernel(), self.channels, transpose=False)
 
+    def forward_(self, x: Tensor, *cond: Tensor) -> Tensor:
+        # no graph: the result is written over x, a few channels at a time (inplace_ops)
+        self.check_input(x, self.channels, even=True)
+        out = resample_in_place(x, self.weight.kernel(), self.channels, transpose=False)
+        return self.forward(x) if out is None else out
+
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, 8 * self.channels)
         return _grouped_conv(y, self.weight.kernel(), self.channels, transpose=True)
@@ -118,6 +125,12 @@ class OrthogonalUpsample3d(InvertibleModule):
     def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(x, 8 * self.channels)
         return _grouped_conv(x, self.weight.kernel(), self.channels, transpose=True)
+
+    def forward_(self, x: Tensor, *cond: Tensor) -> Tensor:
+        # no graph: the result is written over x, a few channels at a time (inplace_ops)
+        self.check_input(x, 8 * self.channels)
+        out = resample_in_place(x, self.weight.kernel(), self.channels, transpose=True)
+        return self.forward(x) if out is None else out
 
     def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
         self.check_input(y, self.channels, even=True)

@@ -271,7 +271,12 @@ class InvertibleSequence(nn.Module):
         wants_grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in (*state, *cond)) or len(params) + len(head_params) > 0
         )
-        if self.memory_efficient and wants_grad:
+        if not torch.is_grad_enabled():
+            # No graph: the ops update the state in place (the caller's tensors are copied first).
+            out = self.forward_(tuple(t.clone() for t in state), *cond)
+            if head is not None:
+                return head(*out)
+        elif self.memory_efficient and wants_grad:
             layout = _Layout(self, head, len(state), len(cond), len(params))
             out = _SegmentFunction.apply(layout, *state, *cond, *params, *head_params)
         else:
@@ -280,6 +285,20 @@ class InvertibleSequence(nn.Module):
                 if head is not None:
                     return head(*out)
         return out[0] if len(out) == 1 else tuple(out)
+
+    @torch.no_grad()
+    def forward_(self, x: Tensor | Sequence[Tensor], *cond: Tensor) -> State:
+        """The no-grad forward over memory the caller hands over: each op writes its result in place.
+
+        Couplings add into their halves, resamplings write over their input, skip joins are views
+        (see :mod:`~idm3d.invertible.inplace`), so the state stays in the buffers it came in and
+        the only new memory is each op's working maps. Returns the final state (a tuple).
+        """
+        state = self._as_state(x)
+        with memory_efficient_mode(self.memory_efficient):
+            for op in self.ops:
+                state = op.forward_(state, cond)
+        return state
 
     def inverse(self, y: Tensor | Sequence[Tensor], *cond: Tensor) -> Tensor | State:
         state = self._as_state(y)

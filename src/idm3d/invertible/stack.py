@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.invertible.base import InvertibleModule
+from idm3d.invertible.inplace import adjacent_join
 
 __all__ = ["Apply", "ChannelMerge", "ChannelSplit", "StackBackward", "StackOp"]
 
@@ -30,6 +31,10 @@ class StackOp(nn.Module):
 
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_(self, state: State, cond: Sequence[Tensor]) -> State:
+        """The no-grad forward, which may write over the state's tensors (the caller hands them over)."""
+        return self.forward(state, cond)
 
     def backward_pass(
         self, state: State, grads: Sequence[Tensor], cond: Sequence[Tensor], writable: Sequence[tuple[bool, bool]] = ()
@@ -64,6 +69,9 @@ class Apply(StackOp):
 
     def forward(self, state: State, cond: Sequence[Tensor]) -> State:
         return self._replace(state, self.module(state[self._index(state, self.index, "Apply")], *cond))
+
+    def forward_(self, state: State, cond: Sequence[Tensor]) -> State:
+        return self._replace(state, self.module.forward_(state[self._index(state, self.index, "Apply")], *cond))
 
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
         return self._replace(state, self.module.inverse(state[self._index(state, self.index, "Apply")], *cond))
@@ -143,6 +151,12 @@ class ChannelMerge(StackOp):
                 f"got {got}"
             )
         return self.split.inverse(state, cond)
+
+    def forward_(self, state: State, cond: Sequence[Tensor]) -> State:
+        # the skip and the part that came back up are neighbouring channels of one buffer when
+        # everything below ran in place: the join is then a wider view, no copy
+        joined = adjacent_join(*state[-2:]) if len(state) >= 2 else None
+        return self.forward(state, cond) if joined is None else (*state[:-2], joined)
 
     def inverse(self, state: State, cond: Sequence[Tensor]) -> State:
         return self.split.forward(state, cond)

@@ -36,6 +36,7 @@ from idm3d.invertible.mode import memory_efficient_mode
 from idm3d.nets.bookends import Head, Stem
 from idm3d.nets.config import records_config
 from idm3d.nets.embedding import TimestepEmbedding
+from idm3d.nets.inference import head_no_grad, stem_no_grad
 
 __all__ = ["IDMUNet"]
 
@@ -228,6 +229,10 @@ class IDMUNet(nn.Module):
         """
         self._check(x)
         emb = self.embed(x, timesteps, context)
+        if not torch.is_grad_enabled():
+            # Sampling: no graph, so the stem's output is the one full-resolution buffer the core
+            # updates in place; stem and head run in depth slabs at large sizes (nets/inference.py).
+            return head_no_grad(self.head, *self.core.forward_(stem_no_grad(self.stem, x), emb))
         if self.memory_efficient and torch.is_grad_enabled():
             # Recomputing the bookends in backward keeps only their inputs: their full-resolution
             # activations then never coexist with the core's, which is what bounds the peak. The
