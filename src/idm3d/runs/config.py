@@ -156,6 +156,8 @@ class TrainConfig:
     drift_action: Literal["warn", "stop"] = "warn"
     progress: bool = True
     log: LogConfig = field(default_factory=LogConfig)
+    # ranks that split each volume along depth (torchrun --nproc_per_node R; idm3d.training.domain_parallel)
+    domain_parallel: int = field(default=1, metadata=_range(1, 1024))
 
 
 @dataclass
