@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from idm3d.domain.comm import domain_of, gather_list, reduce_
 from idm3d.invertible.mode import first_order_only
+from idm3d.invertible.norm_act import _channel_dots
 
 __all__ = ["DomainGroupNorm", "domain_group_norm"]
 
@@ -30,7 +31,12 @@ _SPATIAL = (2, 3, 4)
 
 def _stats(x: Tensor, groups: int, eps: float, key: int) -> tuple[Tensor, Tensor]:
     """Per-(sample, group) mean and reciprocal std over the whole volume, (B, G) each."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, correction=0)
+    # per channel first: a strided reduction, no copy of a channels-last x; then channels -> groups and
+    # ranks -> volume by the pairwise formula for equal counts (no E[x^2] - E[x]^2 cancellation)
+    var_c, mean_c = torch.var_mean(x, dim=_SPATIAL, correction=0)
+    var_c, mean_c = var_c.reshape(x.shape[0], groups, -1), mean_c.reshape(x.shape[0], groups, -1)
+    mean = mean_c.mean(-1)
+    var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
     parts = torch.stack(gather_list(torch.stack((mean, var)), domain_of(key)))  # (R, 2, B, G)
     means, variances = parts[:, 0], parts[:, 1]
     mean = means.mean(0)
@@ -73,11 +79,11 @@ class _DomainGroupNorm(torch.autograd.Function):
         a, beta = _affine(mean, rstd, weight, bias, c)
         if scale is not None:  # FiLM folded into the affine map: one full-size output, no temporaries
             a, beta = a * scale, torch.addcmul(shift, beta, scale)
-        out = torch.addcmul(beta, x, a)
+        # one full-size map, made in the layout the caller asked for (no reordered copy after)
+        out = torch.empty_like(x, memory_format=_CL if channels_last else torch.preserve_format)
+        torch.addcmul(beta, x, a, out=out)
         if silu:
             out = torch.nn.functional.silu(out, inplace=True)
-        if channels_last:
-            out = out.contiguous(memory_format=_CL)
         ctx.save_for_backward(x, weight, bias, mean, rstd, scale, shift)
         ctx.key, ctx.groups, ctx.silu = key, groups, silu
         return out
@@ -96,7 +102,7 @@ class _DomainGroupNorm(torch.autograd.Function):
         else:
             dz = grad
         # P = sum(dz * x), Q = sum(dz) per (sample, channel): everything below is built from them
-        p = (dz * x).sum(dim=_SPATIAL, keepdim=True)
+        p = _channel_dots(dz, x)  # batched products, no product map
         q = dz.sum(dim=_SPATIAL, keepdim=True)
         g_scale = a0 * p + beta0 * q if scale is not None and need_scale else None  # sum(dz * n)
         g_shift = q if scale is not None and need_shift else None
@@ -119,8 +125,8 @@ class _DomainGroupNorm(torch.autograd.Function):
             k1 = r * w * s
             k2 = -r * r * mean_dxhat_xhat
             k3 = r * (r * m * mean_dxhat_xhat - mean_dxhat)
-            gx = torch.addcmul(k3, x, k2)
-            gx.addcmul_(dz, k1)
+            # with SiLU, dz is this node's own buffer and the input gradient takes its place
+            gx = dz.mul_(k1).addcmul_(x, k2).add_(k3) if ctx.silu else torch.addcmul(k3, x, k2).addcmul_(dz, k1)
         return gx, g_w, g_b, g_scale, g_shift, None, None, None, None, None
 
 

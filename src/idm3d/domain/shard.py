@@ -25,6 +25,7 @@ from idm3d.invertible.attention_spatial import SpatialAttention3d
 __all__ = ["check_shard_depth", "halo_bytes", "shard", "sync_gradients", "unshard"]
 
 _ORIGINAL = "_domain_original_class"
+_BUCKET_BYTES = 4 * 2**20
 
 
 def _domain_class(module: nn.Module) -> type | None:
@@ -121,17 +122,39 @@ def sync_gradients(model: nn.Module, group: Any = None, average: bool = False) -
             slices (the gradient of the volume's mean is the mean of the ranks' gradients).
     """
     domain = Domain.of(group)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if domain.size == 1 or not grads:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if domain.size == 1 or not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    reduce_(flat, domain, kind="grads")
-    if average:
-        flat /= domain.size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    # A parameter may take no gradient on one rank and one on another (a layer whose work a thin shard
+    # skips): every rank must reduce the same list, so the ones any rank has are reduced everywhere.
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    reduce_(has, domain, kind="grads")
+    grads = []
+    for p, n in zip(params, has.tolist()):
+        if n and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if n:
+            grads.append(p.grad)
+    if not grads:
+        return
+    # in buckets of about _BUCKET_BYTES (as DDP): few collectives, and no flat copy of all gradients
+    # at once on top of the step's peak
+    bucket: list[Tensor] = []
+    size = 0
+    for g in [*grads, None]:
+        if g is not None and (not bucket or size + g.numel() * g.element_size() <= _BUCKET_BYTES):
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+            continue
+        flat = torch.cat([t.reshape(-1) for t in bucket]) if len(bucket) > 1 else bucket[0].reshape(-1).clone()
+        reduce_(flat, domain, kind="grads")
+        if average:
+            flat /= domain.size
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket, size = ([g], g.numel() * g.element_size()) if g is not None else ([], 0)
 
 
 def halo_bytes(model: nn.Module, shape: tuple[int, ...], size: int, rank: int, dtype: torch.dtype,

@@ -10,7 +10,8 @@ The model itself stays whole on every rank: rank 0 writes the checkpoints, the E
 see full weights, and ``idm3d sample`` loads the run as any other.
 
 Not supported yet (each refused with a one-line ConfigError): combining with data parallelism (the
-world must be exactly ``R`` processes), coordinate channels and the SSIM loss (both span the volume).
+world must be exactly ``R`` processes), coordinate channels and the SSIM loss (both span the volume),
+patch-size schedules (each size would need a depth the ranks split evenly).
 The drift guard checks each rank's slices with the unsharded model (the same weights' rebuild on a
 smaller volume).
 """
@@ -70,6 +71,8 @@ def domain_context(ctx: DistContext, cfg: Config) -> DistContext:
         raise ConfigError(
             "data.patch.coordinates: coordinate channels are not supported with train.domain_parallel > 1"
         )
+    if cfg.data.patch.schedule != "fixed":
+        raise ConfigError("data.patch.schedule: only 'fixed' (one patch size) works with train.domain_parallel > 1")
     if cfg.diffusion.ssim_weight:
         raise ConfigError("diffusion.ssim_weight: the SSIM loss is not supported with train.domain_parallel > 1")
     return DomainContext(ctx.rank, ctx.world_size, ctx.local_rank, ctx.device, patch_depth=cfg.data.patch_size[0])
