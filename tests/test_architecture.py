@@ -15,10 +15,11 @@ LEAVES = {"errors", "devices", "jsonio", "metrics", "lazy", "allocator", "childr
 ALLOWED: dict[str, set[str]] = {
     "invertible": set(),
     "nets": {"invertible"},
+    "domain": {"nets", "invertible"},  # depth sharding: swaps layers of nets/invertible for sharded ones
     "diffusion": set(),
     "data": set(),
     "runs": {"diffusion", "data", "nets", "invertible", "idm3d"},  # idm3d: __version__ for run records
-    "training": {"runs", "diffusion", "data", "nets", "invertible", "idm3d"},
+    "training": {"runs", "diffusion", "data", "nets", "invertible", "idm3d", "domain"},
     "inference": {"training", "runs", "diffusion", "data", "nets", "invertible"},
     "bench": {"runs", "diffusion", "data", "nets", "invertible", "idm3d"},
     "demo": {"inference", "training", "runs", "diffusion", "data", "nets", "invertible", "bench"},

@@ -151,4 +151,7 @@ def group_norm_silu(
             out = torch.addcmul(shift, out, scale)
         out = torch.nn.functional.silu(out)
         return out.contiguous(memory_format=_CL) if channels_last else out
+    sharded = getattr(norm, "group_norm_silu", None)  # a depth-sharded norm (idm3d.domain) reduces across ranks
+    if sharded is not None:
+        return sharded(x, scale, shift, channels_last)
     return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, channels_last)

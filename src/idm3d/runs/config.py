@@ -164,6 +164,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     # signals that stop training after the current step with a checkpoint and exit code 75 (docs/failure-modes.md)
     stop_signals: list[Literal["TERM", "INT", "USR1", "USR2", "HUP"]] = field(default_factory=lambda: ["TERM", "INT"])
+    # ranks that split each volume along depth (torchrun --nproc_per_node R; idm3d.training.domain_parallel)
+    domain_parallel: int = field(default=1, metadata=_range(1, 1024))
 
 
 @dataclass

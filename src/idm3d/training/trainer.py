@@ -36,6 +36,7 @@ from idm3d.runs.model_factory import architecture_signature, build_model, model_
 from idm3d.runs.rundir import RunDir, versions
 from idm3d.runs.tensorboard import NullBoard, tensorboard_wanted
 from idm3d.training import distributed
+from idm3d.training.domain_parallel import domain_context
 from idm3d.training.ema import EMA
 from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.preview import preview_volumes
@@ -91,7 +92,7 @@ class Trainer:
         # constructor below, a collective that waits for every process to get there.
         existing = resume_point(self.folder, cfg, resume)
         self.resume = existing is not None
-        self.dist = distributed.setup(cfg.train.device)
+        self.dist = domain_context(distributed.setup(cfg.train.device), cfg)  # depth sharding, when asked
         self.dist.check_batch(cfg.data.batch_size)
         self.device = self.dist.device
         mixed.check_precision(cfg.train.precision, self.device)

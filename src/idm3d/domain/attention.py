@@ -1,0 +1,86 @@
+"""The invertible attentions on depth shards.
+
+Channel attention: its ``C x C`` matrices come from the Gram matrix ``x1 x1^T`` of the passing half,
+a sum over voxels: each rank sums its slices and one all-reduce makes it replicated
+(:func:`~idm3d.domain.comm.all_reduce_sum`, whose backward all-reduces the Gram's partial gradient).
+The map ``T`` then acts voxel by voxel, locally. The checkerboard's parity is the global voxel's:
+a shard starting at an odd depth flips it.
+
+Spatial attention: ``T`` couples all voxels of a (small, low-resolution) map, so each rank gathers the
+whole map, runs the unsharded module on it (replicated, bitwise the same on every rank) and keeps its
+slices. In the memory-efficient backward the output and its gradient are gathered (each rank's
+gradient is the total one of its slices, so the gathered one is the total gradient of the map), the
+unsharded backward runs replicated and its parameter and conditioning gradients count once: rank 0's
+(the other ranks return zeros, so the step's gradient sum is exact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from idm3d.domain.comm import all_reduce_sum, domain_of, gather_full, gather_list, local_slices
+from idm3d.invertible.attention import Gains
+from idm3d.invertible.attention_channel import ChannelAttention3d
+from idm3d.invertible.attention_masks import VoxelSplit
+from idm3d.invertible.attention_spatial import SpatialAttention3d
+from idm3d.invertible.base import BackwardResult
+
+__all__ = ["DomainChannelAttention3d", "DomainSpatialAttention3d"]
+
+
+def _swapped(split: VoxelSplit) -> VoxelSplit:
+    """The split with parities 0 and 1 exchanged (a shard that starts at an odd global depth)."""
+    index = (split.index[1], split.index[0])
+    return VoxelSplit(index, torch.argsort(torch.cat(index)))
+
+
+class DomainChannelAttention3d(ChannelAttention3d):
+    """:class:`~idm3d.invertible.ChannelAttention3d` on depth shards (same parameters and state dict)."""
+
+    _domain_key: int
+
+    def _prepare(self, x: Tensor, cond: Sequence[Tensor]) -> tuple[Gains, VoxelSplit, Tensor]:
+        gains, split, passing = super()._prepare(x, cond)
+        if domain_of(self._domain_key).offset(x.shape[2]) % 2:
+            # parity of the global (d + h + w): for either mask, an odd depth offset negates the table
+            return gains, _swapped(split), ~passing
+        return gains, split, passing
+
+    def _from_gram(self, gram: Tensor, gains: Gains) -> Tensor:
+        # this rank's sum over its voxels -> the volume's; the backward sums the partial dL/dG
+        return super()._from_gram(all_reduce_sum(gram, self._domain_key), gains)
+
+
+class DomainSpatialAttention3d(SpatialAttention3d):
+    """:class:`~idm3d.invertible.SpatialAttention3d` on depth shards: gathered, solved replicated, sliced."""
+
+    _domain_key: int
+
+    def _full(self, t: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and t.requires_grad:
+            return gather_full(t, self._domain_key)  # backward: partial gradients summed, slices kept
+        return torch.cat(gather_list(t.detach(), domain_of(self._domain_key)), dim=2)
+
+    def forward(self, x: Tensor, *cond: Tensor) -> Tensor:
+        return local_slices(super().forward(self._full(x), *cond), domain_of(self._domain_key))
+
+    def inverse(self, y: Tensor, *cond: Tensor) -> Tensor:
+        return local_slices(super().inverse(self._full(y), *cond), domain_of(self._domain_key))
+
+    def log_det(self, x: Tensor, *cond: Tensor) -> Tensor:
+        """The whole map's ``log|det|`` (the same on every rank)."""
+        return super().log_det(self._full(x), *cond)
+
+    def backward_pass(self, y: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
+        domain = domain_of(self._domain_key)
+        y_full = torch.cat(gather_list(y.detach(), domain), dim=2)
+        g_full = torch.cat(gather_list(grad_y.contiguous(), domain), dim=2)
+        x, grad_x, grad_cond, grad_params = super().backward_pass(y_full, g_full, cond)
+        if domain.rank:
+            # replicated work with the total gradient: count its parameter and conditioning share once
+            grad_cond = [None if g is None else torch.zeros_like(g) for g in grad_cond]
+            grad_params = [None if g is None else torch.zeros_like(g) for g in grad_params]
+        return local_slices(x, domain).contiguous(), local_slices(grad_x, domain).contiguous(), grad_cond, grad_params
