@@ -8,6 +8,11 @@ both the DDPM chain and a shorter DDIM chain from the averaged weights.
     python examples/monai_ddpm_3d.py --out runs/ddpm3d                      # synthetic volumes, 32^3
     python examples/monai_ddpm_3d.py --data-dir DIR --size 64 --out runs/x  # your NIfTI volumes
     python examples/monai_ddpm_3d.py --smoke --out /tmp/ddpm3d              # seconds on a CPU
+    python examples/monai_ddpm_3d.py --objective rflow --out runs/flow3d    # rectified flow (MAISI's loop)
+
+``--objective rflow`` swaps the objective for MONAI's ``RFlowScheduler`` as MAISI trains it
+(``diff_model_train.py``): timesteps from ``sample_timesteps``, ``add_noise``, an L1 loss on the velocity
+``images - noise``, then ``--flow-steps`` Euler steps of ``RFlowScheduler.step`` (``OUT/sample_euler.nii.gz``).
 
 Writes ``OUT/ema.safetensors`` (the averaged IDMUNet weights; reload with ``IDMUNet(**model_kwargs)`` and
 ``safetensors.torch.load_file``), ``OUT/sample_ddpm.nii.gz``, ``OUT/sample_ddim.nii.gz`` and
@@ -22,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 from monai.inferers import DiffusionInferer
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from safetensors.torch import save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from volumes import (
@@ -53,12 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--levels", type=int, default=3, help="IDMUNet resolution levels (attention on the lowest)")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="DDPM sampling steps (the tutorial: 1000)")
     parser.add_argument("--ddim-steps", type=int, default=50, help="DDIM sampling steps")
+    parser.add_argument("--objective", choices=("ddpm", "rflow"), default="ddpm",
+                        help="ddpm (the tutorial) or rflow (rectified flow, MONAI's RFlowScheduler)")
+    parser.add_argument("--flow-steps", type=int, default=30, help="Euler steps of an rflow run (MAISI: 30)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast (the invertible core's state stays fp32)")
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
     if args.smoke:
         args.size, args.num_volumes, args.batch_size, args.steps = 16, 2, 2, 2
         args.channels, args.levels, args.ddpm_steps, args.ddim_steps, args.log_every = 8, 2, 2, 2, 1
+        args.flow_steps = 2
     return args
 
 
@@ -67,8 +76,22 @@ def model_kwargs(args: argparse.Namespace) -> dict:
             "attention_levels": [False] * (args.levels - 1) + [True], "num_heads": 1}
 
 
+def flow_scheduler() -> RFlowScheduler:
+    """MAISI's rectified-flow settings (uniform timesteps; no resolution warp at these small sizes)."""
+    return RFlowScheduler(num_train_timesteps=1000, use_discrete_timesteps=True, sample_method="uniform")
+
+
+def flow_loss(model: IDMUNet, scheduler: RFlowScheduler, images: torch.Tensor) -> torch.Tensor:
+    """MAISI's loss: the network's velocity at ``add_noise(images, noise, t)`` against ``images - noise``."""
+    noise = torch.randn_like(images)
+    timesteps = scheduler.sample_timesteps(images)
+    velocity = model(scheduler.add_noise(images, noise, timesteps), timesteps)
+    return F.l1_loss(velocity.float(), (images - noise).float())
+
+
 def train(args: argparse.Namespace, model: IDMUNet, ema: AveragedModel, volumes: list[torch.Tensor],
           device: torch.device) -> list[float]:
+    flow = flow_scheduler() if args.objective == "rflow" else None
     scheduler = DDPMScheduler(**SCHEDULE)
     inferer = DiffusionInferer(scheduler)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -80,10 +103,13 @@ def train(args: argparse.Namespace, model: IDMUNet, ema: AveragedModel, volumes:
         images = next(data).to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            noise = torch.randn_like(images)
-            timesteps = torch.randint(0, scheduler.num_train_timesteps, (images.shape[0],), device=device).long()
-            noise_pred = inferer(inputs=images, diffusion_model=model, noise=noise, timesteps=timesteps)
-            loss = F.mse_loss(noise_pred.float(), noise.float())
+            if flow is not None:
+                loss = flow_loss(model, flow, images)
+            else:
+                noise = torch.randn_like(images)
+                timesteps = torch.randint(0, scheduler.num_train_timesteps, (images.shape[0],), device=device).long()
+                noise_pred = inferer(inputs=images, diffusion_model=model, noise=noise, timesteps=timesteps)
+                loss = F.mse_loss(noise_pred.float(), noise.float())
         losses.append(check_finite(loss, step, "training"))
         loss.backward()
         optimizer.step()
@@ -99,6 +125,8 @@ def sample(args: argparse.Namespace, model: IDMUNet, device: torch.device) -> di
     model.eval()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     noise = torch.randn((1, 1, args.size, args.size, args.size), generator=gen, device=device)
+    if args.objective == "rflow":
+        return {"euler": sample_flow(args, model, noise)}
     ddpm = DDPMScheduler(**SCHEDULE)
     ddpm.set_timesteps(num_inference_steps=args.ddpm_steps)
     ddim = DDIMScheduler(**SCHEDULE)
@@ -110,6 +138,20 @@ def sample(args: argparse.Namespace, model: IDMUNet, device: torch.device) -> di
             image = inferer.sample(input_noise=noise, diffusion_model=model, scheduler=scheduler, verbose=False)
         samples[name] = image.float()
     return samples
+
+
+@torch.no_grad()
+def sample_flow(args: argparse.Namespace, model: IDMUNet, noise: torch.Tensor) -> torch.Tensor:
+    """MONAI's ``RFlowScheduler`` inference loop (its docstring's): Euler steps from noise to data."""
+    scheduler = flow_scheduler()
+    scheduler.set_timesteps(num_inference_steps=args.flow_steps, input_img_size_numel=noise[0, 0].numel())
+    timesteps = scheduler.timesteps.tolist()
+    image = noise
+    for t, next_t in zip(timesteps, [*timesteps[1:], 0]):
+        with torch.autocast(noise.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            velocity = model(image, torch.full((image.shape[0],), t, device=image.device)).float()
+        image, _ = scheduler.step(velocity, t, image, next_t)
+    return image.clamp(-1.0, 1.0)  # the data range, as the DDPM schedulers' clip_sample
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         save_volume(image[0], args.out / f"sample_{name}.nii.gz")
         stats[name] = {"shape": list(image.shape), "min": image.min().item(), "max": image.max().item(),
                        "mean": image.mean().item(), "finite": bool(torch.isfinite(image).all())}
-    write_summary(args.out, {"model_kwargs": kwargs, "schedule": SCHEDULE, "steps": args.steps,
-                             "losses": losses, "samples": stats})
-    print(f"wrote {args.out}/ema.safetensors, sample_ddpm.nii.gz, sample_ddim.nii.gz, summary.json")
+    write_summary(args.out, {"model_kwargs": kwargs, "objective": args.objective, "schedule": SCHEDULE,
+                             "steps": args.steps, "losses": losses, "samples": stats})
+    names = ", ".join(f"sample_{n}.nii.gz" for n in samples)
+    print(f"wrote {args.out}/ema.safetensors, {names}, summary.json")
     return 0
 
 

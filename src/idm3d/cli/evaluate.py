@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", type=Path, required=True, help="run folder written by `idm3d train`")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which part of the split")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the run's sample.sampler")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), help="default: the run's sample.sampler")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--seed", type=int, help="RNG seed (case i uses seed + i)")

@@ -37,8 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="translation runs: translate every case folder of DIR into the folder OUT")
     inputs.add_argument("--num", type=int, metavar="N",
                         help="unconditional runs: write N samples (seeds SEED..SEED+N-1) into the folder OUT")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), help="default: the run's sample.sampler")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), help="default: the run's sample.sampler")
+    p.add_argument("--steps", type=int, help="network calls per sample, whatever the sampler (heun: 2 per step, "
+                   "an odd count ends with one Euler step; default: the run's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--seed", type=int, help="RNG seed (default: the run's sample.seed); --num: the first one")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint JSON of the run (default: the newest)")

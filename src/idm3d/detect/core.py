@@ -95,7 +95,9 @@ def extract(
     rows, seconds = [], []
     for item in tqdm(inputs, desc="features", disable=not progress, leave=False):
         started = time.perf_counter()
-        scheduler = build_scheduler(run.config, "ddim", s.steps)
+        # DDIM inversion for DDPM runs; a flow run inverts its ODE with its own solver (euler|heun)
+        sampler = "ddim" if run.config.diffusion.kind == "ddpm" else run.settings.sampler
+        scheduler = build_scheduler(run.config, sampler, s.steps)
         feats = detection_features(run.pipeline, item.target, item.condition, scheduler=scheduler, mask=item.mask,
                                    residual_timestep=s.residual_timestep, seed=s.seed, device=run.device)
         rows.append([feats[n] for n in FEATURE_NAMES])

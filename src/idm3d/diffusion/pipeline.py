@@ -29,8 +29,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from idm3d.diffusion.coordinates import coordinate_channels
+from idm3d.diffusion.flow import is_flow, prediction_kind
+from idm3d.diffusion.flow_chain import FlowChainMixin
 from idm3d.diffusion.sampling import denoise_fn
 from idm3d.diffusion.schedule import diffusion_loss, predict_epsilon, predict_x0, training_target
+from idm3d.diffusion.solvers import FlowSolver
 from idm3d.diffusion.structural import ssim_loss
 from idm3d.errors import ArgumentError
 
@@ -39,7 +42,7 @@ __all__ = ["Denoiser", "DiffusionPipeline"]
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(FlowChainMixin):
     """A denoiser with its MONAI scheduler, conditioning and loss.
 
     Args:
@@ -87,8 +90,8 @@ class DiffusionPipeline:
 
     @property
     def prediction_type(self) -> str:
-        """What the network predicts: ``epsilon``, ``sample`` (x0) or ``v_prediction``."""
-        return self.scheduler.prediction_type
+        """What the network predicts: ``epsilon``, ``sample`` (x0), ``v_prediction`` or ``flow`` (rectified flow)."""
+        return prediction_kind(self.scheduler)
 
     # ------------------------------------------------------------------------------- one network call
 
@@ -151,8 +154,9 @@ class DiffusionPipeline:
         return params[0].device if params else torch.device("cpu")
 
     def _check(self, scheduler: Scheduler) -> None:
-        if scheduler.prediction_type != self.prediction_type:
-            raise ArgumentError("scheduler", f"predicts {scheduler.prediction_type!r}, the pipeline's model "
+        # prediction_kind, not the scheduler's string: MONAI's RFlowScheduler also says "v_prediction"
+        if prediction_kind(scheduler) != self.prediction_type:
+            raise ArgumentError("scheduler", f"predicts {prediction_kind(scheduler)!r}, the pipeline's model "
                              f"{self.prediction_type!r}")
 
     @torch.no_grad()
@@ -161,7 +165,7 @@ class DiffusionPipeline:
         shape: Sequence[int],
         condition: Tensor | None = None,
         *,
-        scheduler: Scheduler | None = None,
+        scheduler: Scheduler | FlowSolver | None = None,
         generator: torch.Generator | None = None,
         x_start: Tensor | None = None,
         start_timestep: int | None = None,
@@ -176,7 +180,8 @@ class DiffusionPipeline:
         Args:
             shape: ``(B, C_target, D, H, W)`` of the generated volume.
             condition: ``(B, C_source, D, H, W)`` source modalities (translation) or ``None``.
-            scheduler: the sampling scheduler (DDPM or DDIM, same prediction type); default the pipeline's.
+            scheduler: the sampling scheduler (DDPM or DDIM, same prediction type), or for a flow run a
+                :class:`~idm3d.diffusion.solvers.FlowSolver` (Euler/Heun, a network-call budget).
             generator: RNG for the initial noise and the stochastic steps (DDPM, DDIM with ``eta > 0``).
             x_start: a clean volume to noise to ``start_timestep`` and denoise back (SDEdit).
             start_timestep: skip the chain's timesteps above this one (with ``x_start``).
@@ -194,6 +199,9 @@ class DiffusionPipeline:
         self._check(scheduler)
         device = self._device(device)
         shape = tuple(int(s) for s in shape)
+        if is_flow(scheduler):
+            return self._sample_flow(scheduler, shape, condition, generator, x_start, start_timestep, device,
+                                     progress, noise, position)
         timesteps = scheduler.timesteps
         given = noise is not None
         if noise is None:
@@ -234,12 +242,16 @@ class DiffusionPipeline:
         x0: Tensor,
         condition: Tensor | None = None,
         *,
-        scheduler: DDIMScheduler,
+        scheduler: DDIMScheduler | FlowSolver,
         device: torch.device | str | None = None,
         progress: bool = False,
         position: Tensor | None = None,
     ) -> Tensor:
         """Deterministic DDIM inversion: the ``x_T`` from which ``sample(..., eta=0)`` returns about ``x0``.
+
+        For a flow run (``scheduler`` a :class:`~idm3d.diffusion.solvers.FlowSolver`) the flow's ODE is
+        integrated from ``x0`` to the noise with the same solver and grid as sampling
+        (:mod:`idm3d.diffusion.flow_chain`).
 
         Each DDIM step ``x_t -> x_prev`` of ``scheduler``'s chain is undone in reverse order: the network is
         evaluated at the volume in hand with the step's timestep ``t`` (the standard approximation
@@ -259,6 +271,8 @@ class DiffusionPipeline:
         Returns:
             The recovered noise ``x_T`` (float32, same shape as ``x0``, on ``device``).
         """
+        if is_flow(scheduler):
+            return self._invert_flow(scheduler, x0, condition, device, progress, position)
         if not isinstance(scheduler, DDIMScheduler):
             raise TypeError(f"scheduler: DDIM inversion needs a DDIMScheduler, got {type(scheduler).__name__}")
         self._check(scheduler)

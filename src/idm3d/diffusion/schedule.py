@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedules, Scheduler
 from torch import Tensor
 
+from idm3d.diffusion import flow
+from idm3d.diffusion.solvers import FLOW_SOLVERS, FlowSolver
 from idm3d.errors import ArgumentError
 
 __all__ = [
@@ -50,10 +52,14 @@ def monai_schedule_name(name: str) -> str:
 
 def build_scheduler(
     diffusion: object,
-    kind: Literal["ddpm", "ddim"] = "ddpm",
+    kind: Literal["ddpm", "ddim", "euler", "heun"] | None = None,
     num_inference_steps: int | None = None,
 ) -> Scheduler:
-    """Build a MONAI DDPM or DDIM scheduler from a ``DiffusionConfig``-like object.
+    """Build a MONAI DDPM or DDIM scheduler from a ``DiffusionConfig``-like object, or a flow run's sampler.
+
+    A ``diffusion.kind: rflow`` config gives MONAI's ``RFlowScheduler`` (``kind`` ``None``, training) or a
+    :class:`~idm3d.diffusion.solvers.FlowSolver` (``kind`` ``euler``/``heun``, ``num_inference_steps`` network
+    calls); DDPM samplers on a flow run and flow solvers on a DDPM run are refused (``kind``).
 
     Args:
         diffusion: has ``num_train_timesteps``, ``schedule``, ``beta_start``, ``beta_end``,
@@ -65,6 +71,12 @@ def build_scheduler(
         ArgumentError: unknown schedule, kind or prediction type, or too many inference steps (its
             ``argument`` names which).
     """
+    if getattr(diffusion, "kind", "ddpm") == "rflow":
+        return _build_flow(diffusion, kind, num_inference_steps)
+    kind = "ddpm" if kind is None else kind
+    if kind in FLOW_SOLVERS:
+        raise ArgumentError("kind", f"expected ddpm|ddim, got {kind!r} (a flow solver; this run was trained with "
+                            "diffusion.kind ddpm)")
     schedule = monai_schedule_name(diffusion.schedule)
     prediction_type = diffusion.prediction_type
     if prediction_type not in PREDICTION_TYPES:
@@ -95,6 +107,17 @@ def build_scheduler(
     return scheduler
 
 
+def _build_flow(diffusion: object, kind: str | None, calls: int | None) -> Scheduler:
+    scheduler = flow.build_rflow_scheduler(diffusion)
+    if kind is None:
+        return scheduler
+    if kind not in FLOW_SOLVERS:
+        raise ArgumentError("kind", f"expected euler|heun, got {kind!r} (a DDPM sampler; this run was trained "
+                            "with diffusion.kind rflow)")
+    return FlowSolver(scheduler, kind, 1 if calls is None else calls,  # type: ignore[return-value]
+                      clip=bool(getattr(diffusion, "clip_sample", False)))
+
+
 def _prediction_type(scheduler: Scheduler, prediction_type: str | None) -> str:
     kind = scheduler.prediction_type if prediction_type is None else prediction_type
     if kind not in PREDICTION_TYPES:
@@ -111,6 +134,8 @@ def training_target(
     scheduler: Scheduler, x0: Tensor, noise: Tensor, timesteps: Tensor, prediction_type: str | None = None
 ) -> Tensor:
     """What the network must output for ``x_t = add_noise(x0, noise, t)`` (default: the scheduler's type)."""
+    if flow.is_flow(scheduler):
+        return flow.flow_target(x0, noise)
     kind = _prediction_type(scheduler, prediction_type)
     if kind == "epsilon":
         return noise
@@ -123,6 +148,8 @@ def predict_x0(
     scheduler: Scheduler, x_t: Tensor, output: Tensor, timesteps: Tensor, prediction_type: str | None = None
 ) -> Tensor:
     """The clean-volume estimate implied by a network ``output`` at ``x_t`` (inverse of :func:`training_target`)."""
+    if flow.is_flow(scheduler):
+        return flow.flow_x0(scheduler, x_t, output, timesteps)
     kind = _prediction_type(scheduler, prediction_type)
     a = _alpha_bar(scheduler, timesteps, x_t)
     if kind == "epsilon":
@@ -136,6 +163,8 @@ def predict_epsilon(
     scheduler: Scheduler, x_t: Tensor, output: Tensor, timesteps: Tensor, prediction_type: str | None = None
 ) -> Tensor:
     """The noise estimate implied by a network ``output`` at ``x_t`` (MONAI's DDIM step, formula for formula)."""
+    if flow.is_flow(scheduler):
+        return flow.flow_epsilon(scheduler, x_t, output, timesteps)
     kind = _prediction_type(scheduler, prediction_type)
     a = _alpha_bar(scheduler, timesteps, x_t)
     if kind == "epsilon":
@@ -157,6 +186,13 @@ def diffusion_loss(prediction: Tensor, target: Tensor, kind: str = "mse") -> Ten
     raise ArgumentError("loss", f"expected mse|l1, got {kind!r}")
 
 
-def sample_timesteps(scheduler: Scheduler, batch: int, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform training timesteps in ``[0, T)`` (int64), drawn from ``generator`` for reproducibility."""
+def sample_timesteps(
+    scheduler: Scheduler, batch: int, generator: torch.Generator | None = None, spatial: tuple[int, ...] | None = None
+) -> Tensor:
+    """Uniform training timesteps in ``[0, T)`` (int64), drawn from ``generator`` for reproducibility.
+
+    A rectified-flow scheduler draws with its own ``sample_method`` and warp (``spatial``: the training grid).
+    """
+    if flow.is_flow(scheduler):
+        return flow.sample_flow_timesteps(scheduler, batch, generator, spatial)
     return torch.randint(0, scheduler.num_train_timesteps, (batch,), generator=generator, dtype=torch.long)

@@ -111,19 +111,34 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule and what the network predicts (MONAI scheduler names and options)."""
+    """Noise schedule and what the network predicts (MONAI scheduler names and options).
 
+    ``kind``: ``ddpm`` (MONAI's DDPM/DDIM schedulers) or ``rflow`` (rectified flow, MONAI's ``RFlowScheduler``:
+    the network predicts the velocity x0 - noise, ``prediction_type`` ``flow``; docs/sampling/README.md).
+    ``schedule``/``beta_*`` are DDPM-only; ``sample_method``/``use_timestep_transform``/``base_img_size_numel``
+    are rflow-only (MONAI's names).
+    """
+
+    kind: Literal["ddpm", "rflow"] = "ddpm"  # runs from before the flow objective load as ddpm
     num_train_timesteps: int = field(default=1000, metadata=_range(2, 100000))
     schedule: Literal[
         "linear", "linear_beta", "scaled_linear", "scaled_linear_beta", "sigmoid", "sigmoid_beta", "cosine"
     ] = "linear_beta"
     beta_start: float = field(default=1e-4, metadata=_range(0.0, 1.0, lo_open=True))
     beta_end: float = field(default=2e-2, metadata=_range(0.0, 1.0, lo_open=True))
-    prediction_type: Literal["epsilon", "sample", "v_prediction"] = "epsilon"
+    # null: the kind's own (epsilon for ddpm, flow for rflow); stored resolved, so a run says what it predicts
+    prediction_type: Literal["epsilon", "sample", "v_prediction", "flow"] | None = None
     clip_sample: bool = True
     loss: Literal["mse", "l1"] = "mse"
     # + ssim_weight * (1 - SSIM) of the clean-volume estimate against the clean target (0 = off)
     ssim_weight: float = field(default=0.0, metadata=_range(0.0))
+    sample_method: Literal["uniform", "logit-normal"] = "uniform"  # rflow training timesteps
+    use_timestep_transform: bool = False  # rflow: MONAI's warp, more time near noise for larger volumes
+    base_img_size_numel: int = field(default=32 * 32 * 32, metadata=_range(1))  # rflow: the warp's reference size
+
+    def __post_init__(self) -> None:
+        if self.prediction_type is None:
+            self.prediction_type = "flow" if self.kind == "rflow" else "epsilon"
 
 
 @dataclass
@@ -132,7 +147,7 @@ class LogConfig:
 
     tensorboard: bool | None = None  # null: on when the tensorboard package is installed
     preview_every: int | None = field(default=None, metadata=_range(0))  # sample slices; null: at checkpoints
-    preview_steps: int = field(default=10, metadata=_range(1))  # DDIM steps of the preview sample
+    preview_steps: int = field(default=10, metadata=_range(1))  # network calls of the preview sample
 
 
 @dataclass
@@ -172,8 +187,9 @@ class TrainConfig:
 class SampleConfig:
     """Defaults for ``idm3d sample`` / ``idm3d evaluate`` (each overridable on the command line)."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    steps: int = field(default=50, metadata=_range(1))
+    # ddpm|ddim for diffusion.kind ddpm, euler|heun for rflow; null: ddim or euler
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] | None = None
+    steps: int = field(default=50, metadata=_range(1))  # network calls per sample, whatever the sampler
     eta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     seed: int = 0
     use_ema: bool = True
@@ -200,6 +216,8 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
+        if self.sample.sampler is None:  # the objective's own sampler (stored resolved in the run)
+            self.sample.sampler = "euler" if self.diffusion.kind == "rflow" else "ddim"
         _check_consistency(self)
 
 
@@ -376,6 +394,7 @@ def _check_consistency(cfg: Config) -> None:
     if t.max_steps is None and t.max_seconds is None and t.max_cpu_seconds is None:
         raise ConfigError("train.max_steps: set train.max_steps, train.max_seconds and/or train.max_cpu_seconds "
                           "(all are null)")
+    _check_objective(cfg)
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(
             f"diffusion.beta_end: expected > beta_start ({cfg.diffusion.beta_start}), got {cfg.diffusion.beta_end}"
@@ -390,6 +409,19 @@ def _check_consistency(cfg: Config) -> None:
     from idm3d.runs.model_factory import check_model_kwargs  # lazy: reads the network's signature
 
     check_model_kwargs(cfg.model.name, cfg.model.kwargs)
+
+
+def _check_objective(cfg: Config) -> None:
+    """One line when the prediction type or the sampler belongs to the other objective (ddpm vs rflow)."""
+    d, flow = cfg.diffusion, cfg.diffusion.kind == "rflow"
+    if (d.prediction_type == "flow") != flow:
+        want = "flow" if flow else "epsilon|sample|v_prediction"
+        raise ConfigError(f"diffusion.prediction_type: diffusion.kind {d.kind} predicts {want}, got "
+                          f"{d.prediction_type!r}")
+    if (cfg.sample.sampler in ("euler", "heun")) != flow:
+        want = "euler|heun" if flow else "ddpm|ddim"
+        raise ConfigError(f"sample.sampler: a diffusion.kind {d.kind} run samples with {want}, got "
+                          f"{cfg.sample.sampler!r}")
 
 
 def config_from_dict(data: Mapping[str, Any] | None) -> Config:

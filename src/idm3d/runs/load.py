@@ -64,11 +64,13 @@ _SCHEDULER_KEYS = {
     "num_inference_steps": "sample.steps",
     "schedule": "diffusion.schedule",
     "prediction_type": "diffusion.prediction_type",
+    "sample_method": "diffusion.sample_method",
 }
 
 
-def build_scheduler(cfg: Config, kind: str = "ddpm", steps: int | None = None) -> Scheduler:
-    """The MONAI scheduler of ``cfg.diffusion``: ``ddpm`` for training, or a sampler with ``steps`` set."""
+def build_scheduler(cfg: Config, kind: str | None = None, steps: int | None = None) -> Scheduler:
+    """The MONAI scheduler of ``cfg.diffusion``: the training one (``kind`` ``None``: DDPM or RFlow by
+    ``diffusion.kind``), or a sampler with ``steps`` network calls (``ddpm``/``ddim``, ``euler``/``heun``)."""
     try:
         return schedule.build_scheduler(cfg.diffusion, kind, steps)  # type: ignore[arg-type]
     except ArgumentError as err:
@@ -91,7 +93,7 @@ def build_pipeline(
     precision = settings.precision if settings is not None else precision
     return DiffusionPipeline(
         model,
-        build_scheduler(cfg, "ddpm"),
+        build_scheduler(cfg),
         loss=cfg.diffusion.loss,
         ssim_weight=cfg.diffusion.ssim_weight,
         roi_size=None if settings is None else settings.roi_size,

@@ -1,4 +1,4 @@
-"""A training preview: a short DDIM sample with the EMA weights on a fixed training patch.
+"""A training preview: a short sample (the run's own sampler) with the EMA weights on a fixed training patch.
 
 What TensorBoard shows under ``preview/`` at each checkpoint (``train.log.preview_every``): the patch's
 sources (translation), its real targets, and the targets the EMA model samples, each as mid-slices.
@@ -36,7 +36,8 @@ def preview_volumes(
     steps = min(cfg.train.log.preview_steps, cfg.diffusion.num_train_timesteps)
     sampled = pipeline.sample(
         tuple(target.shape), None if source is None else source.to(device),
-        scheduler=build_scheduler(cfg, "ddim", steps), generator=torch.Generator().manual_seed(cfg.train.seed),
+        scheduler=build_scheduler(cfg, _preview_sampler(cfg), steps),
+        generator=torch.Generator().manual_seed(cfg.train.seed),
         device=device, position=position,
     ).cpu()
     out: dict[str, Tensor] = {}
@@ -45,3 +46,8 @@ def preview_volumes(
     out.update({f"target_{m}": target[0, i] for i, m in enumerate(cfg.data.targets)})
     out.update({f"sample_{m}": sampled[0, i] for i, m in enumerate(cfg.data.targets)})
     return out
+
+
+def _preview_sampler(cfg: Config) -> str:
+    """The run's own sampler; a DDPM-sampler run previews with DDIM (DDPM with few steps is mostly noise)."""
+    return "ddim" if cfg.sample.sampler == "ddpm" else str(cfg.sample.sampler)

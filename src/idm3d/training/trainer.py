@@ -198,7 +198,7 @@ class Trainer:
         target, source, position = step_batch(self.data, step)  # position: for coordinate channels
         gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, _STREAM_NOISE))
         noise = torch.randn(target.shape, generator=gen)
-        timesteps = sample_timesteps(self.scheduler, target.shape[0], gen)
+        timesteps = sample_timesteps(self.scheduler, target.shape[0], gen, tuple(target.shape[2:]))
         # Every process draws the whole global batch from (seed, step) and keeps its own share.
         share, dev = self.dist.shard, self.device
         return {
