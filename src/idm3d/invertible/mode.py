@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["first_order_only", "lean_graph", "memory_efficient_mode"]
+__all__ = ["first_order_only", "hooked", "lean_graph", "memory_efficient_mode"]
 
 _MEMORY_EFFICIENT: ContextVar[bool] = ContextVar("idm3d_memory_efficient", default=False)
 
@@ -62,3 +62,16 @@ def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
         return inner(ctx, *grads)
 
     return wrapper
+
+
+def hooked(model: torch.nn.Module) -> bool:
+    """Whether a forward hook would watch any of ``model``'s modules.
+
+    The no-grad in-place path (``forward_``) calls no module, so a hook (a user's feature tap, the trainer's
+    non-finite diagnosis) would silently see nothing: with one present the ordinary path runs instead.
+    """
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

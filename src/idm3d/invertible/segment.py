@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from idm3d.invertible.base import InvertibleModule, grad_parameters
-from idm3d.invertible.mode import first_order_only, memory_efficient_mode
+from idm3d.invertible.mode import first_order_only, hooked, memory_efficient_mode
 from idm3d.invertible.rng import RngState, forked
 from idm3d.invertible.stack import Apply, StackOp
 
@@ -271,7 +271,7 @@ class InvertibleSequence(nn.Module):
         wants_grad = torch.is_grad_enabled() and (
             any(t.requires_grad for t in (*state, *cond)) or len(params) + len(head_params) > 0
         )
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not hooked(self):
             # No graph: the ops update the state in place (the caller's tensors are copied first).
             out = self.forward_(tuple(t.clone() for t in state), *cond)
             if head is not None:

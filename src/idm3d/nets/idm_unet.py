@@ -32,7 +32,7 @@ from idm3d.invertible import (
     OrthogonalUpsample3d,
 )
 from idm3d.invertible.attention import invertible_attention
-from idm3d.invertible.mode import memory_efficient_mode
+from idm3d.invertible.mode import hooked, memory_efficient_mode
 from idm3d.nets.bookends import Head, Stem
 from idm3d.nets.config import records_config
 from idm3d.nets.embedding import TimestepEmbedding
@@ -229,9 +229,10 @@ class IDMUNet(nn.Module):
         """
         self._check(x)
         emb = self.embed(x, timesteps, context)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and not hooked(self):
             # Sampling: no graph, so the stem's output is the one full-resolution buffer the core
             # updates in place; stem and head run in depth slabs at large sizes (nets/inference.py).
+            # Module hooks (a user's feature taps, the non-finite diagnosis) see only the ordinary path.
             return head_no_grad(self.head, *self.core.forward_(stem_no_grad(self.stem, x), emb))
         if self.memory_efficient and torch.is_grad_enabled():
             # Recomputing the bookends in backward keeps only their inputs: their full-resolution
@@ -256,3 +257,4 @@ class IDMUNet(nn.Module):
         emb = self.embed(x, timesteps, context)
         errors = self.core.reconstruction_error(self._stem(x), emb)
         return dict(zip(self.op_names, errors))
+
