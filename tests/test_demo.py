@@ -176,7 +176,7 @@ def test_predictions_are_written_on_the_band_grid_and_masked(demo_out: Path, rep
     [
         ([], "--overwrite"),  # the module's demo already lives there
         (["--overwrite", "--set", "data.root=/nowhere"], "data.root"),
-        (["--overwrite", "--set", "model.name=monai"], "model.name"),
+        (["--overwrite", "--set", "model.name=monai", "--set", "model.kwargs={}"], "model.name"),
         (["--overwrite", "--minutes", "0"], "--minutes"),
         (["--overwrite", "--directions", "t1-flair"], "--directions"),
         (["--overwrite", "--directions", ","], "--directions"),
