@@ -109,7 +109,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_sharded_idmunet_equals_the_unsharded_one_on_2_and_4_ranks(tmp_path: Path):
     mp.spawn(_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4, join=True)
     for rank in range(4):
-        for size, saved in torch.load(tmp_path / f"rank{rank}.pt", weights_only=False).items():
+        for size, saved in torch.load(tmp_path / f"rank{rank}.pt", weights_only=True).items():
             assert set(saved["results"]) == {f"{a}-{me}" for a, me in CASES[size]}
             for case, r in saved["results"].items():
                 for name in ("out", "gathered", "input_grad", "param_grad", "core", "round_trip"):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from idm3d.domain.comm import domain_of, exchange_halos
 from idm3d.invertible.mode import first_order_only
+from idm3d.invertible.slab_conv import apply_in_one_dtype
 
 __all__ = ["DomainConv3d", "halo_conv3d"]
 
@@ -114,15 +115,7 @@ def halo_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, key: int, groups
     """
     if weight.shape[2] // 2 == 0:  # no depth extent: nothing crosses a shard boundary
         return F.conv3d(x, weight, bias, padding=(0, weight.shape[3] // 2, weight.shape[4] // 2), groups=groups)
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        # cast as autocast would, then run without it (the node evaluates in one dtype)
-        dtype = torch.get_autocast_dtype(device)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(device, enabled=False):
-            return _HaloConv3d.apply(x, weight, bias, key, groups)
-    return _HaloConv3d.apply(x, weight, bias, key, groups)
+    return apply_in_one_dtype(_HaloConv3d, x, weight, bias, key, groups)
 
 
 class DomainConv3d(nn.Conv3d):

@@ -119,15 +119,23 @@ def slab_conv3d(
     padding = tuple(k // 2 for k in weight.shape[2:])
     if planes >= x.shape[2]:
         return F.conv3d(x, weight, bias, padding=padding, groups=groups)
+    return apply_in_one_dtype(_SlabConv3dFunction, x, weight, bias, planes, groups)
+
+
+def apply_in_one_dtype(function: Any, x: Tensor, weight: Tensor, bias: Tensor | None, *args: Any) -> Tensor:
+    """``function.apply(x, weight, bias, *args)`` for a convolution node that evaluates in one dtype.
+
+    Under autocast the inputs are cast as autocast would cast a convolution's, and the node runs with
+    autocast off (its output buffer, or its rebuild in backward, has one dtype).
+    """
     device = x.device.type
     if torch.is_autocast_enabled(device):
-        # Cast as autocast would, then run the slabs without it (their output buffer has one dtype).
         dtype = torch.get_autocast_dtype(device)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
-            return _SlabConv3dFunction.apply(x, weight, bias, planes, groups)
-    return _SlabConv3dFunction.apply(x, weight, bias, planes, groups)
+            return function.apply(x, weight, bias, *args)
+    return function.apply(x, weight, bias, *args)
 
 
 class SlabConv3d(nn.Conv3d):
