@@ -5,6 +5,8 @@ and the lab (benchmarks/) outside the wheel."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,28 @@ def test_the_wheel_holds_no_lab():
     assert not importers, f"src/idm3d imports the lab: {importers}"
     lab_names = [p.name for p in SRC.rglob("*.py") if any(w in p.stem for w in ("study", "probe", "tables"))]
     assert not lab_names, f"studies, probes or table generators in the wheel: {lab_names}"
+
+
+def test_every_package_is_a_regular_package():
+    """A folder of modules without ``__init__.py`` imports as a namespace package but is left out of the wheel
+    and invisible to the API docs."""
+    missing = sorted(
+        str(d.relative_to(SRC)) for d in {p.parent for p in SRC.rglob("*.py")} if not (d / "__init__.py").exists()
+    )
+    assert not missing, f"packages without __init__.py: {missing}"
+
+
+def test_no_source_file_is_git_ignored():
+    """A clean clone holds every file of the package: an ignore pattern meant for run folders (``runs/``) once
+    hid ``src/idm3d/runs/__init__.py``, so CI's docs build could not find ``idm3d.runs``."""
+    root = SRC.parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(root)) for p in SRC.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files += [str(p.relative_to(root)) for p in (root / "tests").rglob("*.py")]
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"], cwd=root, input="\n".join(files),
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    assert not done.stdout.split(), f"git-ignored source files: {done.stdout.split()}"
