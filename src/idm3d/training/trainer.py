@@ -12,7 +12,6 @@ Under torchrun every process runs a Trainer on its share of each step's global b
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from idm3d.diffusion.schedule import sample_timesteps
-from idm3d.errors import ConfigError, IDM3DError, NonFiniteError
+from idm3d.errors import ConfigError
 from idm3d.runs import precision as mixed
 from idm3d.runs.checkpoint import TrainState, optimizer_to_flat
 from idm3d.runs.config import Config, config_to_dict
@@ -38,36 +37,17 @@ from idm3d.runs.tensorboard import NullBoard, tensorboard_wanted
 from idm3d.training import distributed
 from idm3d.training.domain_parallel import domain_context
 from idm3d.training.ema import EMA
-from idm3d.training.guards import diagnose_nonfinite, drift_fields, drift_verdict
 from idm3d.training.preview import preview_volumes
 from idm3d.training.progress import Clock
 from idm3d.training.resume import ResumeMode, resume_point
 from idm3d.training.state import restore_tensors, training_tensors
+from idm3d.training.steps import STREAM_INIT, STREAM_NOISE, STREAM_TORCH, StepResult, step_seed
 from idm3d.training.stopping import StopSignals
+from idm3d.training.trainer_guards import TrainerGuards
 
 __all__ = ["StepResult", "Trainer", "resolve_device", "step_seed", "train"]
 
-# Independent random streams of one step.
-_STREAM_NOISE, _STREAM_TORCH, _STREAM_INIT = 1, 2, 3
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed that depends only on ``(seed, step, stream)``."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, step, stream]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-@dataclasses.dataclass
-class StepResult:
-    """Outcome of one optimisation step (``skipped`` when loss or gradients were non-finite)."""
-
-    loss: float
-    grad_norm: float
-    skipped: bool
-    overflow: bool = False  # skipped on an fp16 gradient overflow at a loss scale > 1 (not a fault)
-
-
-class Trainer:
+class Trainer(TrainerGuards):
     """Owns the model, EMA, optimizer, pipeline and data of one training run.
 
     Building a Trainer writes nothing: it reads the run folder (the checkpoint to resume, the saved
@@ -98,7 +78,7 @@ class Trainer:
         mixed.check_precision(cfg.train.precision, self.device)
         self._board_on, self._board_note = tensorboard_wanted(cfg.train.log.tensorboard)
         in_ch, out_ch = model_channels(cfg.data)
-        torch.manual_seed(step_seed(cfg.train.seed, 0, _STREAM_INIT))  # same seed, same initial weights
+        torch.manual_seed(step_seed(cfg.train.seed, 0, STREAM_INIT))  # same seed, same initial weights
         self.model = build_model(cfg.model, in_ch, out_ch).to(self.device)  # before the (slow) data
         self.model_record = model_record(cfg.model, in_ch, out_ch)  # model.json, and each checkpoint's metadata
         self.prepared: PreparedData | None = None
@@ -196,7 +176,7 @@ class Trainer:
 
     def _inputs(self, step: int) -> dict[str, Tensor | None]:
         target, source, position = step_batch(self.data, step)  # position: for coordinate channels
-        gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, _STREAM_NOISE))
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.train.seed, step, STREAM_NOISE))
         noise = torch.randn(target.shape, generator=gen)
         timesteps = sample_timesteps(self.scheduler, target.shape[0], gen, tuple(target.shape[2:]))
         # Every process draws the whole global batch from (seed, step) and keeps its own share.
@@ -213,7 +193,7 @@ class Trainer:
         """Run optimisation step ``step`` (0-based); non-finite loss or gradients skip the update."""
         b = batch if batch is not None else self._inputs(step)
         tc = self.cfg.train
-        torch.manual_seed(step_seed(tc.seed, step, _STREAM_TORCH))  # dropout etc.
+        torch.manual_seed(step_seed(tc.seed, step, STREAM_TORCH))  # dropout etc.
         lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else tc.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -248,75 +228,6 @@ class Trainer:
             self.optimizer.step()
         self.ema.update(self.model)
         return StepResult(loss_value, grad_norm, False)
-
-    # ------------------------------------------------------------------------------------ guards
-
-    def _diagnose(self, step: int) -> str:
-        b = self._inputs(step)
-        torch.manual_seed(step_seed(self.cfg.train.seed, step, _STREAM_TORCH))
-
-        def loss_and_backward() -> Tensor:
-            loss = self.pipeline.loss(b, self.model)
-            loss.backward()
-            return loss
-
-        message = diagnose_nonfinite(self.model, b, lambda: self.pipeline.forward(b, self.model), loss_and_backward)
-        found = self.dist.gather(message)  # each process diagnosed its own share of the batch
-        if len(set(found)) > 1:
-            message = "; ".join(f"process {rank}: {m}" for rank, m in enumerate(found))
-        return message
-
-    def _guard_nonfinite(self, step: int, result: StepResult) -> None:
-        """Count skipped steps; stop with a diagnosis after ``train.nonfinite_patience`` in a row."""
-        if not result.skipped:
-            self.nonfinite_streak = 0
-            self.last_loss = result.loss
-            return
-        # An fp16 overflow at a loss scale > 1 is the scaler probing its range, not a fault.
-        self.nonfinite_streak += 0 if result.overflow else 1
-        self.skipped_total += 1
-        record = {**self._record(result), "skipped": True, **({"overflow": True} if result.overflow else {})}
-        self.log.write(record)
-        if self.dist.is_main and result.overflow:
-            tqdm.write(f"idm3d: warning: step {self.step}: fp16 gradient overflow, update skipped "
-                       f"(loss scale lowered to {self.scaler.get_scale():g})", file=sys.stderr)
-        elif self.dist.is_main:
-            tqdm.write(f"idm3d: warning: step {self.step}: non-finite loss/gradient, update skipped "
-                       f"({self.nonfinite_streak} in a row)", file=sys.stderr)
-        patience = self.cfg.train.nonfinite_patience
-        if self.nonfinite_streak >= patience:
-            raise NonFiniteError(
-                f"{self.nonfinite_streak} steps in a row (up to step {self.step}) had a non-finite loss or "
-                f"gradient (train.nonfinite_patience={patience}); {self._diagnose(step)}"
-            )
-
-    def _drift_check(self, step: int) -> dict[str, float] | None:
-        check = getattr(self.model, "reconstruction_error", None)
-        if check is None:
-            return None
-        b = self._inputs(step)
-        errors = {k: float(v) for k, v in check(self.pipeline.noisy_input(b), b["timesteps"], None).items()}
-        if self.dist.enabled:  # each process checked its own share; all must take the same decision
-            errors = dict(zip(errors, self.dist.max([v if np.isfinite(v) else float("inf") for v in errors.values()])))
-        msg = drift_verdict(errors, self.cfg.train.drift_threshold, step + 1)
-        if msg is not None:
-            if self.cfg.train.drift_action == "stop":
-                self.log.write({"step": step + 1, **drift_fields(errors), "drift_stop": True})
-                raise IDM3DError(msg)
-            if self.dist.is_main:
-                tqdm.write(f"idm3d: warning: {msg}", file=sys.stderr)
-        return errors
-
-    def _guard_drift(self, step: int, record: dict[str, Any]) -> None:
-        """After the run's first step and every ``train.drift_check_every`` steps: the core's rebuild errors.
-
-        The first step is checked too, so a broken inverse shows at once, not ``drift_check_every`` steps on.
-        """
-        every = self.cfg.train.drift_check_every
-        if every and (self.step % every == 0 or step == self._first_step):
-            errors = self._drift_check(step)
-            if errors:
-                record.update(drift_fields(errors))
 
     # ------------------------------------------------------------------------------------ loop
 
