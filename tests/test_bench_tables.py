@@ -23,7 +23,7 @@ def test_the_marked_blocks_are_regenerated_from_the_json():
         content = (ROOT / name).read_text()
         block = content.split(begin, 1)[1].split(end, 1)[0]
         assert text.strip(), name
-        assert block.strip() == text.strip(), f"{name}: run PYTHONPATH=src python benchmarks/tables.py"
+        assert block.strip() == text.strip(), f"{name}: run PYTHONPATH=src python -m benchmarks.tables"
 
 
 def test_every_table_names_the_command_that_wrote_its_file():
