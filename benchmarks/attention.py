@@ -12,7 +12,7 @@ volume size and channel count, each configuration in a fresh process (see
   width, only up to ``--monai-max-tokens`` voxels (its attention matrix is quadratic in them).
 
 The channel variant runs at ``--sizes``, the spatial one at ``--spatial-sizes``.
-Run as ``python -m benchmarks.attention`` or ``python -m benchmarks.attention``.
+Run as ``python -m benchmarks.attention``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks.step_report import add_step_arguments, check_counts, report, step_columns, step_config
 from idm3d.bench.harness import (
     Column,
     add_common_arguments,
-    emit,
     machine_info,
-    machine_markdown,
-    markdown_table,
     measure_training_step,
     parse_sizes,
     progress,
@@ -39,7 +37,7 @@ from idm3d.bench.harness import (
     resolve_device,
     run_config,
 )
-from idm3d.errors import ConfigError, IDM3DError
+from idm3d.errors import ConfigError
 
 __all__ = ["AttentionStack", "add_arguments", "build_model", "child", "main", "run"]
 
@@ -152,23 +150,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=1, help="attention heads (default 1)")
     parser.add_argument("--depth", type=int, default=4, help="stacked attention layers (default 4)")
     parser.add_argument("--emb-dim", type=int, default=64, help="conditioning vector size (default 64)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument(
         "--monai-max-tokens", type=int, default=4096, help="largest D*H*W for the MONAI block (default 4096)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    add_step_arguments(parser)
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of step time and memory per size")
     add_common_arguments(parser, timeout_s=600.0)
 
 
 def _configs(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    for name in ("heads", "depth", "emb_dim", "batch", "repeats", "monai_max_tokens"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup: expected an integer >= 0, got {args.warmup}")
+    check_counts(args, ("heads", "depth", "emb_dim", "batch", "repeats", "monai_max_tokens"))
     channels = _int_list(args.channels, "--channels")
     if any(c % args.heads for c in channels):
         raise ConfigError(f"--channels: every count must be divisible by --heads {args.heads}, got {args.channels}")
@@ -183,12 +174,7 @@ def _configs(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         "heads": args.heads,
         "depth": args.depth,
         "emb_dim": args.emb_dim,
-        "batch": args.batch,
-        "device": device,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "threads": args.threads,
-        "count_flops": not args.no_flops,
+        **step_config(args, device),
     }
     configs = []
     for variant in variants:
@@ -239,11 +225,7 @@ COLUMNS = (
     Column("mode", "mode"),
     Column("size", "size"),
     Column("channels", "C"),
-    Column("status", "status"),
-    Column("parameters", "params", ","),
-    Column("peak_growth_mib", "peak growth (MiB)", ".1f"),
-    Column("step_s", "step (s)", ".4f"),
-    Column("gflops", "GFLOP/step", ".2f"),
+    *step_columns(".4f", ".2f"),
     Column("growth_ratio_vs_plain", "growth / plain", ".2f"),
     Column("time_ratio_vs_plain", "time / plain", ".2f"),
 )
@@ -261,8 +243,6 @@ def run(args: argparse.Namespace) -> int:
         )
         rows.append(run_config("benchmarks.attention:child", config, timeout_s=args.timeout))
     _add_ratios(rows)
-    for r in rows:
-        r["machine"] = info
     title = (
         f"## python -m benchmarks.attention: {args.depth} layers, {args.heads} head(s), batch {args.batch}, "
         "one training step (forward + backward)"
@@ -272,10 +252,10 @@ def run(args: argparse.Namespace) -> int:
         for r in rows
         if r.get("status") != "ok"
     ]
-    emit(rows, "\n".join([title, "", machine_markdown(info), "", markdown_table(rows, COLUMNS), "", *notes]), args)
+    status = report(rows, args, info, COLUMNS, [title], notes)
     if args.plot is not None:
         progress(f"bench attention: wrote {_plot(rows, args.plot)}")
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+    return status
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -312,14 +292,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point (``python -m benchmarks.attention``)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except IDM3DError as err:
-        print(f"idm3d: error: {err}", file=sys.stderr)
-        return 2
+    from benchmarks import main as lab
+
+    return lab(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

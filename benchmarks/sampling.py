@@ -19,13 +19,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.step_report import report
 from idm3d.bench.harness import (
     Column,
     add_common_arguments,
-    emit,
     machine_info,
-    machine_markdown,
-    markdown_table,
     measure_training_step,
     parse_sizes,
     progress,
@@ -124,18 +122,17 @@ def run(args: argparse.Namespace) -> int:
         row = run_config("benchmarks.sampling:child", config, timeout_s=args.timeout)
         if isinstance(row.get("step_s"), (int, float)):
             row["us_per_voxel"] = row["step_s"] / size**3 * 1e6
-        row["machine"] = info
         rows.append(row)
     what = f"run {args.run}" if args.run else f"the network of {source['config']} with coordinate channels (untrained)"
-    text = "\n".join([
+    head = [
         "# Whole-volume sampling: one DDIM reverse step per cube edge", "",
-        f"Network: {what}; one pass over the whole grid (no sliding window), torch.no_grad, batch 1.", "",
-        machine_markdown(info), "", markdown_table(rows, COLUMNS), "",
+        f"Network: {what}; one pass over the whole grid (no sliding window), torch.no_grad, batch 1.",
+    ]
+    notes = [
         "Peak growth: memory above what the process held before the step (RSS on CPU). A chain of S DDIM steps "
         "costs about S x the steady step.", "",
-    ])
-    emit(rows, text, args)
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
+    ]
+    return report(rows, args, info, COLUMNS, head, notes)
 
 
 if __name__ == "__main__":

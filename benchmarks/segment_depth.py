@@ -16,13 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks.step_report import add_step_arguments, check_counts, report, step_columns, step_config
 from idm3d.bench.harness import (
     Column,
     add_common_arguments,
-    emit,
     machine_info,
-    machine_markdown,
-    markdown_table,
     measure_training_step,
     progress,
     ratio,
@@ -83,22 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="cube edge length (default 64)")
     parser.add_argument("--channels", type=int, default=32, help="feature channels (default 32)")
     parser.add_argument("--emb-dim", type=int, default=128, help="conditioning vector size (default 128)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (default 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    add_step_arguments(parser)
     add_common_arguments(parser)
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("blocks", "size", "channels", "emb_dim", "batch", "repeats"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {value}")
+    check_counts(args, ("blocks", "size", "channels", "emb_dim", "batch", "repeats"))
     if args.channels < 2:
         raise ConfigError(f"--channels: a coupling needs at least 2 channels, got {args.channels}")
-    if args.warmup < 0:
-        raise ConfigError(f"--warmup: expected an integer >= 0, got {args.warmup}")
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -115,11 +105,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 COLUMNS = (
     Column("mode", "mode"),
     Column("blocks", "blocks"),
-    Column("status", "status"),
-    Column("parameters", "params", ","),
-    Column("peak_growth_mib", "peak growth (MiB)", ".1f"),
-    Column("step_s", "step (s)", ".3f"),
-    Column("gflops", "GFLOP/step", ".1f"),
+    *step_columns(".3f", ".1f"),
     Column("time_ratio_vs_plain", "time / plain", ".2f"),
     Column("growth_ratio_vs_plain", "growth / plain", ".2f"),
     Column("growth_ratio_vs_n", "growth / growth(N)", ".2f"),
@@ -141,12 +127,7 @@ def run(args: argparse.Namespace) -> int:
                 "size": args.size,
                 "channels": args.channels,
                 "emb_dim": args.emb_dim,
-                "batch": args.batch,
-                "device": device,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "threads": args.threads,
-                "count_flops": not args.no_flops,
+                **step_config(args, device),
             }
             progress(f"bench core: {mode}, {blocks} blocks, {args.size}^3 ...")
             rows.append(run_config("benchmarks.segment_depth:child", config, timeout_s=args.timeout))
@@ -154,21 +135,16 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if isinstance(r.get("flops"), (int, float)):
             r["gflops"] = r["flops"] / 1e9
-        r["machine"] = info
-    emit(rows, _markdown(rows, args, info), args)
-    return 0 if all(r.get("status") == "ok" for r in rows) else 1
-
-
-def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, Any]) -> str:
-    out = [
+    title = (
         f"## segment depth: {args.blocks} vs {2 * args.blocks} couplings, {args.channels} channels, "
-        f"{args.size}^3, batch {args.batch}",
-        "",
-        machine_markdown(info),
-        "",
-        markdown_table(rows, COLUMNS),
-        "",
-    ]
+        f"{args.size}^3, batch {args.batch}"
+    )
+    return report(rows, args, info, COLUMNS, [title], _notes(rows, args))
+
+
+def _notes(rows: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The ratios the study is about, then each configuration that failed."""
+    out = []
     by_key = {(r["mode"], r["blocks"]): r for r in rows}
     for blocks in (args.blocks, 2 * args.blocks):
         t = by_key[("memory_efficient", blocks)].get("time_ratio_vs_plain")
@@ -179,7 +155,7 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[s
     for r in rows:
         if r.get("status") != "ok":
             out.append(f"- {r['mode']} {r['blocks']} blocks failed: {r.get('status')}: {r.get('error')}")
-    return "\n".join(out)
+    return out
 
 
 def _fmt(value: float | None) -> str:
