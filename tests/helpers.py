@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -95,15 +96,38 @@ def perturb(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
 TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 
 
-def tiny_run_config(data: dict, train: dict | None = None, sample: dict | None = None) -> dict:
-    """A config of a few-step run of :data:`TINY_IDM` on 16^3 patches (``data`` holds root, task, modalities)."""
+def tiny_run_config(
+    data: dict,
+    train: dict | None = None,
+    sample: dict | None = None,
+    *,
+    diffusion: dict | None = None,
+    model_kwargs: dict | None = None,
+) -> dict:
+    """A config of a few-step run of :data:`TINY_IDM` on 16^3 patches (``data`` holds root, task, modalities).
+
+    ``train``, ``sample`` and ``diffusion`` update the section's tiny defaults; ``model_kwargs`` replaces
+    :data:`TINY_IDM` (a copy goes into the config, so a test editing it changes no other test).
+    """
     return {
         "data": {"patch_size": [16, 16, 16], "test_fraction": 0.34, **data},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
+        "model": {"name": "idm", "kwargs": dict(TINY_IDM if model_kwargs is None else model_kwargs)},
+        "diffusion": {"num_train_timesteps": 50, **(diffusion or {})},
         "train": {"max_steps": 3, "checkpoint_every": 2, "log_every": 1, "progress": False, **(train or {})},
         "sample": {"steps": 2, **(sample or {})},
     }
+
+
+def t1_to_t2(root: Path | None, **data) -> dict:
+    """The ``data`` section of a t1 -> t2 translation of the phantom folder ``root`` (``None``: the demo data)."""
+    return {"root": None if root is None else str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
+            **data}
+
+
+def torchrun_command() -> list[str]:
+    """This environment's torchrun: its script, else ``python -m torch.distributed.run``."""
+    script = Path(sys.executable).parent / "torchrun"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @contextlib.contextmanager

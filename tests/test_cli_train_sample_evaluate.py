@@ -13,21 +13,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import BRATS_AFFINE, torch_threads, write_brats_folder
+from helpers import BRATS_AFFINE, TINY_IDM, t1_to_t2, tiny_run_config, torch_threads, write_brats_folder
 from idm3d.cli.main import main
-
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 
 
 def _config(root: Path, **train) -> dict:
-    return {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 3, "checkpoint_every": 2, "log_every": 1, "progress": False, **train},
-        "sample": {"steps": 2},
-    }
+    return tiny_run_config(t1_to_t2(root), train)
 
 
 @pytest.fixture(autouse=True)

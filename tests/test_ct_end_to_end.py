@@ -10,14 +10,13 @@ import torch
 import yaml
 
 from ct_fixtures import BONE, ct_phantom, write_ct_folder, write_dicom_series, write_itk
-from helpers import torch_threads
+from helpers import tiny_run_config, torch_threads
 from idm3d.cli.main import main
 from idm3d.data.preprocess import PreprocessConfig, preprocess_case
 from idm3d.data.readers import load_image, save_image
 from idm3d.errors import ConfigError
 from idm3d.runs.config import load_config
 
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 SHAPE = (24, 20, 12)
 
 
@@ -35,14 +34,9 @@ def _run(capsys, *argv: object) -> tuple[int, str, str]:
 
 
 def _config(root: Path, **data) -> dict:
-    return {
-        "data": {"root": str(root), "targets": ["ct"], "intensity": "ct", "patch_size": [8, 8, 8],
-                 "test_fraction": 0.25, **data},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 20},
-        "train": {"max_steps": 2, "checkpoint_every": 2, "log_every": 1, "progress": False},
-        "sample": {"steps": 2},
-    }
+    data = {"root": str(root), "targets": ["ct"], "intensity": "ct", "patch_size": [8, 8, 8], "test_fraction": 0.25,
+            **data}
+    return tiny_run_config(data, {"max_steps": 2}, diffusion={"num_train_timesteps": 20})
 
 
 def test_round_trip_read_preprocess_inverse_write_read(tmp_path: Path):

@@ -12,7 +12,7 @@ import torch
 import yaml
 from sklearn.linear_model import LogisticRegression
 
-from helpers import write_brats_folder, write_volume
+from helpers import tiny_run_config, write_brats_folder, write_volume
 from idm3d.cli.main import main
 from idm3d.data.nifti import load_volume, save_volume
 from idm3d.data.preprocess import preprocess_case
@@ -25,16 +25,12 @@ from idm3d.errors import ConfigError
 from idm3d.runs.data_source import preprocess_config
 from idm3d.runs.load import build_scheduler, load_run
 
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 SHAPE = (24, 24, 24)
 
 
 def _config(root: Path, task: str = "translate") -> dict:
-    data = {"root": str(root), "task": task, "sources": ["t1"] if task == "translate" else [], "targets": ["t2"],
-            "patch_size": [16, 16, 16], "test_fraction": 0.34}
-    return {"data": data, "model": {"name": "idm", "kwargs": TINY_IDM}, "diffusion": {"num_train_timesteps": 50},
-            "train": {"max_steps": 3, "checkpoint_every": 3, "log_every": 1, "progress": False},
-            "sample": {"steps": 2}}
+    data = {"root": str(root), "task": task, "sources": ["t1"] if task == "translate" else [], "targets": ["t2"]}
+    return tiny_run_config(data, {"checkpoint_every": 3})
 
 
 def _train(base: Path, task: str) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers import write_brats_folder
+from helpers import t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
 from idm3d.cli.main import build_parser, main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.runs.checkpoint import list_checkpoints
@@ -146,28 +146,16 @@ def test_nproc_reruns_the_same_command_through_torchrun():
         distributed.launcher_argv(0, ["train"])
 
 
-def _torchrun() -> list[str]:
-    script = Path(sys.executable).parent / "torchrun"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_rank0_writes_and_resume_matches_one_process(tmp_path: Path, capfd):
     root = write_brats_folder(tmp_path / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
-    cfg = {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "batch_size": 2, "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-3, "seed": 3, "device": "cpu",
-                  "progress": True},
-        "sample": {"steps": 2},
-    }
+    options = {"max_steps": 2, "checkpoint_every": 1, "lr": 1e-3, "seed": 3, "device": "cpu", "progress": True}
+    cfg = tiny_run_config(t1_to_t2(root, batch_size=2), options, model_kwargs=TINY_IDM)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "idm3d", "train",
+    done = subprocess.run([*torchrun_command(), "--standalone", "--nproc_per_node", "2", "-m", "idm3d", "train",
                            "--config", str(cfg_path), "--out", str(run)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

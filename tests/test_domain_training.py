@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers import write_brats_folder
+from helpers import t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
 from idm3d.errors import ConfigError
 from idm3d.runs.checkpoint import list_checkpoints
 from idm3d.runs.config import config_from_dict
@@ -96,28 +96,16 @@ def test_domain_parallel_refuses_what_it_cannot_split():
         ctx_odd.wrap(IDMUNet(channels=4))
 
 
-def _torchrun() -> list[str]:
-    script = Path(sys.executable).parent / "torchrun"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 @pytest.mark.slow
 def test_torchrun_domain_parallel_checkpoints_resumes_and_matches_one_process(tmp_path: Path):
     root = write_brats_folder(tmp_path / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
-    cfg = {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "batch_size": 2, "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 2, "checkpoint_every": 1, "log_every": 1, "lr": 1e-3, "seed": 3, "device": "cpu",
-                  "progress": False},
-        "sample": {"steps": 2},
-    }
+    options = {"max_steps": 2, "checkpoint_every": 1, "lr": 1e-3, "seed": 3, "device": "cpu"}
+    cfg = tiny_run_config(t1_to_t2(root, batch_size=2), options, model_kwargs=TINY_IDM)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    base = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "idm3d", "train"]
+    base = [*torchrun_command(), "--standalone", "--nproc_per_node", "2", "-m", "idm3d", "train"]
     done = subprocess.run([*base, "--config", str(cfg_path), "--out", str(run), "--set", "train.domain_parallel=2"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,12 +13,10 @@ import torch
 import yaml
 
 import idm3d
-from helpers import torch_threads, write_brats_folder
+from helpers import t1_to_t2, tiny_run_config, torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.diffusion.detection import FEATURE_NAMES, detection_features
 from idm3d.diffusion.solvers import FlowSolver
-
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 
 
 @pytest.fixture(autouse=True)
@@ -32,15 +30,11 @@ def flow_run(tmp_path_factory) -> tuple[Path, Path]:
     """(data folder, run folder) of a 3-step rflow translation run (EMA, previews) trained through the CLI."""
     base = tmp_path_factory.mktemp("flow")
     root = write_brats_folder(base / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
-    cfg = {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"kind": "rflow", "num_train_timesteps": 100, "sample_method": "logit-normal",
-                      "use_timestep_transform": True, "base_img_size_numel": 8 * 8 * 8},
-        "train": {"max_steps": 3, "checkpoint_every": 2, "log_every": 1, "progress": False},
-        "sample": {"sampler": "heun", "steps": 3},
-    }
+    cfg = tiny_run_config(
+        t1_to_t2(root), sample={"sampler": "heun", "steps": 3},
+        diffusion={"kind": "rflow", "num_train_timesteps": 100, "sample_method": "logit-normal",
+                   "use_timestep_transform": True, "base_img_size_numel": 8 * 8 * 8},
+    )
     (base / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     with torch_threads(1):
         assert main(["train", "--config", str(base / "cfg.yaml"), "--out", str(base / "run")]) == 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import torch_threads, write_brats_folder
+from helpers import tiny_run_config, torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.nets.idm_unet import IDMUNet
@@ -36,14 +36,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _config(root: Path, **train) -> dict:
-    return {
-        "data": {"root": str(root), "targets": ["t1"], "patch_size": [16, 16, 16], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 4, "checkpoint_every": 2, "log_every": 1, "lr": 1e-3, "progress": False,
-                  "device": "cpu", "seed": 1, **train},
-        "sample": {"steps": 2},
-    }
+    train = {"max_steps": 4, "lr": 1e-3, "device": "cpu", "seed": 1, **train}
+    return tiny_run_config({"root": str(root), "targets": ["t1"]}, train, model_kwargs=TINY_IDM)
 
 
 # ------------------------------------------------------------------------------------------ options

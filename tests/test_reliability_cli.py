@@ -24,28 +24,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import BRATS_AFFINE, phantom, write_brats_folder, write_volume
+from helpers import BRATS_AFFINE, phantom, t1_to_t2, tiny_run_config, write_brats_folder, write_volume
 from idm3d.cli.main import main
 from idm3d.errors import CheckpointError
 from idm3d.runs.checkpoint import list_checkpoints, load_checkpoint
 from idm3d.runs.logs import read_metrics
 
 SRC = Path(__file__).parents[1] / "src"
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
 SHAPE = (16, 16, 16)
 CASE = "BraTS20_Training_001"
 
 
 def make_config(root: Path, **train) -> dict:
     """Translation t1 -> t2, 8^3 patches of 16^3 phantoms, an 8-channel two-level IDMUNet, T = 50."""
-    return {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [8, 8, 8], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": dict(TINY_IDM)},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 2, "checkpoint_every": 1, "log_every": 1, "progress": False, "lr": 1e-3, **train},
-        "sample": {"steps": 2},
-    }
+    options = {"max_steps": 2, "checkpoint_every": 1, "lr": 1e-3, **train}
+    return tiny_run_config(t1_to_t2(root, patch_size=[8, 8, 8]), options)
 
 
 def write_config(path: Path, cfg: dict) -> Path:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import write_brats_folder
+from helpers import t1_to_t2, tiny_run_config, write_brats_folder
 from idm3d.runs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from idm3d.runs.logs import read_metrics
 
@@ -30,15 +30,7 @@ TIMEOUT = 90.0
 
 
 def _config(root: Path) -> dict:
-    return {
-        "data": {"root": str(root), "task": "translate", "sources": ["t1"], "targets": ["t2"],
-                 "patch_size": [16, 16, 16], "test_fraction": 0.34},
-        "model": {"name": "idm", "kwargs": {"channels": 8, "levels": 2, "blocks_per_level": 1,
-                                            "attention_levels": [False, False]}},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": MAX_STEPS, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 1,
-                  "progress": False, "seed": 11, "lr": 1e-3},
-    }
+    return tiny_run_config(t1_to_t2(root), {"max_steps": MAX_STEPS, "keep_checkpoints": 2, "seed": 11, "lr": 1e-3})
 
 
 class Training:

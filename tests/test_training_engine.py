@@ -10,28 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import torch_threads, write_brats_folder
+from helpers import TINY_IDM, t1_to_t2, tiny_run_config, torch_threads, write_brats_folder
 from idm3d.errors import DataError, IDM3DError, NonFiniteError
 from idm3d.runs.checkpoint import latest_checkpoint, list_checkpoints
 from idm3d.runs.config import Config, config_from_dict
 from idm3d.runs.logs import read_metrics
 from idm3d.training.trainer import Trainer, train
 
-TINY_IDM = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
-
 
 def tiny_config(root: Path | None, **sections) -> Config:
     """A translation t1 -> t2 run small enough for a CPU test (16^3 patches, 8 channels, T=50)."""
-    data = {"root": None if root is None else str(root), "task": "translate", "sources": ["t1"],
-            "targets": ["t2"], "patch_size": [16, 16, 16], "batch_size": 1, "test_fraction": 0.34}
-    base = {
-        "data": data,
-        "model": {"name": "idm", "kwargs": dict(TINY_IDM)},
-        "diffusion": {"num_train_timesteps": 50},
-        "train": {"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 3, "log_every": 1, "lr": 1e-3,
-                  "progress": False, "seed": 3},
-        "sample": {"steps": 3},
-    }
+    options = {"max_steps": 4, "keep_checkpoints": 3, "lr": 1e-3, "seed": 3}
+    base = tiny_run_config(t1_to_t2(root, batch_size=1), options, {"steps": 3})
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return config_from_dict(base)

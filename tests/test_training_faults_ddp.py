@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_run_config, write_brats_folder
+from helpers import tiny_run_config, torchrun_command, write_brats_folder
 from idm3d.runs.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from idm3d.runs.logs import read_metrics
 
@@ -29,11 +28,6 @@ TIMEOUT = 240.0
 SRC = str(Path(__file__).parents[1] / "src")
 
 
-def _torchrun() -> list[str]:
-    script = Path(sys.executable).parent / "torchrun"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-
-
 class Job:
     """``torchrun --standalone --nproc_per_node 2 [--max-restarts N] -m idm3d train ... --resume auto``."""
 
@@ -41,7 +35,7 @@ class Job:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
         self.err = run.parent / f"{run.name}-{time.monotonic_ns()}.err"
-        cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
+        cmd = [*torchrun_command(), "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
                "-m", "idm3d", "train", "--config", str(cfg), "--out", str(run), "--resume", "auto", *extra]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.err, "w"))  # noqa: SIM115
