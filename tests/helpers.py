@@ -124,6 +124,20 @@ def t1_to_t2(root: Path | None, **data) -> dict:
             **data}
 
 
+def train_tiny_run(base: Path, train: dict | None = None, sample: dict | None = None) -> Path:
+    """Train a :func:`tiny_run_config` t1 -> t2 run of three 24^3 phantom cases (``base/data``) into ``base/run``.
+
+    In-process, on one torch thread; ``train`` and ``sample`` update the tiny defaults. Returns the run folder.
+    """
+    from idm3d.runs.config import config_from_dict
+    from idm3d.training.trainer import train as train_run
+
+    root = write_brats_folder(base / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
+    cfg = config_from_dict(tiny_run_config(t1_to_t2(root), train, sample))
+    with torch_threads(1):
+        return train_run(cfg, base / "run")
+
+
 def torchrun_command() -> list[str]:
     """This environment's torchrun: its script, else ``python -m torch.distributed.run``."""
     script = Path(sys.executable).parent / "torchrun"

@@ -14,26 +14,13 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from safetensors.torch import load_file
 
 import idm3d
-from helpers import write_brats_folder
+from helpers import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("api")
-    root = write_brats_folder(base / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
-    cfg = idm3d.load_config(None, [
-        f"data.root={root}", "data.task=translate", "data.sources=[t1]", "data.targets=[t2]",
-        "data.patch_size=[16,16,16]", "data.test_fraction=0.34", "model.kwargs={channels: 8, levels: 2, "
-        "blocks_per_level: 1, attention_levels: [false, false]}", "diffusion.num_train_timesteps=50",
-        "train.max_steps=3", "train.checkpoint_every=3", "train.progress=false", "train.log.tensorboard=false",
-        "sample.steps=2", "sample.sampler=ddim",
-    ])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return idm3d.train(cfg, base / "run")
-    finally:
-        torch.set_num_threads(threads)
+    return train_tiny_run(base, {"checkpoint_every": 3, "log": {"tensorboard": False}}, {"sampler": "ddim"})
 
 
 def _weights(run_dir: Path, prefix: str) -> dict[str, torch.Tensor]:

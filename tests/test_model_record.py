@@ -13,31 +13,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import idm3d
-from helpers import write_brats_folder
+from helpers import TINY_IDM, train_tiny_run
 from idm3d.errors import CheckpointError
 from idm3d.runs import checkpoint as ckpt
 from idm3d.runs.config import ModelConfig
 from idm3d.runs.model_factory import MODEL_FORMAT, build_model, model_record
 
-TINY = {"channels": 8, "levels": 2, "blocks_per_level": 1, "attention_levels": [False, False]}
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("record")
-    root = write_brats_folder(base / "data", n_cases=3, shape=(24, 24, 24), modalities=("t1", "t2"))
-    cfg = idm3d.load_config(None, [
-        f"data.root={root}", "data.task=translate", "data.sources=[t1]", "data.targets=[t2]",
-        "data.patch_size=[16,16,16]", "data.test_fraction=0.34", f"model.kwargs={json.dumps(TINY)}",
-        "diffusion.num_train_timesteps=50", "train.max_steps=2", "train.checkpoint_every=2", "train.progress=false",
-        "train.log.tensorboard=false", "sample.steps=2",
-    ])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return idm3d.train(cfg, base / "run")
-    finally:
-        torch.set_num_threads(threads)
+    return train_tiny_run(base, {"max_steps": 2, "log": {"tensorboard": False}})
 
 
 def _weights(run: Path) -> Path:
@@ -63,7 +49,7 @@ def test_model_json_holds_the_registry_name_and_every_constructor_argument(run_d
     assert record["class"] == "IDMUNet"
     kwargs = record["kwargs"]
     assert {"spatial_dims": 3, "in_channels": 2, "out_channels": 1}.items() <= kwargs.items()
-    assert {k: kwargs[k] for k in TINY} == TINY
+    assert {k: kwargs[k] for k in TINY_IDM} == TINY_IDM
     assert kwargs["resample"] == "cayley"
     assert kwargs["down_fraction"] == 0.25
     run = idm3d.load_run(run_dir, device="cpu")
@@ -179,7 +165,7 @@ def test_the_monai_baseline_has_a_record_too():
 
 
 def test_idm_unet_config_rebuilds_the_same_architecture():
-    net = idm3d.IDMUNet(in_channels=3, **TINY)
+    net = idm3d.IDMUNet(in_channels=3, **TINY_IDM)
     again = type(net)(**net.config)
     assert net.config == again.config
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in again.state_dict().items()}
