@@ -55,11 +55,18 @@ class DomainChannelAttention3d(ChannelAttention3d):
         return gains, split, passing
 
     def _passing_gram(self, x: Tensor, passing: Tensor) -> Tensor:
-        kept = replayed(self)  # a rebuild: the volume's Gram from forward (a fresh leaf over it)
-        return kept.detach() if kept is not None else super()._passing_gram(x, passing)
+        kept = replayed(self)
+        # a rebuild (the analytic backward, which carries dL/dG to x itself): the volume's Gram from
+        # forward, a fresh tensor over it; a graph through x (the module called inside another
+        # sub-network's rebuild) needs the local sum
+        if kept is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            return kept.detach()
+        return super()._passing_gram(x, passing)
 
     def _from_gram(self, gram: Tensor, gains: Gains) -> Tensor:
-        if replayed(self) is not None:  # gram is the volume's already: only its gradient is summed
+        kept = replayed(self)
+        if kept is not None and gram.data_ptr() == kept.data_ptr():
+            # the volume's Gram already (from _passing_gram): only its gradient is summed
             return super()._from_gram(grad_sum(gram, self._domain_key), gains)
         # this rank's sum over its voxels -> the volume's; the backward sums the partial dL/dG
         total = all_reduce_sum(gram, self._domain_key, "stats")
