@@ -2,7 +2,8 @@
 
 Each worker builds the default IDMUNet at small width (levels 4, two couplings per level, attention on
 the two lowest levels) in fp64, computes the unsharded forward and backward itself, then the sharded
-ones on its depth slices, and writes the differences; the test process judges them.
+ones on its depth slices, and writes the differences; the test process judges them. It also counts the
+collectives by kind in forward and in backward, against the counts stated from the net's structure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch.multiprocessing as mp
 
 from helpers import perturb
 from idm3d.domain import COUNTER, check_shard_depth, gather_depth, halo_bytes, scatter_depth, shard, sync_gradients
-from idm3d.domain.comm import Domain, local_slices
+from idm3d.domain.attention import DomainChannelAttention3d, DomainSpatialAttention3d
+from idm3d.domain.comm import CALLS, Domain, local_slices
+from idm3d.domain.norm import DomainGroupNorm
 from idm3d.nets.idm_unet import IDMUNet
 
 EDGE = 8  # height and width; the shard depth is 8 = 2 ** (levels - 1) as well
@@ -34,6 +37,30 @@ def _net(attention: str, memory_efficient: bool) -> IDMUNet:
 
 def _rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     return float((a - b).detach().abs().max()) / scale
+
+
+def _stated_calls(net: IDMUNet, memory_efficient: bool) -> dict[str, dict[str, int]]:
+    """The collectives of one forward and one backward by kind, from the sharded net's layers.
+
+    Forward: one "stats" collective per GroupNorm (statistics), channel attention (Gram) and spatial
+    attention (gathered map). Backward: one all-reduce of gradient sums per GroupNorm and channel
+    attention, and per spatial attention its output gradient's gather (memory-efficient) or the
+    all-reduce of the gathered map's gradient (plain autograd). Memory-efficient, the core's node
+    replays the statistics its ops and head kept, so the rebuild sends none: only the stem's
+    checkpoint recomputation (outside the node) gathers its statistics again.
+    """
+    def count(module: torch.nn.Module, *classes: type) -> int:
+        return sum(isinstance(m, classes) for m in module.modules())
+
+    stat_layers = (DomainGroupNorm, DomainChannelAttention3d, DomainSpatialAttention3d)
+    spatial = count(net, DomainSpatialAttention3d)
+    reduce = count(net, DomainGroupNorm, DomainChannelAttention3d) + (0 if memory_efficient else spatial)
+    backward = {"stats": count(net.stem, *stat_layers) if memory_efficient else 0, "reduce": reduce,
+                "gather": spatial if memory_efficient else 0}
+    stated = {"forward": {"stats": count(net, *stat_layers)}, "backward": backward}
+    if memory_efficient:
+        stated["kept"] = {"stats": count(net.core, *stat_layers) + count(net.head, *stat_layers)}
+    return stated
 
 
 def _case(attention: str, memory_efficient: bool, group: dist.ProcessGroup | None) -> dict[str, float]:
@@ -53,8 +80,14 @@ def _case(attention: str, memory_efficient: bool, group: dist.ProcessGroup | Non
     shard(net, group)
     x_loc = scatter_depth(x, group, multiple=net.size_multiple).requires_grad_(True)
     COUNTER.clear()
+    CALLS.clear()
     out = net(x_loc, t)
+    calls = {"forward": {k: v for k, v in CALLS.items() if k != "halo"}}
+    CALLS.clear()
     (out * scatter_depth(weight, group)).sum().backward()  # the volume's sum: each rank's part of it
+    calls["backward"] = {k: v for k, v in CALLS.items() if k != "halo"}
+    if memory_efficient:  # what the core's node kept = what its rebuild did not send again
+        calls["kept"] = {"stats": calls["forward"]["stats"] - calls["backward"].get("stats", 0)}
     halo = COUNTER["halo"]
     sync_gradients(net, group)
     grads = {n: p.grad for n, p in ref.named_parameters()}
@@ -78,6 +111,8 @@ def _case(attention: str, memory_efficient: bool, group: dist.ProcessGroup | Non
         "round_trip": _rel(back, h, float(h.abs().max())),
         "halo": halo,
         "halo_expected": expected,
+        "calls": calls,
+        "calls_expected": _stated_calls(net, memory_efficient),
     }
 
 
@@ -116,6 +151,10 @@ def test_sharded_idmunet_equals_the_unsharded_one_on_2_and_4_ranks(tmp_path: Pat
                     assert r[name] <= 1e-10, (size, rank, case, name, r[name])
                 # the halo bytes sent equal the figure stated from the shapes
                 assert r["halo"] == r["halo_expected"] > 0, (size, rank, case, r)
+                # the collectives, by kind, equal those stated from the layers: memory-efficient, the
+                # rebuild in backward sends no forward statistic (the node replays what it kept)
+                expected = {k: {n: c for n, c in v.items() if c} for k, v in r["calls_expected"].items()}
+                assert r["calls"] == expected, (size, rank, case, r["calls"], expected)
             thin, scatter = saved["messages"]
             assert thin == (f"depth sharding: shard depth 4 (the volume's depth / {size} ranks) must be a multiple "
                             "of 8 = 2 ** (levels - 1)")

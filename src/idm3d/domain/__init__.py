@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
-from idm3d.domain.comm import COUNTER, Domain, gather_depth, scatter_depth
+from idm3d.domain.comm import CALLS, COUNTER, Domain, gather_depth, scatter_depth
 from idm3d.domain.shard import check_shard_depth, counted, halo_bytes, shard, sync_gradients, unshard
 
 __all__ = [
+    "CALLS",
     "COUNTER",
     "Domain",
     "check_shard_depth",

@@ -28,19 +28,27 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "CALLS",
     "COUNTER",
     "Domain",
     "all_reduce_sum",
     "domain_of",
     "exchange_halos",
     "gather_depth",
+    "grad_sum",
     "register",
     "scatter_depth",
 ]
 
-# Bytes this process sent, by kind ("halo", "reduce", "gather", "grads"): what the tests compare with
-# the figures stated from the shapes. Reset it with COUNTER.clear().
+# Bytes this process sent, by kind: what the tests compare with the figures stated from the shapes.
+# "halo": halo planes (forward and the adjoint in backward); "stats": the forward's replicated values
+# made from sharded ones (GroupNorm statistics, the channel attention's Gram, the spatial attention's
+# gathered map), which a memory-efficient rebuild replays instead of sending again; "reduce" and
+# "gather": the backward's sums and gathers of gradients; "grads": the parameters' gradient sum.
+# Reset it with COUNTER.clear().
 COUNTER: Counter[str] = Counter()
+# The number of collectives by the same kinds (a halo exchange counts once). Reset with CALLS.clear().
+CALLS: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ def exchange_halos(lo: Tensor, hi: Tensor, domain: Domain) -> tuple[Tensor | Non
                 dist.P2POp(dist.irecv, from_next, group=domain.group, group_peer=domain.rank + 1)]
         _count("halo", hi)
     if ops:
+        CALLS["halo"] += 1
         for work in dist.batch_isend_irecv(ops):
             work.wait()
     return from_prev, from_next
@@ -116,6 +125,7 @@ def reduce_(t: Tensor, domain: Domain, kind: str = "reduce") -> Tensor:
     """In-place sum of ``t`` over the domain (a plain collective, not recorded by autograd)."""
     if domain.size > 1:
         _count(kind, t)
+        CALLS[kind] += 1
         dist.all_reduce(t, group=domain.group)
     return t
 
@@ -127,6 +137,7 @@ def gather_list(t: Tensor, domain: Domain, kind: str = "gather") -> list[Tensor]
     t = t.contiguous()
     out = [torch.empty_like(t) for _ in range(domain.size)]
     _count(kind, t)
+    CALLS[kind] += 1
     dist.all_gather(out, t, group=domain.group)
     return out
 
@@ -135,18 +146,46 @@ class _AllReduceSum(torch.autograd.Function):
     """Replicated sum of partial values; its backward sums the partial gradients (the same collective)."""
 
     @staticmethod
+    def forward(ctx: Any, t: Tensor, key: int, kind: str) -> Tensor:  # type: ignore[override]
+        ctx.key = key
+        return reduce_(t.clone(), domain_of(key), kind)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        return reduce_(grad.clone(), domain_of(ctx.key)), None, None
+
+
+def all_reduce_sum(t: Tensor, key: int, kind: str = "reduce") -> Tensor:
+    """``sum over ranks of t``, differentiable: a sharded value's partial sums made replicated.
+
+    Args:
+        t: this rank's partial value.
+        key: the registered domain.
+        kind: the forward's counter kind (the backward's is ``"reduce"``).
+    """
+    return _AllReduceSum.apply(t, key, kind)
+
+
+class _GradSum(torch.autograd.Function):
+    """Identity forward; backward sums the partial gradients (the backward half of :class:`_AllReduceSum`)."""
+
+    @staticmethod
     def forward(ctx: Any, t: Tensor, key: int) -> Tensor:  # type: ignore[override]
         ctx.key = key
-        return reduce_(t.clone(), domain_of(key))
+        return t.view_as(t)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         return reduce_(grad.clone(), domain_of(ctx.key)), None
 
 
-def all_reduce_sum(t: Tensor, key: int) -> Tensor:
-    """``sum over ranks of t``, differentiable: a sharded value's partial sums made replicated."""
-    return _AllReduceSum.apply(t, key)
+def grad_sum(total: Tensor, key: int) -> Tensor:
+    """``total`` (already the replicated sum, e.g. kept from forward) with :func:`all_reduce_sum`'s backward.
+
+    A rebuild that replays a sum the forward made needs no collective for its value, but the
+    gradient it returns must still be the sum of the ranks' partial gradients.
+    """
+    return _GradSum.apply(total, key)
 
 
 class _GatherDepth(torch.autograd.Function):
@@ -155,7 +194,7 @@ class _GatherDepth(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, key: int) -> Tensor:  # type: ignore[override]
         ctx.key, ctx.depth = key, t.shape[2]
-        return torch.cat(gather_list(t, domain_of(key)), dim=2)
+        return torch.cat(gather_list(t, domain_of(key), "stats"), dim=2)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]

@@ -3,7 +3,9 @@
 A group's statistics span the whole volume. Forward: each rank computes its slices' per-group mean
 and variance, the ranks exchange these (B, G, 2) numbers (one all-gather) and every rank combines
 them in rank order (Chan's pairwise formula for equal counts), so all hold bitwise the same mean and
-reciprocal std, which the node saves. Backward needs two more group sums over the volume (the
+reciprocal std, which the node saves. Inside a memory-efficient segment's forward the statistics are
+also kept in the segment's node (:mod:`idm3d.invertible.record`), and the rebuild in backward reuses
+them: no second all-gather. Backward needs two more group sums over the volume (the
 gradient's mean and its correlation with the normalised input); both go in one all-reduce. The
 affine and FiLM gradients are per-channel sums, this rank's part of which is its partial gradient
 (replicated values carry partial gradients, see :mod:`idm3d.domain.comm`).
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 from idm3d.domain.comm import domain_of, gather_list, reduce_
 from idm3d.invertible.mode import first_order_only
 from idm3d.invertible.norm_act import _channel_dots
+from idm3d.invertible.record import keep, replayed
 
 __all__ = ["DomainGroupNorm", "domain_group_norm"]
 
@@ -37,7 +40,7 @@ def _stats(x: Tensor, groups: int, eps: float, key: int) -> tuple[Tensor, Tensor
     var_c, mean_c = var_c.reshape(x.shape[0], groups, -1), mean_c.reshape(x.shape[0], groups, -1)
     mean = mean_c.mean(-1)
     var = var_c.mean(-1) + (mean_c - mean[..., None]).square().mean(-1)
-    parts = torch.stack(gather_list(torch.stack((mean, var)), domain_of(key)))  # (R, 2, B, G)
+    parts = torch.stack(gather_list(torch.stack((mean, var)), domain_of(key), "stats"))  # (R, 2, B, G)
     means, variances = parts[:, 0], parts[:, 1]
     mean = means.mean(0)
     var = variances.mean(0) + (means - mean).square().mean(0)  # equal counts per rank
@@ -68,14 +71,14 @@ class _DomainGroupNorm(torch.autograd.Function):
         bias: Tensor | None,
         scale: Tensor | None,
         shift: Tensor | None,
+        mean: Tensor,
+        rstd: Tensor,
         key: int,
         groups: int,
-        eps: float,
         silu: bool,
         channels_last: bool,
     ) -> Tensor:
         c = x.shape[1]
-        mean, rstd = _stats(x, groups, eps, key)
         a, beta = _affine(mean, rstd, weight, bias, c)
         if scale is not None:  # FiLM folded into the affine map: one full-size output, no temporaries
             a, beta = a * scale, torch.addcmul(shift, beta, scale)
@@ -127,7 +130,7 @@ class _DomainGroupNorm(torch.autograd.Function):
             k3 = r * (r * m * mean_dxhat_xhat - mean_dxhat)
             # with SiLU, dz is this node's own buffer and the input gradient takes its place
             gx = dz.mul_(k1).addcmul_(x, k2).add_(k3) if ctx.silu else torch.addcmul(k3, x, k2).addcmul_(dz, k1)
-        return gx, g_w, g_b, g_scale, g_shift, None, None, None, None, None
+        return gx, g_w, g_b, g_scale, g_shift, None, None, None, None, None, None
 
 
 def domain_group_norm(
@@ -156,8 +159,13 @@ def domain_group_norm(
         # GroupNorm autocasts to fp32: so does this node
         with torch.autocast(device, enabled=False):
             return domain_group_norm(x.float(), norm, key, scale, shift, silu, channels_last)
+    stats = replayed(norm)  # a rebuild in a segment's backward: the forward's statistics, no collective
+    if stats is None:
+        with torch.no_grad():  # the node's backward differentiates through the statistics itself
+            stats = _stats(x, norm.num_groups, norm.eps, key)
+        keep(norm, stats)
     w, b = norm.weight, norm.bias
-    return _DomainGroupNorm.apply(x, w, b, scale, shift, key, norm.num_groups, norm.eps, silu, channels_last)
+    return _DomainGroupNorm.apply(x, w, b, scale, shift, *stats, key, norm.num_groups, silu, channels_last)
 
 
 class DomainGroupNorm(nn.GroupNorm):

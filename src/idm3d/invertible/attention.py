@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from idm3d.invertible.attention_masks import VoxelSplit, pass_table, passing_entries, voxel_split
-from idm3d.invertible.base import BackwardResult, InvertibleModule
+from idm3d.invertible.base import BackwardResult, InvertibleModule, grad_parameters
 
 __all__ = ["InvertibleAttention3d", "invertible_attention"]
 
@@ -299,3 +299,22 @@ class InvertibleAttention3d(InvertibleModule, metaclass=_DeprecatedBaseCall):
             dtype = self.temperature.dtype
             x, grad_x, grad_cond, grad_params = self._backward(y.detach().to(dtype), grad_y.to(dtype), cond)
         return x.to(y.dtype), grad_x.to(grad_y.dtype), grad_cond, grad_params
+
+    def backward_at(self, x: Tensor, grad_y: Tensor, cond: Sequence[Tensor]) -> BackwardResult:
+        """:meth:`backward_pass` at a known input ``x`` (one kept from forward): no inverse, no solve.
+
+        Returns ``x`` itself as the rebuilt input and the gradients by autograd through the forward.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = self.temperature.dtype
+            xw = x.detach().to(dtype).requires_grad_(True)
+            wanted_cond = [c for c in cond if c.requires_grad]
+            with torch.enable_grad():
+                gains, split, passing = self._prepare(xw, cond)
+                y = self._forward_map(xw, self._matrices(xw, gains, split, passing), split, passing)
+            grads = torch.autograd.grad(
+                y, [xw, *wanted_cond, *grad_parameters(self)], grad_y.to(dtype), allow_unused=True
+            )
+        cond_iter = iter(grads[1 : 1 + len(wanted_cond)])
+        grad_cond = [next(cond_iter) if c.requires_grad else None for c in cond]
+        return x, grads[0].to(grad_y.dtype), grad_cond, list(grads[1 + len(wanted_cond) :])

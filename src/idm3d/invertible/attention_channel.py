@@ -36,8 +36,12 @@ class ChannelAttention3d(InvertibleAttention3d):
 
     def _matrices(self, x: Tensor, gains: Gains, split: VoxelSplit, passing: Tensor) -> Tensor:
         """``T`` (B, heads, k, k), from ``x * M`` only."""
+        return self._from_gram(self._passing_gram(x, passing), gains)
+
+    def _passing_gram(self, x: Tensor, passing: Tensor) -> Tensor:
+        """The Gram matrix ``x1 x1^T`` (B, C, C) of the passing half ``x1 = x * M``."""
         x1 = torch.where(passing, x, 0.0).flatten(2)
-        return self._from_gram(x1 @ x1.mT, gains)
+        return x1 @ x1.mT
 
     def _from_gram(self, gram: Tensor, gains: Gains) -> Tensor:
         """``T`` from the Gram matrix ``G = x1 x1^T`` (B, C, C) of the passing half.
@@ -111,9 +115,7 @@ class ChannelAttention3d(InvertibleAttention3d):
         with torch.enable_grad():
             gains, split, passing = self._prepare(y, cond)
         with torch.no_grad():
-            x1 = torch.where(passing, y, 0.0).flatten(2)
-            gram = x1 @ x1.mT
-            del x1
+            gram = self._passing_gram(y, passing)
         gram.requires_grad_(True)
         with torch.enable_grad():
             t = self._from_gram(gram, gains)

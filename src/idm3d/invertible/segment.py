@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from idm3d.invertible.base import InvertibleModule, grad_parameters
 from idm3d.invertible.mode import first_order_only, hooked, memory_efficient_mode
+from idm3d.invertible.record import Record, recording
 from idm3d.invertible.rng import RngState, forked
 from idm3d.invertible.stack import Apply, StackOp
 
@@ -64,8 +65,11 @@ class _SegmentFunction(torch.autograd.Function):
         # A random op must draw in backward's rebuild what it drew here (torch.utils.checkpoint's
         # preserve_rng_state): the generators' state before each op, and before the head.
         rng: list[RngState] | None = [] if segment.preserve_rng_state else None
-        with memory_efficient_mode(True):
-            out = segment._run(state, cond, rng)
+        # Values the sub-networks made with a collective (on depth shards), one slot per op and one
+        # for the head: the rebuild replays them instead of communicating again (invertible/record.py)
+        record = Record()
+        with memory_efficient_mode(True), recording(record):
+            out = segment._run(state, cond, rng, record)
         # backward must evaluate every sub-network exactly as forward did (same autocast state),
         # or the rebuilt inputs would differ from the true ones by the precision gap.
         device_type = state[0].device.type
@@ -82,10 +86,13 @@ class _SegmentFunction(torch.autograd.Function):
         if rng is not None and head is not None:
             rng.append(RngState.capture(*out))
         ctx.rng = rng
+        if head is not None:
+            record.op = len(ctx.ops)
+            with memory_efficient_mode(True), recording(record):
+                result = head(*out)
+        ctx.record = record if record else None  # nothing kept (an unsharded net): nothing to replay
         if head is None:
             return out
-        with memory_efficient_mode(True):
-            result = head(*out)
         result = (result,) if isinstance(result, Tensor) else tuple(result)
         private = inputs | {_storage(t) for t in out}
         return tuple(r.clone() if r._base is not None or _storage(r) in private else r for r in result)
@@ -105,9 +112,13 @@ class _SegmentFunction(torch.autograd.Function):
         kept = [t for t, reuse in zip(outputs, ctx.reuse) if not reuse]
         foreign = {_storage(t) for t in (*kept, *cond_inputs, *grad_out) if t is not None}
         rng: list[RngState] | None = ctx.rng
+        record: Record | None = ctx.record
+        if record is not None:
+            record.replay = True
         # The replay leaves the caller's random stream as it was.
-        with _forked(rng, *outputs, *cond_inputs), memory_efficient_mode(True):
+        with _forked(rng, *outputs, *cond_inputs), memory_efficient_mode(True), recording(record):
             grads, grad_cond, grad_params, grad_head = _rebuild(ctx, outputs, grad_out, cond, foreign)
+        ctx.record = None  # freed slot by slot already; a second backward (retained graph) computes again
         grad_state = [g if n else None for g, n in zip(grads, needs[: ctx.n_state])]
         return (*(None,) * _LEADING, *grad_state, *grad_cond, *grad_params, *grad_head)
 
@@ -117,14 +128,17 @@ def _rebuild(
 ) -> tuple[tuple[Tensor, ...], list[Tensor | None], list[Tensor | None], list[Tensor | None]]:
     """Walk the head and the ops in reverse: the gradients of the state, cond, parameters and head parameters."""
     rng: list[RngState] | None = ctx.rng
+    record: Record | None = ctx.record
     state = tuple(t.detach() for t in outputs)
     grads: tuple[Tensor, ...] = tuple(grad_out)
     grad_head: list[Tensor | None] = []
     if ctx.head is not None:
         if rng is not None:
             rng[-1].restore()
+        _replay(record, len(ctx.ops))
         with _autocast(ctx.autocast):
             grads, grad_head = _head_backward(ctx.head, state, ctx.head_params, grad_out)
+        _replay(record, None)
     grad_cond: list[Tensor | None] = [None] * len(cond)
     grad_params: list[Tensor | None] = [None] * len(ctx.params)
     for i in reversed(range(len(ctx.ops))):
@@ -132,8 +146,10 @@ def _rebuild(
         writable = tuple((_writable(t, foreign), _writable(g, foreign)) for t, g in zip(state, grads))
         if rng is not None:
             rng[i].restore()
+        _replay(record, i)
         with _autocast(ctx.autocast):
             state, grads, g_cond, g_params = op.backward_pass(state, grads, cond, writable)
+        _replay(record, None)
         if len(g_params) != len(slots):
             raise RuntimeError(
                 f"InvertibleSequence: op {i} ({type(op).__name__}) has {len(g_params)} parameters that take "
@@ -143,6 +159,16 @@ def _rebuild(
         for j, g in zip(slots, g_params):
             grad_params[j] = _add(grad_params[j], g)
     return grads, grad_cond, grad_params, grad_head
+
+
+def _replay(record: Record | None, op: int | None) -> None:
+    """Replay slot ``op`` of ``record`` next (``None``: free the slot just replayed)."""
+    if record is None:
+        return
+    if op is None:
+        record.drop(record.op)
+    else:
+        record.op = op
 
 
 def _check_versions(params: Sequence[Tensor], versions: Sequence[int]) -> None:
@@ -252,11 +278,22 @@ class InvertibleSequence(nn.Module):
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def _run(self, state: State, cond: Sequence[Tensor], rng: list[RngState] | None = None) -> State:
-        """Apply the ops; with ``rng`` a list, append the generators' state before each op to it."""
-        for op in self.ops:
+    def _run(
+        self, state: State, cond: Sequence[Tensor], rng: list[RngState] | None = None, record: Record | None = None
+    ) -> State:
+        """Apply the ops.
+
+        Args:
+            state: the input state.
+            cond: the conditioning tensors.
+            rng: a list to append the generators' state before each op to, or ``None``.
+            record: where op ``i``'s layers keep their values (its slot ``i``), or ``None``.
+        """
+        for i, op in enumerate(self.ops):
             if rng is not None:
                 rng.append(RngState.capture(*state, *cond))
+            if record is not None:
+                record.op = i
             state = op(state, cond)
         return state
 
