@@ -11,8 +11,9 @@ writes the files exactly as one process does (:func:`write_sample_sharded`).
 
 The result does not depend on ``R``: every rank draws the *whole* volume's noise from the chain's seeded
 generator and keeps its slices, at the start and in every stochastic step (DDPM, DDIM with ``eta > 0``),
-so each voxel sees the very numbers one process draws (a draw costs far less than a network call). The
-steps themselves are elementwise, and a flow run's time grid is made for the whole volume's size.
+so each voxel sees the very numbers one process draws (a draw costs far less than a network call; the
+whole draw lives only until its slices are copied, one volume of float32 per draw). The steps themselves are
+elementwise, and a flow run's time grid is made for the whole volume's size.
 
 Not supported (one-line ``ConfigError``): patch-wise sampling (``sample.roi_size``), coordinate channels,
 batch sampling (``--input-dir``/``--num``). The no-grad in-place path of the single-process network is
