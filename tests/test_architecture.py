@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "runs": {"diffusion", "data", "nets", "invertible", "idm3d"},  # idm3d: __version__ for run records
     "training": {"runs", "diffusion", "data", "nets", "invertible", "idm3d", "domain"},
-    "inference": {"training", "runs", "diffusion", "data", "nets", "invertible"},
+    "inference": {"training", "runs", "diffusion", "data", "nets", "invertible", "domain"},
     "bench": {"runs", "diffusion", "data", "nets", "invertible", "idm3d"},
     "demo": {"inference", "training", "runs", "diffusion", "data", "nets", "invertible", "bench"},
     "detect": {"inference", "runs", "diffusion", "data", "nets", "invertible"},

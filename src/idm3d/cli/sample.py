@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -24,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "that already exist (rerun to resume), report a bad case in one line and go on with the others, and "
         "exit 1 if any case failed.",
     )
-    p.add_argument("--run", type=Path, required=True, help="run folder written by `idm3d train`")
+    p.add_argument("run_dir", nargs="?", type=Path, metavar="RUN",
+                   help="run folder written by `idm3d train` (or --run RUN; under torchrun give it here: "
+                   "torchrun's own parser takes --run for its --run-path)")
+    p.add_argument("--run", type=Path, help="run folder written by `idm3d train`")
     p.add_argument("--out", type=Path, required=True,
                    help="output .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd (with several targets: OUT_<target>); "
                    "a data.intensity ct run: a name without suffix writes a DICOM series folder; with "
@@ -50,12 +54,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="denoiser autocast precision (default: the run's sample.precision, normally fp32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--domain-parallel", type=int, metavar="R",
+                   help="split the volume along its first axis across R processes: run under torchrun "
+                   "--nproc_per_node R; rank 0 writes OUT (one volume only; the depth must be a multiple of "
+                   "R x 2 ** (levels - 1))")
     p.set_defaults(func=run)
+
+
+def _domain_ranks(args: argparse.Namespace) -> int:
+    """``--domain-parallel`` checked against the launch: 1 without it, else R == torchrun's WORLD_SIZE."""
+    ranks = args.domain_parallel
+    if ranks is None or ranks == 1:
+        return 1
+    if ranks < 1:
+        raise ConfigError(f"--domain-parallel: expected an integer >= 1, got {ranks}")
+    if args.input_dir is not None or args.num is not None:
+        raise ConfigError("--domain-parallel: samples one volume; drop --input-dir/--num")
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        raise ConfigError(f"--domain-parallel {ranks}: not launched by torchrun; run "
+                          f"torchrun --nproc_per_node {ranks} -m idm3d sample ...")
+    if world != str(ranks):
+        raise ConfigError(f"--domain-parallel {ranks}: needs exactly {ranks} processes (torchrun --nproc_per_node "
+                          f"{ranks}), got WORLD_SIZE={world}")
+    return ranks
+
+
+def _run_sharded(args: argparse.Namespace) -> int:
+    """One volume, its chain split by depth over the torchrun processes; rank 0 writes and prints."""
+    from idm3d.inference.domain_sample import write_sample_sharded
+    from idm3d.runs.load import load_run
+    from idm3d.training.distributed import setup, shutdown
+
+    ctx = setup(args.device)
+    clean = False
+    try:
+        loaded = load_run(
+            args.run, checkpoint=args.checkpoint, use_ema=False if args.raw_weights else None, device=ctx.device,
+            sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, precision=args.precision,
+        )
+        paths = write_sample_sharded(loaded, args.out, args.condition, shape=args.shape,
+                                     progress=not args.no_progress)
+        clean = True
+    finally:
+        shutdown(clean)  # after an error another rank may be inside a collective: no barrier then
+    if ctx.is_main:
+        for path in paths:
+            print(path)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from idm3d.runs.load import load_run
 
+    if (args.run is None) == (args.run_dir is None):
+        raise ConfigError("--run: give the run folder once, as RUN or as --run RUN")
+    args.run = args.run if args.run is not None else args.run_dir
     if args.num is not None and args.num < 1:
         raise ConfigError(f"--num: expected a count >= 1, got {args.num}")
     batch = args.input_dir is not None or args.num is not None
@@ -63,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out}: with --input-dir or --num, OUT is a folder (got a NIfTI name)")
     if args.input_dir is not None and args.shape is not None:
         raise ConfigError("--shape: a translation keeps each case's grid; drop --shape with --input-dir")
+    if _domain_ranks(args) > 1:
+        return _run_sharded(args)
     loaded = load_run(
         args.run, checkpoint=args.checkpoint, use_ema=False if args.raw_weights else None, device=args.device,
         sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, precision=args.precision,

@@ -10,6 +10,7 @@ from idm3d.lazy import lazy_exports
 _EXPORTS = {
     "generate": ("sample", "write_sample"),
     "batch": ("sample_folder", "sample_many"),
+    "domain_sample": ("shard_run", "write_sample_sharded"),
     "evaluation": ("evaluate", "train_baseline"),
 }
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -173,10 +173,13 @@ def write_sample(
     seed: int | None = None,
     progress: bool = False,
     png: bool = True,
+    save: bool = True,
 ) -> list[Path]:
     """:func:`sample_to_file` with a loaded run: the NIfTI file(s) (and, with ``png``, the mid-slice PNG, last).
 
-    ``seed`` overrides the run's ``sample.seed`` for this volume (``idm3d sample --num``).
+    ``seed`` overrides the run's ``sample.seed`` for this volume (``idm3d sample --num``). ``save=False``
+    runs everything but the writes and returns the same paths (the ranks other than 0 of a depth-sharded
+    sample, :mod:`idm3d.inference.domain_sample`, which must run the same chain).
     """
     info = run.run.read_data_info()
     nifti_paths, png_path = output_paths(out, run.targets, dicom=run.config.data.intensity == "ct")
@@ -186,6 +189,8 @@ def write_sample(
     else:
         volume = run.infer(shape=_unconditional_grid(run, shape, info), seed=seed, progress=progress)
     rows = {} if record is None else {m: record.image[i] for i, m in enumerate(record.modalities)}
+    if not save:
+        return [*nifti_paths, png_path] if png else nifti_paths
     for j, (target, path) in enumerate(zip(run.targets, nifti_paths)):
         rows[f"{target} (sampled)"] = volume[0, j]
         scaling = _scaling(info, target)
