@@ -149,3 +149,17 @@ def write_ct_folder(root: Path, formats: Sequence[str] = ("dicom", "nrrd", "mha"
         else:
             write_itk(case / f"case{i:02d}_ct.{fmt}", hu)
     return root
+
+
+def tiny_ct_config(root: Path, **data) -> dict:
+    """A 1-step ``data.intensity: ct`` run of a tiny IDM on 8^3 patches (``data`` adds or overrides keys)."""
+    from helpers import TINY_IDM
+
+    return {
+        "data": {"root": str(root), "targets": ["ct"], "intensity": "ct", "patch_size": [8, 8, 8],
+                 "test_fraction": 0.25, **data},
+        "model": {"name": "idm", "kwargs": TINY_IDM}, "diffusion": {"num_train_timesteps": 20},
+        "train": {"max_steps": 1, "checkpoint_every": 1, "log_every": 1, "progress": False,
+                  "log": {"tensorboard": False}},
+        "sample": {"steps": 2},
+    }

@@ -125,6 +125,9 @@ def test_num_writes_seeded_samples_and_resumes(runs, tmp_path: Path, capsys):
         ("generate", ["--num", "0"], "--num: expected a count >= 1, got 0"),
         ("translate", ["--input-dir", "{tmp}/none"], "data folder not found"),
         ("generate", ["--num", "2", "--out", "{tmp}/x.nii.gz"], "OUT is a folder"),
+        ("generate", ["--num", "2", "--out", "{tmp}/x.mha"], "OUT is a folder"),
+        ("generate", ["--num", "2", "--out-format", "png"], "--out-format: expected one of"),
+        ("generate", ["--out-format", "mha"], "--out-format: only with --input-dir or --num"),
     ],
 )
 def test_batch_errors_are_one_line(runs, tmp_path: Path, capsys, which, args, fault):

@@ -243,15 +243,15 @@ def test_resaving_a_real_volume_as_fakes_are_saved_keeps_its_score(translation, 
     assert np.all(np.abs(rows[1] - rows[0]) <= 0.1 * spread + 1e-6)
 
 
-@pytest.mark.parametrize("fault", ["not_nifti", "wrong_modality", "wrong_grid", "empty", "voxel_size"])
+@pytest.mark.parametrize("fault", ["not_a_volume", "wrong_modality", "wrong_grid", "empty", "voxel_size"])
 def test_bad_inputs_are_one_line_naming_the_file(translation, tmp_path: Path, capsys, fault: str):
     run = str(translation["run"])
     real = [str(p) for p in translation["real"]]
     t1 = str(_real(translation["root"], "t1")[0])
-    if fault == "not_nifti":
+    if fault == "not_a_volume":
         bad = tmp_path / "notes_t2.txt"
         bad.write_text("hello")
-        args, named = ["score", "--run", run, str(bad), "--real", *real], str(bad)
+        args, named = ["score", "--run", run, str(bad), "--real", *real], f"{bad}: not a volume"
     elif fault == "wrong_modality":
         args, named = ["score", "--run", run, t1, "--real", *real], "named as a t1 volume"
     elif fault == "wrong_grid":
@@ -263,7 +263,7 @@ def test_bad_inputs_are_one_line_naming_the_file(translation, tmp_path: Path, ca
         save_volume(tmp_path / "big_t1.nii.gz", load_volume(t1)[0], np.diag([2.0, 2.0, 2.0, 1.0]))
         args, named = ["score", "--run", run, str(bad), "--real", *real], f"{bad}: voxel size"
     else:
-        args, named = ["score", "--run", run, "--real", *real], "FILE: expected at least one NIfTI file"
+        args, named = ["score", "--run", run, "--real", *real], "FILE: expected at least one volume"
     assert main(["detect", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("idm3d: error: ")

@@ -29,14 +29,18 @@ SRC = str(Path(__file__).parents[1] / "src")
 
 
 class Job:
-    """``torchrun --standalone --nproc_per_node 2 [--max-restarts N] -m idm3d train ... --resume auto``."""
+    """``torchrun --standalone --nproc_per_node 2 [--max-restarts N] -m idm3d train ... --resume auto``.
 
-    def __init__(self, cfg: Path, run: Path, *extra: str, restarts: int = 0) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+    ``entry`` replaces ``-m idm3d`` (a worker script such as ``tests/ddp_fault_worker.py``); ``env`` adds variables.
+    """
+
+    def __init__(self, cfg: Path, run: Path, *extra: str, restarts: int = 0, entry: tuple[str, ...] = ("-m", "idm3d"),
+                 env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {}),
                "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
         self.err = run.parent / f"{run.name}-{time.monotonic_ns()}.err"
         cmd = [*torchrun_command(), "--standalone", "--nproc_per_node", "2", "--max-restarts", str(restarts),
-               "-m", "idm3d", "train", "--config", str(cfg), "--out", str(run), "--resume", "auto", *extra]
+               *entry, "train", "--config", str(cfg), "--out", str(run), "--resume", "auto", *extra]
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.err, "w"))  # noqa: SIM115
         self.run = run

@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("detect", help="tell real from generated volumes with a trained run",
                               description=_DESCRIPTION)
     _common(p, required=False)
-    p.add_argument("--real", nargs="+", default=None, metavar="PATH", help="real volumes (NIfTI)")
-    p.add_argument("--fake", nargs="+", default=None, metavar="PATH", help="generated volumes (NIfTI)")
+    p.add_argument("--real", nargs="+", default=None, metavar="PATH",
+                   help="real volumes (NIfTI, NRRD, MetaImage or DICOM series folders)")
+    p.add_argument("--fake", nargs="+", default=None, metavar="PATH", help="generated volumes (same formats as --real)")
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (capped by the volumes)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws of the 95%% intervals")
@@ -50,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "features; higher = less like them), its percentile among the calibration reals and, with a "
                        "--detector that holds one, the supervised probability of being generated.")
     _common(s, required=True)
-    s.add_argument("files", nargs="*", metavar="FILE", help="volumes to score (NIfTI)")
+    s.add_argument("files", nargs="*", metavar="FILE",
+                   help="volumes to score (NIfTI, NRRD, MetaImage or DICOM series folders)")
     s.add_argument("--detector", type=Path, help="detector.json (or its folder) written by `idm3d detect`")
     s.add_argument("--real", nargs="+", default=None, metavar="PATH",
                    help="without --detector: real volumes to calibrate the zero-shot score on")

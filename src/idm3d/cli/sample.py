@@ -41,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="translation runs: translate every case folder of DIR into the folder OUT")
     inputs.add_argument("--num", type=int, metavar="N",
                         help="unconditional runs: write N samples (seeds SEED..SEED+N-1) into the folder OUT")
+    p.add_argument("--out-format", default=None, metavar="F",
+                   help="--input-dir/--num: nifti (default), nrrd, mha, dicom (CT runs) or input (each case's format)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), help="default: the run's sample.sampler")
     p.add_argument("--steps", type=int, help="network calls per sample, whatever the sampler (heun: 2 per step, "
                    "an odd count ends with one Euler step; default: the run's sample.steps)")
@@ -105,6 +107,7 @@ def _run_sharded(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from idm3d.data.readers import is_volume_name
     from idm3d.runs.load import load_run
 
     if (args.run is None) == (args.run_dir is None):
@@ -113,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ConfigError(f"--num: expected a count >= 1, got {args.num}")
     batch = args.input_dir is not None or args.num is not None
-    if batch and args.out.name.lower().endswith((".nii", ".nii.gz")):
-        raise ConfigError(f"--out {args.out}: with --input-dir or --num, OUT is a folder (got a NIfTI name)")
+    if batch and is_volume_name(args.out.name):
+        raise ConfigError(f"--out {args.out}: with --input-dir or --num, OUT is a folder (got a volume file name)")
+    if args.out_format is not None and not batch:
+        raise ConfigError("--out-format: only with --input-dir or --num; one sample's format is --out's suffix")
     if args.input_dir is not None and args.shape is not None:
         raise ConfigError("--shape: a translation keeps each case's grid; drop --shape with --input-dir")
     if _domain_ranks(args) > 1:
@@ -132,10 +137,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from idm3d.inference.batch import MANIFEST, sample_folder, sample_many
 
+    out_format = args.out_format or "nifti"
+
     if args.input_dir is not None:
-        result = sample_folder(loaded, args.input_dir, args.out, progress=progress)
+        result = sample_folder(loaded, args.input_dir, args.out, progress=progress, out_format=out_format)
     else:
-        result = sample_many(loaded, args.num, args.out, shape=args.shape, progress=progress)
+        result = sample_many(loaded, args.num, args.out, shape=args.shape, progress=progress, out_format=out_format)
     for path in result.written:
         print(path)
     print(f"idm3d: {result.summary()}; settings and seeds in {result.out_dir / MANIFEST}", file=sys.stderr)

@@ -1,9 +1,10 @@
 """The volumes a detector judges, read and preprocessed exactly as the run's training data was.
 
-Every file - real or generated - goes through the same safe reader (:func:`idm3d.data.nifti.load_volume`),
-float32, the run's preprocessing (orientation, spacing, brain crop, percentile scaling, padding; for a
-translation run the mask comes from the sources) and the same grid, so no file format, dtype or scaling
-difference can act as a shortcut. Each fault is one line naming the file.
+Every file - real or generated - goes through the data layer's one reader
+(:func:`idm3d.data.readers.load_image`: NIfTI, NRRD, MetaImage or a DICOM-series folder, as for training and
+sampling), float32, the run's preprocessing (orientation, spacing, crop with the run's foreground mask, its
+intensity mode, padding; for a translation run the mask comes from the sources) and the same grid, so no file
+format, dtype or scaling difference can act as a shortcut. Each fault is one line naming the file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor
 
 from idm3d.data.cases import AFFINE_ATOL_MM
-from idm3d.data.nifti import is_nifti_name, load_volume, strip_nifti_suffix
+from idm3d.data.dicom import is_dicom_folder
 from idm3d.data.preprocess import preprocess_case
+from idm3d.data.readers import image_format, is_volume_name, load_image, strip_volume_suffix
 from idm3d.errors import ConfigError, DataError
 from idm3d.inference.generate import parse_conditions
 from idm3d.runs.data_source import naming_keys, preprocess_config
@@ -49,28 +51,43 @@ def check_run(run: LoadedRun) -> None:
 
 
 def _modality_of(path: Path) -> str | None:
-    stem = strip_nifti_suffix(path.name).lower()
+    stem = strip_volume_suffix(path.name).lower()
     return next((m for m in sorted(KNOWN_MODALITIES, key=len, reverse=True) if stem.endswith("_" + m)), None)
 
 
+def _volume_named(folder: Path, stem: str) -> list[Path]:
+    """The volumes of ``folder`` named ``stem`` + any volume suffix, or a DICOM folder named ``stem`` (any case)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if strip_volume_suffix(p.name).lower() == stem.lower()
+                  and ((p.is_file() and is_volume_name(p.name)) or (p.is_dir() and is_dicom_folder(p))))
+
+
 def _siblings(path: Path, target: str, sources: Sequence[str]) -> dict[str, Path]:
-    """``case_t1.nii.gz`` next to ``case_t2.nii.gz``: the sources of a target named by the BraTS convention."""
-    stem = strip_nifti_suffix(path.name)
+    """``case_t1.nii.gz`` next to ``case_t2.nii.gz``: the sources of a target named by the BraTS convention.
+
+    A source may be in another format than its target (``case_ct`` a DICOM folder, ``case_ctc.nrrd`` beside it).
+    """
+    stem = strip_volume_suffix(path.name)
     suffix = path.name[len(stem):]
     if not stem.lower().endswith("_" + target):
         raise DataError(f"{path}: the run translates {list(sources)} -> {target}; give --condition, or name the "
                         f"file *_{target}{suffix} with its sources *_{sources[0]}{suffix} next to it")
     base = stem[: -len(target)]
-    found = {m: path.with_name(f"{base}{m}{suffix}") for m in sources}
-    missing = [str(p) for p in found.values() if not p.is_file()]
-    if missing:
-        raise DataError(f"{path}: source volume {missing[0]} not found; give --condition")
+    found: dict[str, Path] = {}
+    for m in sources:
+        matches = _volume_named(path.parent, base + m)
+        if not matches:
+            raise DataError(f"{path}: source volume {path.with_name(base + m + suffix)} not found; give --condition")
+        if len(matches) > 1:
+            raise DataError(f"{path}: several {m} volumes next to it ({', '.join(p.name for p in matches)}); "
+                            "give --condition")
+        found[m] = matches[0]
     return found
 
 
 def _check_name(path: Path, target: str) -> None:
-    if not is_nifti_name(path):
-        raise DataError(f"{path}: not a NIfTI file (expected a name ending in .nii or .nii.gz)")
+    image_format(path)  # the readers' one-line refusal: missing, not a volume, a folder without DICOM files
     named = _modality_of(path)
     if named is not None and named != target:
         raise DataError(f"{path}: named as a {named} volume; the run's target modality is {target}")
@@ -82,10 +99,10 @@ def _spacing(affine: np.ndarray) -> np.ndarray:
 
 def _read_one(run: LoadedRun, path: Path, sources: Mapping[str, Path], grid_affine: np.ndarray | None) -> DetectInput:
     target = run.targets[0]
-    data, affine = load_volume(path)
+    data, affine = load_image(path)
     volumes = {}
     for modality, src in sources.items():
-        src_data, src_affine = load_volume(src)
+        src_data, src_affine = load_image(src)
         if src_data.shape != data.shape or not np.allclose(src_affine, affine, atol=AFFINE_ATOL_MM):
             raise DataError(f"{path}: grid (shape {data.shape}) differs from its source {src} (shape "
                             f"{src_data.shape}); a volume and its sources must be co-registered")
@@ -109,11 +126,11 @@ def read_inputs(
     *,
     option: str = "volumes",
 ) -> list[DetectInput]:
-    """Read and preprocess ``paths`` (one target-modality NIfTI each) for ``run``.
+    """Read and preprocess ``paths`` (one target-modality volume each, in any format the data layer reads) for ``run``.
 
     Args:
         run: the loaded run whose denoiser judges the volumes.
-        paths: the volumes.
+        paths: the volumes: NIfTI, NRRD, MetaImage files or DICOM-series folders.
         conditions: translation runs: the sources as given to ``idm3d sample --condition`` (files in source
             order or ``MODALITY=FILE``), shared by every volume; ``None`` looks for ``<case>_<source>`` files
             next to each ``<case>_<target>`` file. Unconditional runs take none.
@@ -121,11 +138,12 @@ def read_inputs(
 
     Raises:
         ConfigError: an empty list, conditions for an unconditional run. DataError: a file that is missing,
-            not NIfTI, named as another modality, not co-registered with its sources, or on another voxel size.
+            not a volume, named as another modality, not co-registered with its sources, or on another voxel size.
     """
     check_run(run)
     if not paths:
-        raise ConfigError(f"{option}: expected at least one NIfTI file, got none")
+        raise ConfigError(f"{option}: expected at least one volume (NIfTI, NRRD, MetaImage or a DICOM series "
+                          "folder), got none")
     sources = run.sources
     if not sources and conditions:
         raise ConfigError("--condition: this run generates unconditionally; it takes no condition")

@@ -1,10 +1,12 @@
 """Batch inference with one loaded run: every case of a folder (translation), or N seeded samples (generation).
 
-Both write into an output folder, one NIfTI per case (or sample) and target, and a ``samples.json``
-manifest (run, checkpoint, weights, sampler settings, and each output's case or seed). They are
-resumable: a case whose outputs all exist is skipped (NIfTI files are written atomically, so an existing
-one is complete). A case that fails is reported in one line naming it and the others go on;
-:attr:`BatchResult.failed` lists what failed.
+Both write into an output folder, one volume per case (or sample) and target, and a ``samples.json``
+manifest (run, checkpoint, weights, sampler settings, and each output's case or seed). The format is
+``out_format`` (:data:`OUT_FORMATS`), the rule of ``idm3d sample --out NAME``'s suffix for a batch: ``nifti``
+(the default), ``nrrd``, ``mha``, ``dicom`` (CT runs) or ``input`` (each case in its first source's format); a
+translation lies on its case's grid, whatever the format. They are resumable: a case whose outputs all exist
+is skipped (every output is written atomically, so an existing one is complete). A case that fails is reported
+in one line naming it and the others go on; :attr:`BatchResult.failed` lists what failed.
 """
 
 from __future__ import annotations
@@ -20,15 +22,49 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from idm3d.data.cases import scan_cases
+from idm3d.data.readers import image_format, volume_suffix
 from idm3d.errors import ConfigError, IDM3DError
 from idm3d.inference.generate import output_paths, write_sample
 from idm3d.jsonio import dumps
 from idm3d.runs.checkpoint import atomic_write_text
 from idm3d.runs.load import LoadedRun
 
-__all__ = ["MANIFEST", "BatchResult", "sample_folder", "sample_many"]
+__all__ = ["MANIFEST", "OUT_FORMATS", "BatchResult", "output_suffix", "sample_folder", "sample_many"]
 
 MANIFEST = "samples.json"
+# Single-file formats only (``.nhdr``/``.mhd`` pairs are not written atomically, so a resumed batch could not
+# trust them); a DICOM series folder is renamed into place whole.
+OUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom": ""}
+_FROM_INPUT = {"nrrd": ".nrrd", "metaimage": ".mha", "dicom": ""}
+
+
+def output_suffix(run: LoadedRun, out_format: str, source: Path | None = None) -> str:
+    """The suffix of a batch output (``""``: a DICOM series folder) for ``out_format`` (see :data:`OUT_FORMATS`).
+
+    ``input`` takes ``source``'s format (``.nii``/``.nii.gz`` kept, ``.nhdr`` -> ``.nrrd``, ``.mhd`` ->
+    ``.mha``); a DICOM series input of a run that is not ``data.intensity: ct`` gets NIfTI (a DICOM output is a
+    CT series in HU). Without ``source``: the format is only checked (``.nii.gz`` for ``input``).
+
+    Raises:
+        ConfigError: an unknown format, ``dicom`` for a run that is not ``data.intensity: ct``, ``input``
+            for unconditional samples.
+    """
+    ct = run.config.data.intensity == "ct"
+    if out_format == "input":
+        if not run.sources:
+            raise ConfigError("--out-format input: unconditional samples have no input; use nifti, nrrd, mha or dicom")
+        if source is None:
+            return OUT_FORMATS["nifti"]
+        kind = image_format(source)
+        if kind == "nifti":
+            return volume_suffix(source.name) or OUT_FORMATS["nifti"]
+        return OUT_FORMATS["nifti"] if kind == "dicom" and not ct else _FROM_INPUT[kind]
+    if out_format not in OUT_FORMATS:
+        raise ConfigError(f"--out-format: expected one of {'|'.join([*OUT_FORMATS, 'input'])}, got {out_format!r}")
+    if out_format == "dicom" and not ct:
+        raise ConfigError("--out-format dicom: only data.intensity: ct runs write DICOM series (CT, in HU); "
+                          "use nifti, nrrd or mha")
+    return OUT_FORMATS[out_format]
 
 
 @dataclasses.dataclass
@@ -58,12 +94,13 @@ def _reason(err: BaseException) -> str:
 class _Manifest:
     """``<out>/samples.json``, kept up to date after each output so an interrupted batch keeps its records."""
 
-    def __init__(self, out_dir: Path, run: LoadedRun, kind: str) -> None:
+    def __init__(self, out_dir: Path, run: LoadedRun, kind: str, out_format: str = "nifti") -> None:
         self.path = out_dir / MANIFEST
         sc = run.settings
         self.doc: dict[str, Any] = {
             "run": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.state.step, "weights": run.weights,
-            "kind": kind, "sampler": sc.sampler, "steps": sc.steps, "eta": sc.eta, "precision": sc.precision,
+            "kind": kind, "out_format": out_format, "sampler": sc.sampler, "steps": sc.steps, "eta": sc.eta,
+            "precision": sc.precision,
             "outputs": {},
         }
         if self.path.is_file():  # resuming: keep what earlier invocations recorded
@@ -79,6 +116,7 @@ def _run_batch(
     run: LoadedRun,
     out_dir: Path,
     items: Sequence[tuple[str, dict[str, Any]]],
+    suffix: Callable[[str], str],
     make: Callable[[str, dict[str, Any], Path], list[Path]],
     manifest: _Manifest,
     problems: dict[str, str],
@@ -91,17 +129,19 @@ def _run_batch(
     try:
         for name, entry in items:
             bar.set_postfix_str(name, refresh=False)
-            paths, _ = output_paths(out_dir / f"{name}.nii.gz", run.targets)
-            if all(p.is_file() for p in paths):
-                result.skipped.append(name)
+            try:
+                out = out_dir / f"{name}{suffix(name)}"  # with out_format input: the case's source format
+                # An existing output is complete: files and DICOM folders are moved into place whole.
+                done = all(p.exists() for p in output_paths(out, run.targets, dicom=True)[0])
+                written = [] if done else make(name, entry, out)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as err:  # one bad case must not lose the others
+                result.failed[name] = _reason(err)
+                tqdm.write(f"idm3d: error: {name}: {result.failed[name]}", file=sys.stderr)
             else:
-                try:
-                    written = make(name, entry, out_dir / f"{name}.nii.gz")
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except Exception as err:  # one bad case must not lose the others
-                    result.failed[name] = _reason(err)
-                    tqdm.write(f"idm3d: error: {name}: {result.failed[name]}", file=sys.stderr)
+                if done:
+                    result.skipped.append(name)
                 else:
                     result.written.extend(written)
                     manifest.add(name, {**entry, "files": [p.name for p in written]})
@@ -111,16 +151,21 @@ def _run_batch(
     return result
 
 
-def sample_folder(run: LoadedRun, input_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> BatchResult:
+def sample_folder(
+    run: LoadedRun, input_dir: str | Path, out_dir: str | Path, *, progress: bool = True, out_format: str = "nifti"
+) -> BatchResult:
     """Translate every case of ``input_dir`` (case folders, modalities found by file-name suffix, as for
-    training data) into ``out_dir/<case>_<target>.nii.gz`` (``<case>.nii.gz`` with one target), each on its
-    case's grid and affine. A case lacking a source modality is reported as failed.
+    training data) into ``out_dir/<case>_<target>.nii.gz`` (``<case>.nii.gz`` with one target; the suffix
+    from ``out_format``, :func:`output_suffix`), each on its case's grid and affine: origin, spacing and
+    direction cosines. A case lacking a source modality is reported as failed.
 
     Raises:
-        ConfigError: the run generates unconditionally, or ``input_dir`` holds no case at all.
+        ConfigError: the run generates unconditionally, ``input_dir`` holds no case at all, or a bad
+            ``out_format``.
     """
     if not run.sources:
         raise ConfigError("--input-dir: this run generates unconditionally; use --num N")
+    output_suffix(run, out_format)
     out, root = Path(out_dir), Path(input_dir)
     cases, problems = scan_cases(root, run.sources)
     failed: dict[str, str] = {}
@@ -135,29 +180,34 @@ def sample_folder(run: LoadedRun, input_dir: str | Path, out_dir: str | Path, *,
     seed = run.settings.seed
     items = [(c.case_id, {"seed": seed, "inputs": {m: str(p) for m, p in c.files.items()}}) for c in cases]
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _Manifest(out, run, "translate")
-    return _run_batch(run, out, items, lambda name, _e, path: write_sample(run, path, files[name], png=False),
+    manifest = _Manifest(out, run, "translate", out_format)
+    first = run.sources[0]
+    return _run_batch(run, out, items, lambda name: output_suffix(run, out_format, files[name][first]),
+                      lambda name, _e, path: write_sample(run, path, files[name], png=False),
                       manifest, failed, progress)
 
 
 def sample_many(
-    run: LoadedRun, num: int, out_dir: str | Path, *, shape: Sequence[int] | None = None, progress: bool = True
+    run: LoadedRun, num: int, out_dir: str | Path, *, shape: Sequence[int] | None = None, progress: bool = True,
+    out_format: str = "nifti",
 ) -> BatchResult:
-    """``num`` unconditional samples ``out_dir/sample_0000[_<target>].nii.gz`` ..., sample ``i`` drawn with
-    seed ``sample.seed + i`` (recorded in the manifest), so the set is reproducible and extendable.
+    """``num`` unconditional samples ``out_dir/sample_0000[_<target>].nii.gz`` ... (the suffix from
+    ``out_format``, :func:`output_suffix`), sample ``i`` drawn with seed ``sample.seed + i`` (recorded in the
+    manifest), so the set is reproducible and extendable.
 
     Raises:
-        ConfigError: the run translates (it needs ``--input-dir``), or ``num`` < 1.
+        ConfigError: the run translates (it needs ``--input-dir``), ``num`` < 1, or a bad ``out_format``.
     """
     if run.sources:
         raise ConfigError(f"--num: this run translates {run.sources} -> {run.targets}; use --input-dir")
     if num < 1:
         raise ConfigError(f"--num: expected a count >= 1, got {num}")
+    suffix = output_suffix(run, out_format)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = run.settings.seed
     items = [(f"sample_{i:04d}", {"seed": base + i}) for i in range(num)]
-    manifest = _Manifest(out, run, "generate")
-    return _run_batch(run, out, items,
+    manifest = _Manifest(out, run, "generate", out_format)
+    return _run_batch(run, out, items, lambda _n: suffix,
                       lambda _n, entry, path: write_sample(run, path, shape=shape, seed=entry["seed"], png=False),
                       manifest, {}, progress)

@@ -13,16 +13,19 @@ step ``s`` (with any ``N``) continues the data order exactly. Each process takes
 share and DDP averages the gradients, which is the gradient of the mean over the global batch.
 
 Only rank 0 writes to the run folder (config, split, checkpoints, metrics, the loss curve) and shows the
-progress bar; every process resumes from the same checkpoint. Every process prepares the data itself
-(:class:`~idm3d.runs.data_source.DataSource` writes nothing, and the split depends only on the case ids
-and ``data.split_seed``), so no process waits for another to write a file.
+progress bar; every process resumes from the same checkpoint. The outcome of rank 0's checkpoint write is
+agreed (:meth:`DistContext.agreed_outcome`): a full disk there stops every process with the same line.
+Every process prepares the data itself (:class:`~idm3d.runs.data_source.DataSource` writes nothing, and
+the split depends only on the case ids and ``data.split_seed``), so no process waits for another to write a
+file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -30,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from idm3d.errors import ConfigError
+from idm3d.errors import ConfigError, IDM3DError
 from idm3d.runs.load import resolve_device
 
 __all__ = ["DistContext", "NullLog", "launcher_argv", "setup", "shutdown"]
@@ -109,6 +112,46 @@ class DistContext:
         t = self._tensor([float(flag)])
         dist.broadcast(t, src=0)
         return bool(t[0])
+
+    @contextlib.contextmanager
+    def agreed_outcome(self) -> Iterator[None]:
+        """Run a block that not every process does the same in (rank 0's checkpoint write) and agree on its end.
+
+        After the block every process all-reduces a failure flag: when no process failed, all go on; when
+        one did, it raises its own error and every other process raises the same one-line error (an
+        :class:`~idm3d.errors.IDM3DError` keeps its type: a full disk on rank 0 is a
+        :class:`~idm3d.runs.rundir.RunWriteError` on every rank), so all stop together instead of the others
+        training on into a collective that the failed process never joins. Costs one all-reduce of one
+        number when nothing failed. ``KeyboardInterrupt`` and ``SystemExit`` pass through unagreed.
+        """
+        if not self.enabled:
+            yield
+            return
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as err:
+            error = err
+        # The lowest rank that failed, or world_size when none did.
+        t = self._tensor([self.rank if error is not None else self.world_size])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        first = int(t[0])
+        if first == self.world_size:
+            return
+        box: list[Any] = [None]
+        if self.rank == first:
+            assert error is not None
+            line = (str(error).strip().splitlines() or [""])[0]
+            # Sent as (class, line): an IDM3DError subclass is rebuilt from its message; anything else (a bug
+            # keeps its traceback on the process where it happened) becomes one IDM3DError line elsewhere.
+            box[0] = ((type(error), line) if isinstance(error, IDM3DError)
+                      else (IDM3DError, f"process {first}: {type(error).__name__}: {line}"))
+        dist.broadcast_object_list(box, src=first)
+        dist.barrier()  # every process holds the line before the failed one exits (torchrun then ends the rest)
+        if error is not None:
+            raise error
+        kind, line = box[0]
+        raise kind(line)
 
     def gather(self, obj: T) -> list[T]:
         """Every process's ``obj`` (picklable), in rank order, on every process."""

@@ -145,11 +145,13 @@ class Trainer(TrainerGuards):
     def save(self) -> Path:
         """Write a checkpoint at the current step (keeps the newest ``train.keep_checkpoints``)."""
         self._saved_step = self.step
-        if not self.dist.is_main:  # every process holds the same state: rank 0 writes it
-            return self.ckpt_dir / f"step-{self.step:08d}.json"
-        tensors = training_tensors(self.model, self.ema, self.optimizer)
-        return self.folder.save_checkpoint(self.train_state(), tensors, keep=self.cfg.train.keep_checkpoints,
-                                           model=self.model_record)
+        path = self.ckpt_dir / f"step-{self.step:08d}.json"
+        with self.dist.agreed_outcome():  # a failed write on rank 0 (full disk) stops every process with its line
+            if self.dist.is_main:  # every process holds the same state: rank 0 writes it
+                tensors = training_tensors(self.model, self.ema, self.optimizer)
+                path = self.folder.save_checkpoint(self.train_state(), tensors,
+                                                   keep=self.cfg.train.keep_checkpoints, model=self.model_record)
+        return path
 
     def _open(self) -> None:
         """Rank 0 writes the run folder's config, split and data summary and opens the metrics log."""
