@@ -12,6 +12,11 @@ the default ``IDMUNet()`` (fp32, batch 1, eval) on one ``S^3`` volume:
 Each rank reports the RSS high-water mark of the measured call above its RSS right before it
 (``VmHWM`` after ``clear_refs``, glibc's mmap threshold fixed so freed maps leave the RSS) and its CPU
 seconds; the table gives the largest rank's figures and their ratio to ``lean``.
+
+The in-place path runs a sub-network, stem or head whole (through its modules) while its full-size
+temporaries fit ``work_bytes`` (256 MiB by default): a shard that small needs no slab path, so at 128³
+``lean-R`` and ``twin-R`` coincide; ``--work-mib`` sets a smaller allowance, as a volume larger than
+the budget meets it, to show the per-rank peak the slab path reaches.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from idm3d.children import status_kib
 __all__ = ["add_arguments", "run"]
 
 
-def _worker(rank: int, mode: str, ranks: int, size: int, threads: int, warmup: int, init: str, out: str) -> None:
+def _worker(rank: int, mode: str, ranks: int, size: int, threads: int, warmup: int, work: int | None, init: str,
+            out: str) -> None:
     tune_malloc()
     torch.set_num_threads(threads)
     from idm3d.domain import scatter_depth
     from idm3d.domain.lean import LeanShardedNet
     from idm3d.domain.twin import sharded_twin
+    from idm3d.invertible.inplace import inference_budget
     from idm3d.nets.idm_unet import IDMUNet
 
     if ranks > 1:
@@ -63,7 +70,7 @@ def _worker(rank: int, mode: str, ranks: int, size: int, threads: int, warmup: i
         reset_peak_rss()
         base = (status_kib("VmRSS") or 0) * 1024
         wall, cpu = time.perf_counter(), time.process_time()
-        with torch.no_grad():
+        with torch.no_grad(), inference_budget(work_bytes=None if work is None else work * 2**20):
             y = net(x, t)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = (status_kib("VmHWM") or 0) * 1024
@@ -74,14 +81,14 @@ def _worker(rank: int, mode: str, ranks: int, size: int, threads: int, warmup: i
         dist.destroy_process_group()
 
 
-def _measure(mode: str, size: int, threads: int, warmup: int) -> dict[str, Any]:
+def _measure(mode: str, size: int, threads: int, warmup: int, work: int | None) -> dict[str, Any]:
     ranks = int(mode.split("-")[1]) if "-" in mode else 1
     with tempfile.TemporaryDirectory() as tmp:
-        args = (mode, ranks, size, threads, warmup, str(Path(tmp) / "init"), tmp)
+        args = (mode, ranks, size, threads, warmup, work, str(Path(tmp) / "init"), tmp)
         mp.spawn(_worker, args=args, nprocs=ranks, join=True)
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(ranks)]
     last = [r["records"][-1] for r in per_rank]
-    return {"mode": mode, "ranks": ranks, "size": size, "threads_per_rank": threads, "warmup": warmup,
+    return {"mode": mode, "ranks": ranks, "size": size, "threads_per_rank": threads, "warmup": warmup, "work_mib": work,
             "peak_mib": max(rec["peak_mib"] for rec in last), "cpu_s": max(rec["cpu_s"] for rec in last),
             "wall_s": max(rec["wall_s"] for rec in last), "per_rank": per_rank}
 
@@ -110,11 +117,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=["lean", "plain", "twin-2", "lean-2", "twin-4", "lean-4"])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     parser.add_argument("--warmup", type=int, default=1, help="calls before the measured one")
+    parser.add_argument("--work-mib", type=int, default=None,
+                        help="the in-place path's work_bytes in MiB (inference_budget; default: its own, 256)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench/domain-lean-128"), help="writes OUT.json, OUT.md")
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = [_measure(mode, args.size, args.threads, args.warmup) for mode in args.modes]
+    rows = [_measure(mode, args.size, args.threads, args.warmup, args.work_mib) for mode in args.modes]
     report = {
         "command": "python -m benchmarks.domain_lean " + " ".join(sys.argv[1:]),
         "load": f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine).",
