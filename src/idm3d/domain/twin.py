@@ -17,7 +17,7 @@ from torch import nn
 
 from idm3d.domain.shard import shard, sync_gradients
 
-__all__ = ["sharded_twin"]
+__all__ = ["sharded_twin", "shared_copy"]
 
 
 class _GradientSum:
@@ -49,6 +49,19 @@ class _GradientSum:
         sync_gradients(self.twin, self.group, average=self.average)
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules whose parameters and buffers *are* ``model``'s (the same objects)."""
+    twin = copy.deepcopy(model)
+    originals = dict(model.named_modules())
+    for name, module in twin.named_modules():
+        source = originals[name]
+        for key in module._parameters:
+            module._parameters[key] = source._parameters[key]
+        for key in module._buffers:
+            module._buffers[key] = source._buffers[key]
+    return twin
+
+
 def sharded_twin(model: nn.Module, group: Any = None, average: bool = True) -> nn.Module:
     """A depth-sharded copy of ``model`` whose parameters and buffers *are* ``model``'s.
 
@@ -58,14 +71,6 @@ def sharded_twin(model: nn.Module, group: Any = None, average: bool = True) -> n
         average: sum the gradients over ranks and divide by their number (each rank's loss being the
             mean over its slices, as the training loss is); ``False``: the plain sum.
     """
-    twin = copy.deepcopy(model)
-    originals = dict(model.named_modules())
-    for name, module in twin.named_modules():
-        source = originals[name]
-        for key in module._parameters:
-            module._parameters[key] = source._parameters[key]
-        for key in module._buffers:
-            module._buffers[key] = source._buffers[key]
-    shard(twin, group)
+    twin = shard(shared_copy(model), group)
     twin._gradient_sum = _GradientSum(twin, model, group, average)  # kept alive with the twin
     return twin

@@ -5,8 +5,8 @@
 Every rank loads the run and reads the inputs whole; :func:`shard_run` gives it a run whose pipeline
 (:class:`DepthShardedPipeline`) keeps only the rank's ``D / R`` depth slices of ``x_t``, of the
 condition and of the noise, runs the pipeline's own chain (DDPM, DDIM, or a flow run's Euler/Heun) on
-them with a depth-sharded twin of the network (:func:`idm3d.domain.twin.sharded_twin`: the run's
-parameters in halo convolutions, sharded GroupNorms and attentions), and all-gathers the result; rank 0
+them with a depth-sharded copy of the network (:class:`idm3d.domain.lean.LeanShardedNet`: the run's
+parameters in halo convolutions, sharded GroupNorms and attentions, run in place), and all-gathers the result; rank 0
 writes the files exactly as one process does (:func:`write_sample_sharded`).
 
 The result does not depend on ``R``: every rank draws the *whole* volume's noise from the chain's seeded
@@ -16,9 +16,10 @@ whole draw lives only until its slices are copied, one volume of float32 per dra
 elementwise, and a flow run's time grid is made for the whole volume's size.
 
 Not supported (one-line ``ConfigError``): patch-wise sampling (``sample.roi_size``), coordinate channels,
-batch sampling (``--input-dir``/``--num``). The no-grad in-place path of the single-process network is
-not used by the shards (the twin's collectives need the module calls), so a rank's peak is that of the
-ordinary no-grad forward on its slices.
+batch sampling (``--input-dir``/``--num``). Each rank runs the single-process network's lean no-grad
+in-place path on its slices (:class:`idm3d.domain.lean.LeanShardedNet`: the slab path's GroupNorm
+statistics combined over the ranks, the planes beyond a shard's ends swapped with the neighbours), so a
+rank's peak shrinks with its share of the volume (docs/bench/domain-lean-128.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from idm3d.diffusion.flow import is_flow
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.diffusion.solvers import FlowSolver
 from idm3d.domain.comm import Domain, gather_depth, local_slices
-from idm3d.domain.twin import sharded_twin
+from idm3d.domain.lean import LeanShardedNet
 from idm3d.errors import ArgumentError, ConfigError
 from idm3d.inference.generate import write_sample
 from idm3d.runs.load import LoadedRun
@@ -140,7 +141,7 @@ class DepthShardedPipeline(DiffusionPipeline):
             raise ConfigError(f"{OPTION}: no process group; run under torchrun --nproc_per_node R")
         if not isinstance(pipeline.model, torch.nn.Module):
             raise ArgumentError("pipeline", "depth sharding needs a network (an nn.Module), not a function")
-        super().__init__(sharded_twin(pipeline.model, group), pipeline.scheduler, loss=pipeline.loss_kind,
+        super().__init__(LeanShardedNet(pipeline.model, group), pipeline.scheduler, loss=pipeline.loss_kind,
                          ssim_weight=pipeline.ssim_weight, overlap=pipeline.overlap, autocast=pipeline.autocast)
         self.group = group
         self.domain = Domain.of(group)

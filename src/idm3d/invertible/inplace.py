@@ -14,11 +14,16 @@ The sizes come from :func:`inference_budget` (a context variable, like the memor
 a sub-network whose full-size temporaries fit ``work_bytes`` runs unsplit, through the very modules of
 the graph path, so its result equals theirs bitwise; only larger ones take the slab path, whose
 statistics are summed in another order (equal to ~1e-7 relative, see ``tests/test_inference.py``).
+
+On depth shards (:mod:`idm3d.domain.lean`) the same primitives run on a rank's slices: a
+:class:`DepthNeighbours` set by :func:`depth_neighbours` (a context variable, so this package never
+imports the domain package) makes every :class:`GroupMoments` the whole volume's and supplies the
+planes beyond the shard's ends (``edges``) where the unsharded path reads zero padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import NamedTuple
@@ -31,15 +36,21 @@ from idm3d.invertible.slab_conv import _slab_input, slab_ranges
 
 __all__ = [
     "Budget",
+    "DepthNeighbours",
+    "Edges",
     "GroupMoments",
     "adjacent_join",
     "budget",
     "conv_planes",
+    "depth_neighbours",
+    "edge_planes",
+    "edge_planes_of",
     "group_moments",
     "inference_budget",
     "norm_act_planes",
     "planes_for",
     "regroup_view",
+    "slab_input",
 ]
 
 MIB = 2**20
@@ -82,6 +93,58 @@ def budget() -> Budget:
     return _BUDGET.get() or _DEFAULT
 
 
+# The planes just before and just after this rank's slices (``None``: beyond the volume, zero padding).
+Edges = tuple[Tensor | None, Tensor | None]
+
+
+class DepthNeighbours:
+    """What a depth-sharded no-grad forward supplies to the primitives here (see :func:`depth_neighbours`).
+
+    The base class is the unsharded volume: statistics stay as they are and no planes lie beyond its ends.
+    """
+
+    def combine(self, mean: Tensor, m2: Tensor, count: int, device: torch.device) -> tuple[Tensor, Tensor, int]:
+        """The whole volume's ``(mean, m2, count)`` (float64, CPU) from this shard's; a collective."""
+        return mean, m2, count
+
+    def exchange(self, first: Tensor, last: Tensor) -> Edges:
+        """Send ``first`` to the previous shard and ``last`` to the next; return what they sent; a collective."""
+        return None, None
+
+
+_NEIGHBOURS: ContextVar[DepthNeighbours | None] = ContextVar("idm3d_depth_neighbours", default=None)
+
+
+@contextmanager
+def depth_neighbours(neighbours: DepthNeighbours | None) -> Iterator[None]:
+    """Within the block, the no-grad primitives run on a depth shard whose neighbours ``neighbours`` reaches.
+
+    Every rank of the domain must make the same calls inside (the statistics and edges are collectives).
+    """
+    token = _NEIGHBOURS.set(neighbours)
+    try:
+        yield
+    finally:
+        _NEIGHBOURS.reset(token)
+
+
+def edge_planes_of(make: Callable[[int, int], Tensor], depth: int, halo: int) -> Edges:
+    """The ``halo`` planes beyond each end of a map of local ``depth`` whose planes ``make(lo, hi)`` computes.
+
+    Unsharded (no :func:`depth_neighbours`) both are ``None`` and nothing is computed; on a shard each
+    rank computes its own first and last ``halo`` planes and swaps them with its neighbours.
+    """
+    neighbours = _NEIGHBOURS.get()
+    if neighbours is None or halo == 0:
+        return None, None
+    return neighbours.exchange(make(0, halo).contiguous(), make(depth - halo, depth).contiguous())
+
+
+def edge_planes(x: Tensor, halo: int) -> Edges:
+    """:func:`edge_planes_of` a map held whole on this rank."""
+    return edge_planes_of(lambda lo, hi: x[:, :, lo:hi], x.shape[2], halo)
+
+
 def planes_for(x: Tensor, channels: int, slab_bytes: int | None = None) -> int:
     """Depth planes of a ``channels``-wide slab of ``x``'s grid and batch that fit ``slab_bytes``."""
     limit = budget().slab_bytes if slab_bytes is None else slab_bytes
@@ -94,6 +157,7 @@ class GroupMoments:
 
     def __init__(self, batch: int, groups: int) -> None:
         self.groups = groups
+        self.dtype = torch.float32  # that of the statistics: float32, float64 for a float64 map
         self.count = 0
         self.mean = torch.zeros(batch, groups, dtype=torch.float64)
         self.m2 = torch.zeros(batch, groups, dtype=torch.float64)
@@ -101,7 +165,8 @@ class GroupMoments:
     def add(self, x: Tensor) -> None:
         """Add a slab ``(B, C, d, H, W)``; channels are grouped as ``nn.GroupNorm`` groups them."""
         b, _c = x.shape[:2]
-        part = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(b, self.groups, -1)
+        self.dtype = torch.promote_types(x.dtype, torch.float32)
+        part = x.to(self.dtype).reshape(b, self.groups, -1)
         # two-pass moments with ATen's cascade sums: ~1e-7 relative, 8x faster than var_mean's Welford
         mean = part.mean(-1, keepdim=True)
         centred = part - mean
@@ -117,9 +182,16 @@ class GroupMoments:
         self.count = total
 
     def stats(self, eps: float, device: torch.device) -> tuple[Tensor, Tensor]:
-        """``(mean, rstd)``, ``(B, G)`` float32, as ``torch.native_group_norm`` returns them."""
-        var = (self.m2 / self.count).clamp_min(0)
-        return self.mean.float().to(device), (var + eps).rsqrt().float().to(device)
+        """``(mean, rstd)``, ``(B, G)``, in the maps' dtype (at least float32) as ``native_group_norm`` gives them.
+
+        On a depth shard (:func:`depth_neighbours`) these are the whole volume's (a collective).
+        """
+        mean, m2, count = self.mean, self.m2, self.count
+        neighbours = _NEIGHBOURS.get()
+        if neighbours is not None:
+            mean, m2, count = neighbours.combine(mean, m2, count, device)
+        var = (m2 / count).clamp_min(0)
+        return mean.to(device, self.dtype), (var + eps).rsqrt().to(device, self.dtype)
 
 
 def group_moments(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -139,12 +211,14 @@ def norm_act_planes(
     halo: int,
     scale: Tensor | None = None,
     shift: Tensor | None = None,
+    edges: Edges = (None, None),
 ) -> Tensor:
     """``silu(addcmul(shift, norm(x), scale))`` on planes ``[lo - halo, hi + halo)``, zeros outside the volume.
 
     The zeros are the padding of the convolution that reads the result: "same" padding pads the
     activation, not ``x``. ``stats`` are the whole volume's (:func:`group_moments`), so every slab is
-    normalised as the whole-volume GroupNorm normalises it. One new slab-sized tensor.
+    normalised as the whole-volume GroupNorm normalises it. ``edges``: ``x``'s planes beyond its ends
+    on a depth shard (:func:`edge_planes`), normalised in place of the zeros. One new slab-sized tensor.
     """
     mean, rstd = stats
     b, c = x.shape[:2]
@@ -160,18 +234,28 @@ def norm_act_planes(
     dt = torch.promote_types(x.dtype, torch.float32)
     a = (r.to(dt) * w.to(dt))[:, :, None, None, None]
     a0 = (bias.to(dt) - m.to(dt) * a[:, :, 0, 0, 0])[:, :, None, None, None]
-    # the zero planes of the halo are part of the one new tensor (no padded copy)
+
+    def fill(dst: Tensor, src: Tensor) -> None:
+        torch.addcmul(a0, src.to(dt), a, out=dst)
+        if scale is not None and shift is not None:
+            torch.addcmul(shift.to(dt), dst, scale.to(dt), out=dst)  # the FiLM the graph path runs
+        F.silu(dst, inplace=True)
+
+    # the zero (or neighbour) planes of the halo are part of the one new tensor (no padded copy)
     front, back = max(0, halo - lo), max(0, hi + halo - depth)
     out = part.new_empty((b, c, front + part.shape[2] + back, *part.shape[3:]), dtype=dt)
+    prev, nxt = edges
     if front:
-        out[:, :, :front].zero_()
+        if prev is None:
+            out[:, :, :front].zero_()
+        else:
+            fill(out[:, :, :front], prev[:, :, prev.shape[2] - front :])
     if back:
-        out[:, :, out.shape[2] - back :].zero_()
-    body = out[:, :, front : front + part.shape[2]]
-    torch.addcmul(a0, part.to(dt), a, out=body)
-    if scale is not None and shift is not None:
-        torch.addcmul(shift.to(dt), body, scale.to(dt), out=body)  # the FiLM the graph path runs
-    F.silu(body, inplace=True)
+        if nxt is None:
+            out[:, :, out.shape[2] - back :].zero_()
+        else:
+            fill(out[:, :, out.shape[2] - back :], nxt[:, :, :back])
+    fill(out[:, :, front : front + part.shape[2]], part)
     return out
 
 
@@ -197,10 +281,28 @@ def conv_planes(a: Tensor, conv: nn.Conv3d) -> Tensor:
     return torch.ops.aten.mkldnn_convolution(a.contiguous(), weight, bias, padding, (1, 1, 1), (1, 1, 1), conv.groups)
 
 
-def conv_slab(x: Tensor, conv: nn.Conv3d, lo: int, hi: int) -> Tensor:
-    """Output planes ``[lo, hi)`` of ``conv(x)`` ("same" padding, stride 1), reading only the planes they need."""
-    part, _, _ = _slab_input(x, lo, hi, conv.weight.shape[2] // 2)
-    return conv_planes(part, conv)
+def slab_input(x: Tensor, lo: int, hi: int, halo: int, edges: Edges = (None, None)) -> Tensor:
+    """Planes ``[lo - halo, hi + halo)`` of ``x``: zeros beyond its ends, or the neighbours' ``edges`` on a shard."""
+    prev, nxt = edges
+    if prev is None and nxt is None:
+        return _slab_input(x, lo, hi, halo)[0]
+    depth = x.shape[2]
+    front, back = max(0, halo - lo), max(0, hi + halo - depth)
+    parts = [x[:, :, max(lo - halo, 0) : min(hi + halo, depth)]]
+    if front:
+        zeros = x.new_zeros((*x.shape[:2], front, *x.shape[3:]))
+        parts.insert(0, zeros if prev is None else prev[:, :, prev.shape[2] - front :])
+    if back:
+        parts.append(x.new_zeros((*x.shape[:2], back, *x.shape[3:])) if nxt is None else nxt[:, :, :back])
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+
+def conv_slab(x: Tensor, conv: nn.Conv3d, lo: int, hi: int, edges: Edges = (None, None)) -> Tensor:
+    """Output planes ``[lo, hi)`` of ``conv(x)`` ("same" padding, stride 1), reading only the planes they need.
+
+    ``edges``: ``x``'s planes beyond its ends on a depth shard (:func:`edge_planes`), else zero padding.
+    """
+    return conv_planes(slab_input(x, lo, hi, conv.weight.shape[2] // 2, edges), conv)
 
 
 def regroup_view(x: Tensor, shape: Sequence[int]) -> Tensor | None:

@@ -16,6 +16,8 @@ from idm3d.invertible.inplace import (
     GroupMoments,
     budget,
     conv_planes,
+    edge_planes,
+    edge_planes_of,
     group_moments,
     norm_act_planes,
     planes_for,
@@ -39,6 +41,8 @@ def coupling_add_(net: torch.nn.Module, x1: Tensor, x2: Tensor, cond: Sequence[T
     statistics, keeping the slabs that fit ``work_bytes``; pass 2 normalises each output slab's
     hidden planes (kept or recomputed from ``x1``, plus a one-plane halo), convolves them and adds
     the result into ``x2``'s planes. ``x1`` is only read, so the writes cannot disturb later slabs.
+    On a depth shard (:func:`~idm3d.invertible.inplace.depth_neighbours`) the statistics are the
+    volume's, and the planes beyond the shard's ends (of ``x1`` and of the hidden map) the neighbours'.
     """
     hidden = net.conv1.out_channels
     full = _map_bytes(x1, x1.shape[1]) + _map_bytes(x1, hidden) + _map_bytes(x1, x2.shape[1])
@@ -56,8 +60,10 @@ def coupling_add_(net: torch.nn.Module, x1: Tensor, x2: Tensor, cond: Sequence[T
     depth = x1.shape[2]
     ranges = slab_ranges(depth, planes_for(x1, max(x1.shape[1], hidden, x2.shape[1])))
 
+    edges1 = edge_planes(x1, halo1)
+
     def hidden_planes(lo: int, hi: int) -> Tensor:  # conv1's output planes [lo, hi)
-        return conv_planes(norm_act_planes(x1, lo, hi, net.norm1, stats1, halo1), net.conv1)
+        return conv_planes(norm_act_planes(x1, lo, hi, net.norm1, stats1, halo1, edges=edges1), net.conv1)
 
     acc = GroupMoments(x1.shape[0], net.norm2.num_groups)
     kept: dict[int, Tensor] = {}  # first plane -> hidden slab, while the budget lasts
@@ -70,6 +76,7 @@ def coupling_add_(net: torch.nn.Module, x1: Tensor, x2: Tensor, cond: Sequence[T
             kept[d0], room = h, room - nbytes
         del h
     stats2 = acc.stats(net.norm2.eps, x1.device)
+    edges2 = edge_planes_of(hidden_planes, depth, halo2)  # recomputed: 2 * halo2 planes of conv1
     cache: tuple[int, Tensor] | None = None  # the last recomputed run: its halo serves the next slab
 
     def gather(lo: int, hi: int) -> Tensor:
@@ -97,7 +104,7 @@ def coupling_add_(net: torch.nn.Module, x1: Tensor, x2: Tensor, cond: Sequence[T
         lo, hi = max(o0 - halo2, 0), min(o1 + halo2, depth)
         h = gather(lo, hi)
         # h holds planes [lo, hi); the volume's edges are its edges, where the halo is zero padding
-        a = norm_act_planes(h, o0 - lo, o1 - lo, net.norm2, stats2, halo2, scale, shift)
+        a = norm_act_planes(h, o0 - lo, o1 - lo, net.norm2, stats2, halo2, scale, shift, edges2)
         x2[:, :, o0:o1].add_(conv_planes(a, net.conv2))
         del h, a
 
