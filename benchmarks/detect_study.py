@@ -259,6 +259,7 @@ def run_study(
         command += " --generators " + " ".join(generators)
     if max_windows is not None:
         command += f" --max-windows {max_windows}"
+    command += (f" --bootstrap {n_boot}" if n_boot != 2000 else "") + (f" --threads {threads}" if threads != 2 else "")
     names = {"idm": "the IDMUNet's (DDPM)", "monai": "the MONAI baseline's", "flow": "the rectified-flow IDMUNet's"}
     extra = {"study": {"windows": len(groups), "window": list(WINDOW), "stride": STRIDE, "min_brain": MIN_BRAIN,
                        "training": budget, "timing_64": timing, "goals": goals,

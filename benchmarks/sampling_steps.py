@@ -12,8 +12,10 @@ Run again with the same ``--out`` and the trained runs are reused.
 ``--objectives`` picks the runs: ``ddpm``, ``rflow`` (the demo with the flow objective) and flow variants that
 change one thing of ``rflow``: ``rflow-logit`` (MONAI's ``sample_method: logit-normal`` training
 timesteps), ``rflow-warp`` (MONAI's ``use_timestep_transform``: more time near noise for volumes larger than
-``base_img_size_numel``). ``--append`` adds the points to ``steps.jsonl`` instead of replacing it; every
-row records the command that wrote it. The table and plot are drawn from all rows of the file.
+``base_img_size_numel``), ``rflow-x0`` (the network predicts x0, ``diffusion.prediction_type: sample``, as
+the demo's DDPM runs do; its velocity is ``(x0_hat - x_t) / s``) and ``rflow-x0-warp`` (both).
+``--append`` adds the points to ``steps.jsonl`` instead of replacing it; every row records the command that
+wrote it. The table and plot are drawn from all rows of the file.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ OBJECTIVES = {
 VARIANTS = {  # flow variants: the rflow run with one more override
     "rflow-logit": ["diffusion.sample_method=logit-normal"],
     "rflow-warp": ["diffusion.use_timestep_transform=true"],
+    "rflow-x0": ["diffusion.prediction_type=sample"],  # the network predicts x0, as the demo's DDPM runs do
+    "rflow-x0-warp": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true"],
 }
 for _name, _extra in VARIANTS.items():
     OBJECTIVES[_name] = [*OBJECTIVES["rflow"], *_extra]
@@ -134,12 +138,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     directions = sorted({r["direction"] for r in rows})
-    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 3.6), squeeze=False)
+    keys = sorted({series(r) for r in rows})
+    colours = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(keys)}
+    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions) + 2.5, 4.2), squeeze=False)
     for ax, d in zip(axes[0], directions):
-        for key in sorted({series(r) for r in rows if r["direction"] == d}):
+        for key in [k for k in keys if any(series(r) == k and r["direction"] == d for r in rows)]:
             pts = sorted((r["calls"], r["ssim"]) for r in rows if r["direction"] == d
                          and series(r) == key and r["calls"] != DEFAULT_POINT[2])
-            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=key)
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=colours[key], label=key,
+                    ls="--" if key.endswith("heun") else "-")
         ref = [r["ssim"] for r in rows if r["direction"] == d and (r["training"], r["sampler"], r["calls"])
                == DEFAULT_POINT]
         if ref:
@@ -149,7 +156,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("held-out SSIM (brain)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles = {}
+    for ax in axes[0]:  # one legend for both panels (a variant may be in one direction only)
+        handles.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -184,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--directions", nargs="+", choices=("t1-t2", "t2-t1"), default=["t1-t2", "t2-t1"])
     p.add_argument("--append", action="store_true", help="add the points to steps.jsonl (default: replace it)")
     p.add_argument("--tag", default="", help="a label of these rows in the table (e.g. a repeat of a run)")
+    p.add_argument("--replot", action="store_true", help="only redraw steps.md/png from steps.jsonl")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    path = args.docs / "steps.jsonl"
+    if args.replot:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        plot(rows, args.docs / "steps.png")
+        (args.docs / "steps.md").write_text(table_markdown(rows))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
     rows = run_study(args.out, args.cpu_seconds, args.overrides, args.jobs, tuple(args.calls),
@@ -195,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
         row["command"] = command
         if args.tag:
             row["tag"] = args.tag
-    path = args.docs / "steps.jsonl"
     before = path.read_text() if args.append and path.is_file() else ""
     path.write_text(before + "".join(json.dumps(r) + "\n" for r in rows))
     for r in rows:

@@ -132,6 +132,25 @@ def test_heun_is_second_order_euler_first_and_inversion_round_trips():
     assert trips["euler", 17] < 0.6 * trips["euler", 9]
 
 
+def test_x0_parametrised_flow_learns_x0_and_its_solvers_land_on_the_prediction():
+    """diffusion.prediction_type: sample on a flow run: the target is x0 and the velocity (x0_hat - x_t) / s, so a
+    network that always answers one volume is sampled to exactly that volume, by every solver and call count."""
+    cfg = _cfg("diffusion.prediction_type=sample")
+    sched = build_scheduler(cfg)
+    x0, noise, t = torch.randn(2, 1, 4, 4, 4), torch.randn(2, 1, 4, 4, 4), torch.tensor([250, 900])
+    assert torch.equal(training_target(sched, x0, noise, t), x0)
+    assert torch.equal(flow_x0(sched, sched.add_noise(x0, noise, t), x0, t), x0)
+    assert torch.allclose(flow_epsilon(sched, sched.add_noise(x0, noise, t), x0, t), noise, atol=1e-5)
+    answer = torch.randn(1, 1, 4, 4, 4)
+    pipe = DiffusionPipeline(lambda x, t: answer.expand_as(x), sched)
+    for solver in ("euler", "heun"):
+        for calls in (1, 2, 3, 4):
+            out = pipe.sample(answer.shape, scheduler=build_scheduler(cfg, solver, calls),
+                              generator=torch.Generator().manual_seed(calls))
+            assert torch.allclose(out, answer, atol=1e-5)
+    assert _cfg().diffusion.prediction_type == "flow"  # the velocity stays the default
+
+
 def test_flow_solvers_and_ddpm_samplers_do_not_mix():
     with pytest.raises(ConfigError, match=r"^sample\.sampler: expected euler\|heun, got 'ddim'"):
         build_scheduler(_cfg(), "ddim", 4)

@@ -24,8 +24,7 @@ volume on 2 CPU cores):
 :meth:`FlowSolver.invert` runs the same steps backwards (data -> noise), each step evaluated at the volume
 in hand, so ``sample(invert(x0))`` returns about ``x0`` with an error that shrinks with the step size
 (second order for Heun). Its Euler steps call the network at the step's upper time ``t`` (the time at
-which the sampler calls it, as DDIM inversion does), so inversion never calls it at ``t = 0`` either; on
-the exact flow of Gaussian data its round trip is closer than with calls at the step's lower time.
+which the sampler calls it, as DDIM inversion does), so inversion never calls it at ``t = 0`` either.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ class DiffusionConfig:
     """Noise schedule and what the network predicts (MONAI scheduler names and options).
 
     ``kind``: ``ddpm`` (MONAI's DDPM/DDIM schedulers) or ``rflow`` (rectified flow, MONAI's ``RFlowScheduler``:
-    the network predicts the velocity x0 - noise, ``prediction_type`` ``flow``; docs/sampling/README.md).
+    the network predicts the velocity x0 - noise, ``prediction_type`` ``flow``, or x0, ``sample``; docs/sampling.md).
     ``schedule``/``beta_*`` are DDPM-only; ``sample_method``/``use_timestep_transform``/``base_img_size_numel``
     are rflow-only (MONAI's names).
     """
@@ -414,8 +414,8 @@ def _check_consistency(cfg: Config) -> None:
 def _check_objective(cfg: Config) -> None:
     """One line when the prediction type or the sampler belongs to the other objective (ddpm vs rflow)."""
     d, flow = cfg.diffusion, cfg.diffusion.kind == "rflow"
-    if (d.prediction_type == "flow") != flow:
-        want = "flow" if flow else "epsilon|sample|v_prediction"
+    if d.prediction_type not in (("flow", "sample") if flow else ("epsilon", "sample", "v_prediction")):
+        want = "flow|sample" if flow else "epsilon|sample|v_prediction"
         raise ConfigError(f"diffusion.prediction_type: diffusion.kind {d.kind} predicts {want}, got "
                           f"{d.prediction_type!r}")
     if (cfg.sample.sampler in ("euler", "heun")) != flow:
