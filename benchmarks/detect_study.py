@@ -12,6 +12,10 @@
 4. Features through the IDMUNet run; zero-shot, logistic regression and gradient boosting cross-validated
    grouped by window, per generator, and transferred between generators; then the time to score one
    64^3 volume with ``threads`` torch threads (wall and process CPU time, first and second volume).
+5. ``--generators idm flow`` (with ``--runs`` holding ``flow/``, a ``diffusion.kind: rflow`` run of the demo):
+   the flow run is a generator, and a second detector whose features come through the flow's ODE inversion
+   (``flow-detector/report.md``); ``--max-windows`` keeps that many windows, evenly spread, for a reduced
+   budget.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ WINDOW = (32, 32, 16)
 STRIDE = 16
 MIN_BRAIN = 0.25
 GENERATORS = ("idm", "monai")
+KNOWN_GENERATORS = ("idm", "monai", "flow")
+FLOW_OVERRIDES = ["diffusion.kind=rflow", "diffusion.prediction_type=flow", "diffusion.num_train_timesteps=1000",
+                  "sample.sampler=euler"]  # benchmarks.sampling_steps' rflow runs
 GOALS = {"zero_shot": 0.95, "supervised": 0.99, "cross_generator": 0.90, "seconds_64": 30.0}
 
 
@@ -53,19 +60,28 @@ def _say(message: str, progress: bool) -> None:
         print(f"python -m benchmarks.detect_study: {message}", file=sys.stderr, flush=True)
 
 
-def _train(out: Path, steps: int, progress: bool) -> dict[str, float]:
-    cfg = demo_config(steps=steps)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_seconds=None, max_cpu_seconds=None,
-                                                          progress=progress))
+def _train(out: Path, steps: int, progress: bool, generators: tuple[str, ...] = GENERATORS) -> dict[str, float]:
+    def fixed(overrides: list[str]) -> Any:
+        cfg = demo_config(None, overrides, steps=steps)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_seconds=None, max_cpu_seconds=None,
+                                                                  progress=progress))
+
+    cfg = fixed([])
     _say(f"training the IDMUNet for {steps} steps", progress)
     started = time.process_time()
     train(cfg, out / "idm")
     cpu = {"idm": time.process_time() - started}
-    elapsed = RunDir(out / "idm").read_state().elapsed_s
-    _say(f"training the MONAI baseline for the same {elapsed:.0f} s (at most {steps} steps)", progress)
-    started = time.process_time()
-    train(baseline_config(cfg, elapsed, max_steps=steps), out / "monai")
-    cpu["monai"] = time.process_time() - started
+    if "monai" in generators:
+        elapsed = RunDir(out / "idm").read_state().elapsed_s
+        _say(f"training the MONAI baseline for the same {elapsed:.0f} s (at most {steps} steps)", progress)
+        started = time.process_time()
+        train(baseline_config(cfg, elapsed, max_steps=steps), out / "monai")
+        cpu["monai"] = time.process_time() - started
+    if "flow" in generators:
+        _say(f"training the IDMUNet with rectified flow for {steps} steps", progress)
+        started = time.process_time()
+        train(fixed(FLOW_OVERRIDES), out / "flow")
+        cpu["flow"] = time.process_time() - started
     return cpu
 
 
@@ -122,6 +138,17 @@ def _material(out: Path, runs: dict[str, LoadedRun], progress: bool) -> tuple[di
     return inputs, groups
 
 
+def _subsample(inputs: dict[str, list[DetectInput]], groups: list[str], keep: int | None
+               ) -> tuple[dict[str, list[DetectInput]], list[str]]:
+    """``keep`` windows evenly spread over the held-out ones (all of them with ``None``)."""
+    if keep is None or keep >= len(groups):
+        return inputs, groups
+    if keep < 4:
+        raise ConfigError(f"--max-windows: expected at least 4 windows, got {keep}")
+    rows = np.linspace(0, len(groups) - 1, keep).round().astype(int).tolist()
+    return {k: [v[i] for i in rows] for k, v in inputs.items()}, [groups[i] for i in rows]
+
+
 def time_64(run: LoadedRun, settings: DetectSettings, threads: int) -> dict[str, Any]:
     """Seconds (wall, process CPU) to score one 64^3 volume: a central crop of the template, twice."""
     demo = DemoSource(run.config).demo
@@ -145,6 +172,10 @@ def time_64(run: LoadedRun, settings: DetectSettings, threads: int) -> dict[str,
     return {"shape": [size] * 3, "threads": threads, "first": records[0], "second": records[1]}
 
 
+def _per_generator(result: dict[str, Any]) -> dict[str, Any]:
+    return result.get("per_generator") or {}
+
+
 def _goals(result: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
     per = result["per_generator"]
     zero = min(per[g]["zero_shot"]["auroc"] for g in per)
@@ -166,8 +197,13 @@ def run_study(
     n_boot: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    generators: tuple[str, ...] = GENERATORS,
+    max_windows: int | None = None,
 ) -> dict[str, Any]:
     """Run the study into ``out`` and return its report (also ``report.json``/``report.md``)."""
+    unknown = [g for g in generators if g not in KNOWN_GENERATORS] + ([] if "idm" in generators else ["(no idm)"])
+    if unknown or len(generators) < 2:
+        raise ConfigError(f"--generators: expected idm and at least one of monai|flow, got {' '.join(generators)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -177,22 +213,41 @@ def run_study(
     run_root = Path(runs) if runs is not None else out / "runs"
     cpu = None
     if runs is None:
-        cpu = _train(run_root, steps, progress)
-    loaded = {g: load_run(run_root / g, device="cpu") for g in GENERATORS}
-    inputs, groups = _material(out, loaded, progress)
+        cpu = _train(run_root, steps, progress, generators)
+    loaded = {g: load_run(run_root / g, device="cpu") for g in generators}
+    inputs, groups = _subsample(*_material(out, loaded, progress), max_windows)
     detector_run = loaded["idm"]
     settings = DetectSettings().resolved(detector_run)
-    _say(f"features of {len(groups)} windows x {1 + len(GENERATORS)} through the IDMUNet", progress)
-    tables = [extract(detector_run, inputs["real"], 0, settings=settings, generator="real", groups=groups)]
-    tables += [extract(detector_run, inputs[g], 1, settings=settings, generator=g, groups=groups) for g in GENERATORS]
-    table = FeatureTable.concat(tables)
+
+    def features(run: LoadedRun, what: str) -> FeatureTable:
+        _say(f"features of {len(groups)} windows x {1 + len(generators)} through {what}", progress)
+        tables = [extract(run, inputs["real"], 0, settings=DetectSettings().resolved(run), generator="real",
+                          groups=groups)]
+        tables += [extract(run, inputs[g], 1, settings=DetectSettings().resolved(run), generator=g, groups=groups)
+                   for g in generators]
+        return FeatureTable.concat(tables)
+
+    table = features(detector_run, "the IDMUNet")
     result = evaluate(table, n_boot=n_boot, seed=seed)
+    flow_detector = None
+    if "flow" in generators:
+        flow_run = loaded["flow"]
+        flow_settings = DetectSettings().resolved(flow_run)
+        flow_table = features(flow_run, "the flow run (ODE inversion)")
+        flow_result = evaluate(flow_table, n_boot=n_boot, seed=seed)
+        write_report(out / "flow-detector", flow_run, flow_settings, flow_table, flow_result,
+                     detector_document(flow_run, flow_settings, flow_table),
+                     {"notes": f"the features of the same windows through the flow run ({flow_run.settings.sampler} "
+                               f"inversion of the flow's ODE, {flow_settings.steps} network calls), not DDIM"})
+        flow_detector = {"zero_shot": {g: e["zero_shot"] for g, e in _per_generator(flow_result).items()},
+                         "all": flow_result["detectors"], "report": "flow-detector/report.md"}
     _say("timing one 64^3 volume", progress)
     timing = time_64(detector_run, settings, threads)
     goals = _goals(result, timing)
     budget = {g: {"steps": RunDir(run_root / g).read_state().step,
                   "elapsed_s": RunDir(run_root / g).read_state().elapsed_s,
-                  **({"process_cpu_s": cpu[g]} if cpu else {})} for g in GENERATORS}
+                  "cpu_s": RunDir(run_root / g).read_state().cpu_s,
+                  **({"process_cpu_s": cpu[g]} if cpu else {})} for g in generators}
     trained = (f"each net trained {steps} steps (a short budget; longer budgets are the real study)" if runs is None
                else "the nets of " + str(runs) + " (" + ", ".join(f"{g} {b['steps']} steps in {b['elapsed_s']:.0f} s"
                                                              for g, b in budget.items()) + ")")
@@ -200,12 +255,19 @@ def run_study(
                     for k, v in goals.items())
     command = f"python -m benchmarks.detect_study --out {out} --train-steps {steps}" if runs is None else \
         f"python -m benchmarks.detect_study --out {out} --runs {runs}"
+    if tuple(generators) != GENERATORS:
+        command += " --generators " + " ".join(generators)
+    if max_windows is not None:
+        command += f" --max-windows {max_windows}"
+    command += (f" --bootstrap {n_boot}" if n_boot != 2000 else "") + (f" --threads {threads}" if threads != 2 else "")
+    names = {"idm": "the IDMUNet's (DDPM)", "monai": "the MONAI baseline's", "flow": "the rectified-flow IDMUNet's"}
     extra = {"study": {"windows": len(groups), "window": list(WINDOW), "stride": STRIDE, "min_brain": MIN_BRAIN,
                        "training": budget, "timing_64": timing, "goals": goals,
-                       "total_s": time.monotonic() - started},
+                       "total_s": time.monotonic() - started,
+                       **({"flow_detector": flow_detector} if flow_detector else {})},
              "summary": f"goals: {met}", "command": command,
-             "notes": f"real = held-out MNI T2 windows; generated = the IDMUNet's and the MONAI baseline's T2 from "
-                      f"the same T1 windows, {trained}. Groups = windows; {met}."}
+             "notes": f"real = held-out MNI T2 windows; generated = {' and '.join(names[g] for g in generators)} T2 "
+                      f"from the same T1 windows, {trained}. Groups = windows; {met}."}
     return write_report(out, detector_run, settings, table, result, detector_document(detector_run, settings, table),
                         extra)
 
@@ -219,11 +281,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the 64^3 timing")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap draws of the 95%% intervals")
     p.add_argument("--no-progress", action="store_true", help="hide the progress messages")
+    p.add_argument("--generators", nargs="+", default=list(GENERATORS), choices=KNOWN_GENERATORS,
+                   help="idm plus monai and/or flow (flow: also a detector through its ODE inversion)")
+    p.add_argument("--max-windows", type=int, default=None, help="keep this many held-out windows (reduced budget)")
 
 
 def run(args: argparse.Namespace) -> int:
     report = run_study(args.out, steps=args.train_steps, runs=args.runs, threads=args.threads, n_boot=args.bootstrap,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, generators=tuple(args.generators),
+                       max_windows=args.max_windows)
     print(report["summary"])
     print(args.out / "report.md")
     return 0

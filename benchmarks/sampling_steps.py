@@ -8,6 +8,14 @@ other setting the demo's). Each run is scored on the held-out band as ``idm3d ev
 10 calls). One JSON line per point goes to ``docs/sampling/steps.jsonl``; ``docs/sampling/steps.png`` plots
 them. Training and scoring run in child processes, one thread each (the demo's layout on 2 cores).
 Run again with the same ``--out`` and the trained runs are reused.
+
+``--objectives`` picks the runs: ``ddpm``, ``rflow`` (the demo with the flow objective) and flow variants that
+change one thing of ``rflow``: ``rflow-logit`` (MONAI's ``sample_method: logit-normal`` training
+timesteps), ``rflow-warp`` (MONAI's ``use_timestep_transform``: more time near noise for volumes larger than
+``base_img_size_numel``), ``rflow-x0`` (the network predicts x0, ``diffusion.prediction_type: sample``, as
+the demo's DDPM runs do; its velocity is ``(x0_hat - x_t) / s``) and ``rflow-x0-warp`` (both).
+``--append`` adds the points to ``steps.jsonl`` instead of replacing it; every row records the command that
+wrote it. The table and plot are drawn from all rows of the file.
 """
 
 from __future__ import annotations
@@ -28,17 +36,31 @@ OBJECTIVES = {
     "rflow": ["diffusion.kind=rflow", "diffusion.prediction_type=flow", "diffusion.num_train_timesteps=1000",
               "sample.sampler=euler"],
 }
-SAMPLERS = {"ddpm": ("ddim",), "rflow": ("euler", "heun")}
+VARIANTS = {  # flow variants: the rflow run with one more override
+    "rflow-logit": ["diffusion.sample_method=logit-normal"],
+    "rflow-warp": ["diffusion.use_timestep_transform=true"],
+    "rflow-x0": ["diffusion.prediction_type=sample"],  # the network predicts x0, as the demo's DDPM runs do
+    "rflow-x0-warp": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true"],
+}
+for _name, _extra in VARIANTS.items():
+    OBJECTIVES[_name] = [*OBJECTIVES["rflow"], *_extra]
+SAMPLERS = {name: ("ddim",) if name == "ddpm" else ("euler", "heun") for name in OBJECTIVES}
+# Heun's schedule: until 2026-12 an even budget ended with a Heun step whose corrector sat at t = 0 ("v1");
+# now every budget ends with an Euler step (idm3d.diffusion.solvers, "euler-last").
+HEUN_SCHEDULE = "euler-last"
 S_PER_CALL_256 = 71.4  # docs/bench/inference-256.jsonl: one no-grad 256^3 IDMUNet() call, 2 CPU cores
 
 
-def _configs(cpu_seconds: float, overrides: list[str]) -> dict[tuple[str, str], Any]:
-    from idm3d.demo.pipeline import DIRECTIONS, demo_config, direction_config
+def _configs(
+    cpu_seconds: float, overrides: list[str], objectives: tuple[str, ...], directions: tuple[str, ...]
+) -> dict[tuple[str, str], Any]:
+    from idm3d.demo.pipeline import demo_config, direction_config
 
     out = {}
-    for objective, extra in OBJECTIVES.items():
+    for objective in objectives:
+        extra = OBJECTIVES[objective]
         cfg = demo_config(None, [*extra, *overrides, "train.progress=false"], minutes=cpu_seconds / 60.0)
-        for direction in DIRECTIONS:
+        for direction in directions:
             out[(objective, direction)] = direction_config(cfg, direction)
     return out
 
@@ -60,25 +82,28 @@ def _score(job: dict[str, Any]) -> list[dict[str, Any]]:
         summary = report["summary"][target]
         n = summary["ssim_mask"]["n"]
         rows.append({
-            "direction": job["direction"], "training": job["objective"], "sampler": sampler, "calls": calls,
+            "direction": job["direction"], "training": "ddpm" if job["objective"] == "ddpm" else "rflow",
+            "variant": job["objective"], "sampler": sampler, "calls": calls,
             "ssim": summary["ssim_mask"]["mean"], "psnr": summary["psnr_mask"]["mean"],
             "ssim_all": summary["ssim"]["mean"], "psnr_all": summary["psnr"]["mean"],
             "cpu_s_train": float(state.cpu_s), "train_steps": state.step,
             "cpu_s_sample": (time.process_time() - cpu) / n, "wall_s_sample": (time.monotonic() - wall) / n,
             "threads": 1, "metric": "held-out band, inside the brain mask, mean over cases",
+            **({"heun_schedule": HEUN_SCHEDULE} if sampler == "heun" else {}),
         })
     return rows
 
 
 def run_study(
-    out: Path, cpu_seconds: float, overrides: list[str], jobs: int, calls: tuple[int, ...] = CALLS
+    out: Path, cpu_seconds: float, overrides: list[str], jobs: int, calls: tuple[int, ...] = CALLS,
+    objectives: tuple[str, ...] = ("ddpm", "rflow"), directions: tuple[str, ...] = ("t1-t2", "t2-t1"),
 ) -> list[dict[str, Any]]:
-    """Train the four runs (reusing finished ones), score every point, return the JSON rows."""
+    """Train the runs (reusing finished ones), score every point, return the JSON rows."""
     import torch
 
     from idm3d.demo.parallel import train_all
 
-    configs = _configs(cpu_seconds, overrides)
+    configs = _configs(cpu_seconds, overrides, objectives, directions)
     todo = [(cfg, out / f"{obj}-{d}") for (obj, d), cfg in configs.items()
             if not (out / f"{obj}-{d}" / "checkpoints").is_dir()]
     if todo:
@@ -90,12 +115,19 @@ def run_study(
         if obj == DEFAULT_POINT[0]:
             points.append(DEFAULT_POINT[1:])
         score_jobs.append({"run": str(out / f"{obj}-{d}"), "direction": d, "objective": obj, "points": points})
-    with ProcessPoolExecutor(jobs) as pool:
+    with ProcessPoolExecutor(min(jobs, len(score_jobs))) as pool:
         rows = [r for rs in pool.map(_score, score_jobs) for r in rs]
     for row in rows:
         row["cpu_s_budget"] = cpu_seconds
         row["s_256_estimate"] = row["calls"] * S_PER_CALL_256
     return rows
+
+
+def series(row: dict[str, Any]) -> str:
+    """A row's line in the table and plot: variant (tag) / sampler, Heun's old schedule marked ``v1``."""
+    name = row.get("variant", row["training"]) + (f" [{row['tag']}]" if row.get("tag") else "")
+    old = row["sampler"] == "heun" and row.get("heun_schedule") != HEUN_SCHEDULE
+    return f"{name} / {row['sampler']}" + (" (v1)" if old else "")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -106,12 +138,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     directions = sorted({r["direction"] for r in rows})
-    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions), 3.6), squeeze=False)
+    keys = sorted({series(r) for r in rows})
+    colours = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(keys)}
+    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions) + 2.5, 4.2), squeeze=False)
     for ax, d in zip(axes[0], directions):
-        for key in sorted({(r["training"], r["sampler"]) for r in rows}):
+        for key in [k for k in keys if any(series(r) == k and r["direction"] == d for r in rows)]:
             pts = sorted((r["calls"], r["ssim"]) for r in rows if r["direction"] == d
-                         and (r["training"], r["sampler"]) == key and r["calls"] != DEFAULT_POINT[2])
-            ax.plot(*zip(*pts), marker="o", label=f"{key[0]} / {key[1]}")
+                         and series(r) == key and r["calls"] != DEFAULT_POINT[2])
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=colours[key], label=key,
+                    ls="--" if key.endswith("heun") else "-")
         ref = [r["ssim"] for r in rows if r["direction"] == d and (r["training"], r["sampler"], r["calls"])
                == DEFAULT_POINT]
         if ref:
@@ -121,7 +156,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("held-out SSIM (brain)")
         ax.set_title(d)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    handles = {}
+    for ax in axes[0]:  # one legend for both panels (a variant may be in one direction only)
+        handles.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,13 +173,12 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     for d in sorted({r["direction"] for r in rows}):
         out += [f"**{d}**", "", "| training / sampler | " + " | ".join(f"{c} calls" for c in calls) + " |",
                 "|---|" + "---|" * len(calls)]
-        for key in sorted({(r["training"], r["sampler"]) for r in rows if r["direction"] == d}):
+        for key in sorted({series(r) for r in rows if r["direction"] == d}):
             cells = []
             for c in calls:
-                hit = [r for r in rows if r["direction"] == d and (r["training"], r["sampler"], r["calls"])
-                       == (*key, c)]
-                cells.append(f"{hit[0]['ssim']:.3f} ({hit[0]['psnr']:.1f})" if hit else "")
-            out.append(f"| {key[0]} / {key[1]} | " + " | ".join(cells) + " |")
+                hit = [r for r in rows if r["direction"] == d and series(r) == key and r["calls"] == c]
+                cells.append(f"{hit[-1]['ssim']:.3f} ({hit[-1]['psnr']:.1f})" if hit else "")
+            out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -152,17 +190,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=4, help="child processes at once (one thread each)")
     p.add_argument("--docs", type=Path, default=Path("docs/sampling"), help="where steps.jsonl/png go")
     p.add_argument("--calls", type=int, nargs="+", default=list(CALLS), help="network-call counts to score")
+    p.add_argument("--objectives", nargs="+", choices=sorted(OBJECTIVES), default=["ddpm", "rflow"],
+                   help="which runs to train and score (flow variants: see the module docstring)")
+    p.add_argument("--directions", nargs="+", choices=("t1-t2", "t2-t1"), default=["t1-t2", "t2-t1"])
+    p.add_argument("--append", action="store_true", help="add the points to steps.jsonl (default: replace it)")
+    p.add_argument("--tag", default="", help="a label of these rows in the table (e.g. a repeat of a run)")
+    p.add_argument("--replot", action="store_true", help="only redraw steps.md/png from steps.jsonl")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    path = args.docs / "steps.jsonl"
+    if args.replot:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        plot(rows, args.docs / "steps.png")
+        (args.docs / "steps.md").write_text(table_markdown(rows))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
-    rows = run_study(args.out, args.cpu_seconds, args.overrides, args.jobs, tuple(args.calls))
-    (args.docs / "steps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = run_study(args.out, args.cpu_seconds, args.overrides, args.jobs, tuple(args.calls),
+                     tuple(args.objectives), tuple(args.directions))
+    command = " ".join(["python -m benchmarks.sampling_steps", *(argv if argv is not None else sys.argv[1:])])
+    for row in rows:
+        row["command"] = command
+        if args.tag:
+            row["tag"] = args.tag
+    before = path.read_text() if args.append and path.is_file() else ""
+    path.write_text(before + "".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows:
+        print(f"{r['direction']} {series(r):24s} {r['calls']:3d} calls: SSIM {r['ssim']:.4f} "
+              f"PSNR {r['psnr']:.2f} (sample {r['cpu_s_sample']:.1f} CPU-s)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     plot(rows, args.docs / "steps.png")
     (args.docs / "steps.md").write_text(table_markdown(rows))
-    for r in rows:
-        print(f"{r['direction']} {r['training']:5s} {r['sampler']:5s} {r['calls']:3d} calls: SSIM {r['ssim']:.4f} "
-              f"PSNR {r['psnr']:.2f} (sample {r['cpu_s_sample']:.1f} CPU-s)")
     return 0
 
 

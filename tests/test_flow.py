@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import pytest
 import torch
@@ -64,34 +64,91 @@ def test_training_timesteps_are_reproducible_and_leave_the_global_rng_alone():
     assert bool(((a >= 0) & (a < 1000)).all())
 
 
-@pytest.mark.parametrize(("solver", "calls", "steps"), [("euler", 5, 5), ("heun", 1, 1), ("heun", 2, 1),
-                                                        ("heun", 3, 2), ("heun", 8, 4)])
-def test_calls_are_network_calls_whatever_the_solver(solver, calls, steps):
-    sched = build_scheduler(_cfg(), solver, calls)
-    made = []
-    pipe = DiffusionPipeline(lambda x, t: made.append(t) or -0.5 * x, build_scheduler(_cfg()))
-    pipe.sample((1, 1, 4, 4, 4), scheduler=sched, generator=torch.Generator().manual_seed(0))
-    assert len(made) == calls
+SIGMA = 0.5
+
+
+def _a(t: float) -> float:
+    """The exact velocity of rectified flow on data N(0, SIGMA^2) is ``v(x, t) = a(t) x`` with, for s = t / T,
+    ``a = ((1 - s) SIGMA^2 - s) / ((1 - s)^2 SIGMA^2 + s^2)``: noise n flows to exactly ``SIGMA * n``."""
+    s = t / 1000
+    return ((1 - s) * SIGMA**2 - s) / ((1 - s) ** 2 * SIGMA**2 + s**2)
+
+
+def _gaussian_flow(times: list[float]):
+    def v(x, t):
+        times.append(float(t[0]))
+        return _a(float(t[0])) * x
+
+    return v
+
+
+def _scheme_gain(grid: list[float], kinds: list[str]) -> float:
+    """What Euler (``x + h a(t) x``) and Heun (``x + h/2 (a(t) x + a(t') (x + h a(t) x))``) steps multiply by."""
+    gain = 1.0
+    for (t, t_next), kind in zip(itertools.pairwise(grid), kinds):
+        h, a, a_next = (t - t_next) / 1000, _a(t), _a(t_next)
+        gain *= 1 + h * a if kind == "E" else 1 + h / 2 * (a + a_next + h * a * a_next)
+    return gain
+
+
+@pytest.mark.parametrize("calls", range(1, 9))
+def test_heun_spends_its_n_calls_on_steps_that_end_with_an_euler_step(calls):
+    """N calls: floor(N/2) + 1 steps, Euler last (and first for even N), no call at t = 0 in either direction;
+    the sample is what those steps give on a linear field."""
+    sched = build_scheduler(_cfg(), "heun", calls)
+    times = []
+    pipe = DiffusionPipeline(_gaussian_flow(times), build_scheduler(_cfg()))
+    x = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))  # the pipeline samples in fp32
+    out = pipe.sample(x.shape, scheduler=sched, noise=x)
+    steps = calls // 2 + 1
+    kinds = ["E" if i == steps - 1 or (calls % 2 == 0 and i == 0) else "H" for i in range(steps)]
+    assert len(times) == calls
     assert sched.steps == steps
-    made.clear()
-    pipe.invert(torch.randn(1, 1, 4, 4, 4), scheduler=sched)
-    assert len(made) == calls
+    assert min(times) > 0
+    assert torch.allclose(out, x * _scheme_gain(sched.grid(x.shape[2:]), kinds), rtol=1e-5, atol=1e-6)
+    times.clear()
+    pipe.invert(out, scheduler=sched)
+    assert len(times) == calls
+    assert min(times) > 0
 
 
-def test_heun_is_second_order_and_inversion_round_trips():
-    """On dx/ds = 0.5 x (v = -0.5 x) the exact flow from noise to data scales by exp(-0.5)."""
-    pipe = DiffusionPipeline(lambda x, t: -0.5 * x, build_scheduler(_cfg()))
+def test_heun_is_second_order_euler_first_and_inversion_round_trips():
+    """Against the exact solution SIGMA * noise; 9 and 17 calls are 5 and 9 Heun-schedule steps (4 and 8 Heun
+    steps + a last Euler step), so a second-order error falls by (9/5)^2; Euler's by 17/9."""
+    pipe = DiffusionPipeline(_gaussian_flow([]), build_scheduler(_cfg()))
     x = torch.randn(1, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    errors = {}
+    errors, trips = {}, {}
     for solver in ("euler", "heun"):
-        for calls in (4, 8):
+        for calls in (9, 17):
             sched = build_scheduler(_cfg(), solver, calls)
             out = pipe.sample(x.shape, scheduler=sched, noise=x)
-            errors[solver, calls] = float((out - x * math.exp(-0.5)).abs().max())
-            back = pipe.invert(out, scheduler=sched)
-            assert float((back - x).abs().max()) < (0.1 if solver == "euler" else 0.005) * float(x.abs().max())
-    assert errors["euler", 4] / errors["euler", 8] == pytest.approx(2, rel=0.2)  # first order
-    assert errors["heun", 4] / errors["heun", 8] == pytest.approx(4, rel=0.2)  # second order
+            errors[solver, calls] = float((out - SIGMA * x).abs().max())
+            trips[solver, calls] = float((pipe.invert(out, scheduler=sched) - x).abs().max())
+    assert errors["euler", 9] / errors["euler", 17] == pytest.approx(17 / 9, rel=0.1)
+    assert errors["heun", 9] / errors["heun", 17] == pytest.approx((9 / 5) ** 2, rel=0.15)
+    for calls in (9, 17):
+        assert errors["heun", calls] < 0.6 * errors["euler", calls]
+        assert trips["heun", calls] < 0.2 * trips["euler", calls]
+    assert trips["euler", 17] < 0.6 * trips["euler", 9]
+
+
+def test_x0_parametrised_flow_learns_x0_and_its_solvers_land_on_the_prediction():
+    """diffusion.prediction_type: sample on a flow run: the target is x0 and the velocity (x0_hat - x_t) / s, so a
+    network that always answers one volume is sampled to exactly that volume, by every solver and call count."""
+    cfg = _cfg("diffusion.prediction_type=sample")
+    sched = build_scheduler(cfg)
+    x0, noise, t = torch.randn(2, 1, 4, 4, 4), torch.randn(2, 1, 4, 4, 4), torch.tensor([250, 900])
+    assert torch.equal(training_target(sched, x0, noise, t), x0)
+    assert torch.equal(flow_x0(sched, sched.add_noise(x0, noise, t), x0, t), x0)
+    assert torch.allclose(flow_epsilon(sched, sched.add_noise(x0, noise, t), x0, t), noise, atol=1e-5)
+    answer = torch.randn(1, 1, 4, 4, 4)
+    pipe = DiffusionPipeline(lambda x, t: answer.expand_as(x), sched)
+    for solver in ("euler", "heun"):
+        for calls in (1, 2, 3, 4):
+            out = pipe.sample(answer.shape, scheduler=build_scheduler(cfg, solver, calls),
+                              generator=torch.Generator().manual_seed(calls))
+            assert torch.allclose(out, answer, atol=1e-5)
+    assert _cfg().diffusion.prediction_type == "flow"  # the velocity stays the default
 
 
 def test_flow_solvers_and_ddpm_samplers_do_not_mix():

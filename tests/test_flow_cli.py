@@ -87,7 +87,7 @@ def test_load_run_invert_and_detection_features(flow_run):
     loaded = idm3d.load_run(run, steps=4, sampler="heun")
     solver = loaded.scheduler()
     assert isinstance(solver, FlowSolver)
-    assert solver.steps == 2
+    assert solver.steps == 3  # 4 calls: Euler, Heun, Euler
     assert loaded.pipeline.prediction_type == "flow"
     x0 = torch.rand(1, 1, 16, 16, 16) * 2 - 1
     cond = torch.rand(1, 1, 16, 16, 16) * 2 - 1

@@ -44,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-format", default=None, metavar="F",
                    help="--input-dir/--num: nifti (default), nrrd, mha, dicom (CT runs) or input (each case's format)")
     p.add_argument("--sampler", choices=("ddpm", "ddim", "euler", "heun"), help="default: the run's sample.sampler")
-    p.add_argument("--steps", type=int, help="network calls per sample, whatever the sampler (heun: 2 per step, "
-                   "an odd count ends with one Euler step; default: the run's sample.steps)")
+    p.add_argument("--steps", type=int, help="network calls per sample, whatever the sampler (heun: N//2+1 steps, "
+                   "Heun steps of 2 calls between Euler ones; default: the run's sample.steps)")
     p.add_argument("--eta", type=float, help="DDIM stochasticity (0 = deterministic)")
     p.add_argument("--seed", type=int, help="RNG seed (default: the run's sample.seed); --num: the first one")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint JSON of the run (default: the newest)")

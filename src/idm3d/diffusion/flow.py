@@ -10,6 +10,13 @@ MONAI names that prediction ``"v_prediction"``, which for the DDPM schedulers me
 ``v = sqrt(a) * noise - sqrt(1 - a) * x0``: another quantity. idm3d therefore calls the flow's prediction
 type ``flow`` (:data:`FLOW_PREDICTION`), reads it through :func:`prediction_kind`, and never lets the
 ``v_prediction`` string alone decide which maths applies.
+
+An x0-parametrised flow (``diffusion.prediction_type: sample`` with ``kind: rflow``): the network predicts
+the clean volume and is trained on it (as the demo's DDPM runs are); its velocity is
+``v = (x0_hat - x_t) / s``, so one Euler step from ``t`` to ``t'`` is ``x_t' = (s'/s) x_t + (1 - s'/s) x0_hat``
+(DDIM's update on the flow's straight path). The solvers never call it at ``s = 0``
+(:mod:`idm3d.diffusion.solvers`). The run's scheduler carries which output its network gives
+(:func:`flow_output`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ __all__ = [
     "SAMPLE_METHODS",
     "build_rflow_scheduler",
     "flow_epsilon",
+    "flow_output",
     "flow_target",
+    "flow_velocity",
     "flow_x0",
     "is_flow",
     "prediction_kind",
@@ -61,7 +70,7 @@ def build_rflow_scheduler(diffusion: object) -> RFlowScheduler:
     method = getattr(diffusion, "sample_method", "uniform")
     if method not in SAMPLE_METHODS:
         raise ArgumentError("sample_method", f"expected one of {'|'.join(SAMPLE_METHODS)}, got {method!r}")
-    return RFlowScheduler(
+    scheduler = RFlowScheduler(
         num_train_timesteps=int(diffusion.num_train_timesteps),  # type: ignore[attr-defined]
         use_discrete_timesteps=True,  # MAISI's setting: integer timesteps, as the DDPM runs feed the network
         sample_method=method,
@@ -69,6 +78,15 @@ def build_rflow_scheduler(diffusion: object) -> RFlowScheduler:
         base_img_size_numel=int(getattr(diffusion, "base_img_size_numel", 32 * 32 * 32)),
         spatial_dim=3,
     )
+    # MONAI's scheduler as it is, told what the network outputs (its own prediction_type string is MONAI's)
+    scheduler.idm3d_output = "x0" if getattr(diffusion, "prediction_type", None) == "sample" else "velocity"
+    return scheduler
+
+
+def flow_output(scheduler: object) -> str:
+    """``velocity`` (MONAI/MAISI's ``x0 - noise``) or ``x0``: what a flow run's network outputs."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    return getattr(inner, "idm3d_output", "velocity")
 
 
 def _s(scheduler: RFlowScheduler, timesteps: Tensor, like: Tensor) -> Tensor:
@@ -76,19 +94,28 @@ def _s(scheduler: RFlowScheduler, timesteps: Tensor, like: Tensor) -> Tensor:
     return s.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
-    """The velocity the network learns: ``x0 - noise`` (MONAI/MAISI sign)."""
-    return x0 - noise
+def flow_target(x0: Tensor, noise: Tensor, scheduler: object = None) -> Tensor:
+    """What the network learns: the velocity ``x0 - noise`` (MONAI/MAISI sign), or ``x0`` (x0-parametrised)."""
+    return x0 if flow_output(scheduler) == "x0" else x0 - noise
+
+
+def flow_velocity(scheduler: RFlowScheduler, x_t: Tensor, output: Tensor, timesteps: Tensor) -> Tensor:
+    """The velocity of a network ``output`` at ``x_t``: the output itself, or ``(x0_hat - x_t) / s`` (``s > 0``)."""
+    if flow_output(scheduler) != "x0":
+        return output
+    return (output - x_t) / _s(scheduler, timesteps, x_t).clamp_min(1.0 / scheduler.num_train_timesteps)
 
 
 def flow_x0(scheduler: RFlowScheduler, x_t: Tensor, v: Tensor, timesteps: Tensor) -> Tensor:
-    """The clean-volume estimate of a velocity ``v`` at ``x_t``: ``x_t + s * v`` (MONAI's ``pred_original_sample``)."""
+    """The clean-volume estimate of an output at ``x_t``: ``x_t + s * v`` (MONAI's ``pred_original_sample``)."""
+    if flow_output(scheduler) == "x0":
+        return v
     return x_t + _s(scheduler, timesteps, x_t) * v
 
 
 def flow_epsilon(scheduler: RFlowScheduler, x_t: Tensor, v: Tensor, timesteps: Tensor) -> Tensor:
-    """The noise estimate of a velocity ``v`` at ``x_t``: ``x_t - (1 - s) * v``."""
-    return x_t - (1 - _s(scheduler, timesteps, x_t)) * v
+    """The noise estimate of an output at ``x_t``: ``x_t - (1 - s) * v`` for the velocity ``v``."""
+    return x_t - (1 - _s(scheduler, timesteps, x_t)) * flow_velocity(scheduler, x_t, v, timesteps)
 
 
 def sample_flow_timesteps(

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from idm3d.diffusion.flow import flow_velocity
 from idm3d.diffusion.solvers import FlowSolver
 from idm3d.errors import ArgumentError
 
@@ -23,11 +24,14 @@ __all__ = ["FlowChainMixin"]
 class FlowChainMixin:
     """``_sample_flow`` / ``_invert_flow`` for a pipeline (needs ``model_input``, ``denoiser``, ``_device``)."""
 
-    def _velocity(self, condition: Tensor | None, position: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+    def _velocity(
+        self, solver: FlowSolver, condition: Tensor | None, position: Tensor | None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
         f = self.denoiser()  # type: ignore[attr-defined]
 
         def v(x: Tensor, t: Tensor) -> Tensor:
-            return f(self.model_input(x, condition, position), t)  # type: ignore[attr-defined]
+            out = f(self.model_input(x, condition, position), t)  # type: ignore[attr-defined]
+            return flow_velocity(solver.scheduler, x, out, t)  # an x0-parametrised run's output, as a velocity
 
         return v
 
@@ -54,7 +58,7 @@ class FlowChainMixin:
         cond = None if condition is None else condition.to(device, torch.float32)
         self.model_input(image, cond, position)  # type: ignore[attr-defined]  # shape checks before the first call
         with tqdm(total=solver.calls, desc="sampling", disable=not progress, leave=False) as bar:
-            out = solver.sample(self._velocity(cond, position), image, start=start,
+            out = solver.sample(self._velocity(solver, cond, position), image, start=start,
                                 progress=lambda n: bar.update(n - bar.n))
         # The data lie in [-1, 1]; with diffusion.clip_sample (as the DDPM schedulers clip x0) the output is too.
         return out.clamp(-1.0, 1.0) if solver.clip else out
@@ -71,4 +75,5 @@ class FlowChainMixin:
         cond = None if condition is None else condition.to(dev, torch.float32)
         self.model_input(image, cond, position)  # type: ignore[attr-defined]
         with tqdm(total=solver.calls, desc="inverting", disable=not progress, leave=False) as bar:
-            return solver.invert(self._velocity(cond, position), image, progress=lambda n: bar.update(n - bar.n))
+            return solver.invert(self._velocity(solver, cond, position), image,
+                                 progress=lambda n: bar.update(n - bar.n))

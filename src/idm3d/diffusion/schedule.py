@@ -135,7 +135,7 @@ def training_target(
 ) -> Tensor:
     """What the network must output for ``x_t = add_noise(x0, noise, t)`` (default: the scheduler's type)."""
     if flow.is_flow(scheduler):
-        return flow.flow_target(x0, noise)
+        return flow.flow_target(x0, noise, scheduler)
     kind = _prediction_type(scheduler, prediction_type)
     if kind == "epsilon":
         return noise

@@ -111,7 +111,7 @@ class DiffusionConfig:
     """Noise schedule and what the network predicts (MONAI scheduler names and options).
 
     ``kind``: ``ddpm`` (MONAI's DDPM/DDIM schedulers) or ``rflow`` (rectified flow, MONAI's ``RFlowScheduler``:
-    the network predicts the velocity x0 - noise, ``prediction_type`` ``flow``; docs/sampling/README.md).
+    the network predicts the velocity x0 - noise, ``prediction_type`` ``flow``, or x0, ``sample``; docs/sampling.md).
     ``schedule``/``beta_*`` are DDPM-only; ``sample_method``/``use_timestep_transform``/``base_img_size_numel``
     are rflow-only (MONAI's names).
     """

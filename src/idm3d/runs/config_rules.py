@@ -83,8 +83,8 @@ def check_consistency(cfg: Config) -> None:
 def _check_objective(cfg: Config) -> None:
     """One line when the prediction type or the sampler belongs to the other objective (ddpm vs rflow)."""
     d, flow = cfg.diffusion, cfg.diffusion.kind == "rflow"
-    if (d.prediction_type == "flow") != flow:
-        want = "flow" if flow else "epsilon|sample|v_prediction"
+    if d.prediction_type not in (("flow", "sample") if flow else ("epsilon", "sample", "v_prediction")):
+        want = "flow|sample" if flow else "epsilon|sample|v_prediction"
         raise ConfigError(f"diffusion.prediction_type: diffusion.kind {d.kind} predicts {want}, got "
                           f"{d.prediction_type!r}")
     if (cfg.sample.sampler in ("euler", "heun")) != flow:
