@@ -55,6 +55,8 @@ COMMANDS = {
     "patchddm-ckpt --sizes 64,128,192,256,320 --warmup 0 --threads 2 --timeout 3000 "
     "--json-out docs/bench/max-size.jsonl",
     # issue 29: the same bisection without a graph: one denoiser call, and one DDIM step of the chain
+    "max-size-inference.jsonl": "idm3d bench max-size --inference --budget-gib 21 --nets idm,monai,patchddm "
+    "--sizes 128,256,512 --warmup 0 --threads 2 --timeout 3000 --json-out docs/bench/max-size-inference.jsonl",
     # not measured yet (the lock was busy); when it is, add its command here:
     # "max-size-sampling-step.jsonl": "idm3d bench max-size --inference --sampling-step --budget-gib 21 "
     # "--nets idm,monai,patchddm --sizes 128,256,512 --warmup 0 --threads 2 --timeout 3000 "
