@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (python benchmarks/tables.py): import the lab from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.tables_common import COMMANDS, ROOT
+from benchmarks.tables_common import COMMANDS, MAX_SIZE, ROOT
 from benchmarks.tables_goals import goals
 from benchmarks.tables_memory import big, flops, inference, malloc, max_size, sampling, training
 from benchmarks.tables_summary import summary
@@ -39,7 +39,7 @@ def render() -> str:
         flops(),
         malloc(),
         big(),
-        max_size(),
+        *(max_size(name) for name in MAX_SIZE),
         inference(),
         sampling(),
     ]

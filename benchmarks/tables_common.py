@@ -48,6 +48,14 @@ COMMANDS = {
     "max-size.jsonl": "idm3d bench max-size --budget-gib 21 --nets idm,idm-plain,monai,monai-ckpt,patchddm,"
     "patchddm-ckpt --sizes 64,128,192,256,320 --warmup 0 --threads 2 --timeout 3000 "
     "--json-out docs/bench/max-size.jsonl",
+    # issue 29: the same bisection without a graph (one denoiser call)
+    "max-size-inference.jsonl": "idm3d bench max-size --inference --budget-gib 21 --nets idm,monai,patchddm "
+    "--sizes 128,256,512 --warmup 0 --threads 2 --timeout 3000 --json-out docs/bench/max-size-inference.jsonl",
+}
+# max-size files -> what one probe runs
+MAX_SIZE = {
+    "max-size.jsonl": "one training step each",
+    "max-size-inference.jsonl": "one no-grad denoiser call each",
 }
 SHORT = {
     "idm": "IDMUNet (memory-efficient)",

@@ -3,7 +3,7 @@ steps, FLOPs, allocators, huge pages, the largest cube, no-grad calls and sampli
 
 from __future__ import annotations
 
-from benchmarks.tables_common import COMMANDS, SHORT, fmt, load, table
+from benchmarks.tables_common import COMMANDS, MAX_SIZE, SHORT, fmt, load, table
 
 __all__ = ["big", "flops", "inference", "malloc", "max_size", "sampling", "training"]
 
@@ -189,8 +189,9 @@ def big() -> str:
     )
 
 
-def max_size() -> str:
-    rows = load("max-size.jsonl")
+def max_size(name: str = "max-size.jsonl") -> str:
+    """The largest cube of every network within the budget, from one ``idm3d bench max-size`` file."""
+    rows = load(name)
     if not rows:
         return ""
     body = []
@@ -203,8 +204,7 @@ def max_size() -> str:
         body.append([SHORT[r["net"]], cube + (" (largest probed)" if r["hit_max"] else ""), probes])
     return "\n".join(
         [
-            f"Largest cube within {rows[0]['budget_gib']:g} GiB, one training step each: "
-            f"`{COMMANDS['max-size.jsonl']}`",
+            f"Largest cube within {rows[0]['budget_gib']:g} GiB, {MAX_SIZE[name]}: `{COMMANDS[name]}`",
             "",
             table(["network", "largest cube", "probes (first-step growth, or why it stopped)"], body),
         ]

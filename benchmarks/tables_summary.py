@@ -54,6 +54,16 @@ def summary() -> str:
          f"{fmt(i256, ',.0f')} vs {fmt(p256, ',.0f')} MiB", ratio(i256, p256),
          "[inference-256](docs/bench/inference-256.md), [sampling-256](docs/bench/sampling-256.md)"],
     ]
+    inference_cubes = load("max-size-inference.jsonl")
+    if inference_cubes:
+        found = {r["net"]: r for r in inference_cubes}
+        cubes = [("≥ " if found[n].get("hit_max") else "") + (f"{found[n]['max_size']}³" if found[n].get("max_size")
+                 else "none") for n in ("idm", "monai", "patchddm") if n in found]
+        at = _probe(found.get("idm", {}), found.get("idm", {}).get("max_size"))
+        if cubes and at.get("peak_growth_mib") is not None:
+            cubes[0] += f" ({at['peak_growth_mib'] / gib:.1f} GiB, {fmt(at.get('first_step_s'), '.0f')} s)"
+        rows.append(["largest cube one no-grad call fits within 21 GiB: IDMUNet / MONAI / PatchDDM-3D",
+                     " / ".join(cubes), "", "[max-size-inference](docs/bench/max-size-inference.md)"])
     if step512:
         measured = f"{step512['size']}³: {step512.get('status')}"
         if step512.get("status") == "ok":
