@@ -48,7 +48,14 @@ SAMPLERS = {name: ("ddim",) if name == "ddpm" else ("euler", "heun") for name in
 # Heun's schedule: until 2026-12 an even budget ended with a Heun step whose corrector sat at t = 0 ("v1");
 # now every budget ends with an Euler step (idm3d.diffusion.solvers, "euler-last").
 HEUN_SCHEDULE = "euler-last"
-S_PER_CALL_256 = 71.4  # docs/bench/inference-256.jsonl: one no-grad 256^3 IDMUNet() call, 2 CPU cores
+CALL_256 = "docs/bench/sampling-256.jsonl"  # one no-grad 256^3 IDMUNet() call, 2 CPU cores: its wall seconds
+
+
+def seconds_per_call_256() -> float:
+    """Wall seconds of one whole-volume 256³ call, as measured in :data:`CALL_256` (the 256³ time estimate)."""
+    rows = [json.loads(line) for line in (Path(__file__).resolve().parents[1] / CALL_256).read_text().splitlines()
+            if line.strip()]
+    return next(r["first_step_s"] for r in rows if r.get("net") == "idm" and r.get("size") == 256)
 
 
 def _configs(
@@ -117,9 +124,10 @@ def run_study(
         score_jobs.append({"run": str(out / f"{obj}-{d}"), "direction": d, "objective": obj, "points": points})
     with ProcessPoolExecutor(min(jobs, len(score_jobs))) as pool:
         rows = [r for rs in pool.map(_score, score_jobs) for r in rs]
+    per_call = seconds_per_call_256()
     for row in rows:
         row["cpu_s_budget"] = cpu_seconds
-        row["s_256_estimate"] = row["calls"] * S_PER_CALL_256
+        row["s_256_estimate"] = row["calls"] * per_call
     return rows
 
 
