@@ -9,7 +9,7 @@ inferer decodes the result.
 
     python examples/latent_ddpm_3d.py --out runs/ldm3d                      # synthetic volumes, 32^3
     python examples/latent_ddpm_3d.py --data-dir DIR --size 64 --out runs/x  # your NIfTI volumes
-    python examples/latent_ddpm_3d.py --smoke --out /tmp/ldm3d              # seconds on a CPU
+    python examples/latent_ddpm_3d.py --smoke --out runs/ldm3d              # seconds on a CPU
 
 Writes ``OUT/autoencoder.safetensors``, ``OUT/unet.safetensors``, ``OUT/reconstruction.nii.gz`` (a training
 volume through the autoencoder), ``OUT/sample.nii.gz`` and ``OUT/summary.json`` (model kwargs, scale factor,

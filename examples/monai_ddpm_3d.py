@@ -7,7 +7,7 @@ both the DDPM chain and a shorter DDIM chain from the averaged weights.
 
     python examples/monai_ddpm_3d.py --out runs/ddpm3d                      # synthetic volumes, 32^3
     python examples/monai_ddpm_3d.py --data-dir DIR --size 64 --out runs/x  # your NIfTI volumes
-    python examples/monai_ddpm_3d.py --smoke --out /tmp/ddpm3d              # seconds on a CPU
+    python examples/monai_ddpm_3d.py --smoke --out runs/ddpm3d              # seconds on a CPU
     python examples/monai_ddpm_3d.py --objective rflow --out runs/flow3d    # rectified flow (MAISI's loop)
 
 ``--objective rflow`` swaps the objective for MONAI's ``RFlowScheduler`` as MAISI trains it

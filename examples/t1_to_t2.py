@@ -2,7 +2,7 @@
 
     python examples/t1_to_t2.py --out runs/t1t2-example                # the MNI demo templates, ~10 min on 2 cores
     python examples/t1_to_t2.py --data BRATS/ --out runs/t1t2-brats    # a folder of cases with t1 and t2 files
-    python examples/t1_to_t2.py --smoke --out /tmp/t1t2                # a tiny run in seconds (what CI runs)
+    python examples/t1_to_t2.py --smoke --out runs/t1t2                # a tiny run in seconds (what CI runs)
 
 The recipe is the demo's (``configs/demo.yaml``: x0 prediction, L1 loss, thin axial patches, 10 DDIM
 steps); ``--minutes`` sets its training time. What each step calls:
