@@ -30,8 +30,7 @@ import torch.multiprocessing as mp
 from benchmarks.domain_halo import halo_lines
 from idm3d.allocator import tune_malloc
 from idm3d.bench.harness import reset_peak_rss
-from idm3d.bench.max_size import _available_bytes
-from idm3d.children import current_rss_bytes, status_kib
+from idm3d.children import current_rss_bytes, machine_available_bytes, status_kib
 
 __all__ = ["add_arguments", "measure", "run"]
 
@@ -117,7 +116,7 @@ def _watch(ctx: Any, tmp: str, budget: int | None, machine: int | None, poll_s: 
             status = "over_budget"
         elif machine is not None and total_peak > machine:
             status = "over_machine"
-        elif machine is not None and (_available_bytes("cpu") or _FLOOR) < _FLOOR:  # other users' memory counts too
+        elif machine is not None and (machine_available_bytes() or _FLOOR) < _FLOOR:  # other users' memory counts too
             status = "machine_low"
         if status != "ok":
             for process in ctx.processes:

@@ -22,9 +22,11 @@ from idm3d.bench.harness import (
     run_config,
 )
 from idm3d.bench.max_size import bisect_max
+from idm3d.children import machine_available_bytes
 from idm3d.errors import ConfigError
 
 MIB = 2**20
+GIB = 2**30
 
 # A child module for fresh-process runs, written into tmp_path and found through PYTHONPATH.
 CHILD_MODULE = textwrap.dedent(
@@ -163,6 +165,17 @@ def test_watchdog_kills_a_child_over_budget(child_target):
     killed = run_config(f"{child_target}:linear", config, timeout_s=120, growth_limit_bytes=100 * MIB)
     assert killed["status"] == "over_budget"
     assert killed["watchdog_peak_rss_mib"] > 100
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux-only")
+def test_watchdog_stops_a_child_when_the_machine_runs_short(child_target):
+    """A budget the machine cannot hold beside the child's baseline ends as ``machine_full``, not in the kernel's
+    OOM killer: with a reserve above what the machine has, the child is stopped at once, within its budget."""
+    reserve = machine_available_bytes() + 64 * GIB
+    killed = run_config(f"{child_target}:sleeps", {}, timeout_s=60, growth_limit_bytes=64 * GIB,
+                        machine_reserve_bytes=reserve)
+    assert killed["status"] == "machine_full"
+    assert "machine_full" in killed["error"]
 
 
 @pytest.mark.skipif(not reset_peak_rss(), reason="VmHWM cannot be reset here")

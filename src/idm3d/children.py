@@ -51,6 +51,16 @@ def current_rss_bytes(pid: int | str = "self") -> int | None:
     return None if kib is None else kib * 1024
 
 
+def machine_available_bytes() -> int | None:
+    """Memory the machine can still give (``MemAvailable``), or ``None`` where /proc is unavailable."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
 def announce_baseline(rss: int | None) -> None:
     """In a child: tell the parent's watchdog the RSS to judge growth from (torch alone is hundreds of MiB)."""
     if os.environ.get(CHILD_ENV) and rss is not None:
@@ -82,6 +92,7 @@ def run_config(
     *,
     timeout_s: float | None = None,
     growth_limit_bytes: int | None = None,
+    machine_reserve_bytes: int = 512 * MIB,
     poll_s: float = 0.02,
 ) -> dict[str, Any]:
     """Run ``target`` (``"module:function"``, called with ``config``) in a fresh Python process.
@@ -95,12 +106,15 @@ def run_config(
         timeout_s: kill the child after this many seconds (``status: "timeout"``).
         growth_limit_bytes: kill the child once its RSS exceeds the baseline it announced by this
             much (``status: "over_budget"``), so a probe never drives the machine into swap/OOM.
+        machine_reserve_bytes: with ``growth_limit_bytes``, also kill the child once the machine has less
+            than this left (``status: "machine_full"``): a budget above what the machine holds beside the
+            child's baseline (large inputs) would otherwise end in the kernel's OOM killer.
         poll_s: watchdog polling interval.
 
     Returns:
-        ``{**config, **result, "status": ...}``; ``status`` is ``ok``, ``oom``, ``error``, ``timeout`` or
-        ``over_budget``; failures carry ``error`` (one line) and, for an exception, ``error_type`` (its class
-        name) and ``error_module``.
+        ``{**config, **result, "status": ...}``; ``status`` is ``ok``, ``oom``, ``error``, ``timeout``,
+        ``over_budget`` or ``machine_full``; failures carry ``error`` (one line) and, for an exception,
+        ``error_type`` (its class name) and ``error_module``.
     """
     env = dict(os.environ)
     env[CHILD_ENV] = "1"
@@ -151,6 +165,8 @@ def run_config(
             base = state["baseline"] if state["baseline"] is not None else GIB
             if rss > base + growth_limit_bytes:
                 killed = "over_budget"
+            elif (machine_available_bytes() or machine_reserve_bytes) < machine_reserve_bytes:
+                killed = "machine_full"
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             killed = "timeout"
         if killed:

@@ -13,8 +13,6 @@ its baseline plus the budget, and an out-of-memory error counts as "does not fit
 from __future__ import annotations
 
 import argparse
-import re
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +32,7 @@ from idm3d.bench.harness import (
 )
 from idm3d.bench.memory import inference_mode
 from idm3d.bench.nets import NET_LABELS, parse_nets, size_multiple, size_parameters
+from idm3d.children import machine_available_bytes
 from idm3d.errors import ConfigError
 
 __all__ = ["STEP", "add_arguments", "bisect_max", "run"]
@@ -57,12 +56,7 @@ def _available_bytes(device: str) -> int | None:
     if device.startswith("cuda"):
         free, _total = torch.cuda.mem_get_info(torch.device(device))
         return free
-    try:
-        text = Path("/proc/meminfo").read_text()
-    except OSError:
-        return None
-    match = re.search(r"^MemAvailable:\s+(\d+)\s+kB", text, re.MULTILINE)
-    return int(match.group(1)) * 1024 if match else None
+    return machine_available_bytes()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
