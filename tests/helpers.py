@@ -153,3 +153,25 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def gloo_group(init_file: str, rank: int, world: int, threads: int = 1) -> Iterator[None]:
+    """The block as rank ``rank`` of a ``world``-process gloo group (an ``mp.spawn`` worker's body).
+
+    A normal end meets the other processes at a barrier before the group is destroyed, as
+    :func:`idm3d.training.distributed.shutdown` does, so no process tears its connections down while
+    another still uses them; a crash prints every thread's Python stack (faulthandler).
+    """
+    import faulthandler
+
+    import torch.distributed as dist
+
+    faulthandler.enable()
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

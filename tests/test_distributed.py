@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers import t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
+from helpers import gloo_group, t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
 from idm3d.cli.main import build_parser, main
 from idm3d.errors import ConfigError, NonFiniteError
 from idm3d.runs.checkpoint import list_checkpoints
@@ -55,9 +54,7 @@ def _grads(trainer: Trainer) -> torch.Tensor:
 
 
 def _step_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(init_file, rank, world):
         trainer = Trainer(_config(4), Path(out) / "run", data=GlobalBatch(4))
         assert isinstance(trainer.net, torch.nn.parallel.DistributedDataParallel)
         counts: dict[str, int] = {}
@@ -76,8 +73,6 @@ def _step_worker(rank: int, world: int, init_file: str, out: str) -> None:
         except NonFiniteError as err:
             message = str(err)
         (Path(out) / f"nan{rank}.txt").write_text(f"{nan.step} {nan.skipped_total}\n{message}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_give_the_gradient_of_one_process_on_the_combined_batch(tmp_path: Path):

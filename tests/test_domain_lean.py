@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import perturb, torch_threads
+from helpers import gloo_group, perturb, torch_threads
 from idm3d.domain.comm import Domain, gather_depth, local_slices
 from idm3d.domain.lean import LeanShardedNet
 from idm3d.invertible.inplace import inference_budget
@@ -43,9 +42,7 @@ def _calls(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[torch
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with gloo_group(init_file, rank, 2):
         results: dict[str, torch.Tensor] = {}
         for attention, dtype, _ in CASES:
             x, t = _inputs(dtype)
@@ -58,8 +55,6 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         except RuntimeError as err:
             results["grad"] = torch.tensor(list(str(err).encode()))
         torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_equal_one_process_lean_call(tmp_path: Path) -> None:

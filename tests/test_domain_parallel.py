@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import perturb
+from helpers import gloo_group, perturb
 from idm3d.domain import COUNTER, check_shard_depth, gather_depth, halo_bytes, scatter_depth, shard, sync_gradients
 from idm3d.domain.attention import DomainChannelAttention3d, DomainSpatialAttention3d
 from idm3d.domain.comm import CALLS, Domain, local_slices
@@ -117,9 +117,7 @@ def _case(attention: str, memory_efficient: bool, group: dist.ProcessGroup | Non
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(init_file, rank, world):
         # one start-up for both sizes (it dominates): 4 ranks on the world, then 2 on pair subgroups
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
         saved = {}
@@ -137,8 +135,6 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                 messages.append(str(err))
             saved[size] = {"results": results, "messages": messages}
         torch.save(saved, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_sharded_idmunet_equals_the_unsharded_one_on_2_and_4_ranks(tmp_path: Path):

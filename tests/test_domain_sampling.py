@@ -9,10 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import perturb, tiny_run_config, torch_threads, write_brats_folder
+from helpers import gloo_group, perturb, tiny_run_config, torch_threads, write_brats_folder
 from idm3d.cli.main import main
 from idm3d.diffusion.pipeline import DiffusionPipeline
 from idm3d.errors import ConfigError
@@ -64,10 +63,8 @@ def _draw(pipeline: DiffusionPipeline, scheduler: object, eta: float, condition:
 
 
 def _worker(rank: int, init_file: str, run: str, t1: str, out: str) -> None:
-    torch.set_num_threads(1)
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))  # what torchrun sets
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with gloo_group(init_file, rank, 2):
         code = main(["sample", run, "--condition", t1, "--out", str(Path(out) / "sharded.nii.gz"), "--no-progress",
                      "--domain-parallel", "2"])
         results = {"code": torch.tensor(code)}
@@ -78,8 +75,6 @@ def _worker(rank: int, init_file: str, run: str, t1: str, out: str) -> None:
         except ConfigError as err:
             results["bad_depth"] = torch.tensor(list(str(err).encode()))
         torch.save(results, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_sample_the_file_one_process_writes(ddpm_run, tmp_path: Path):

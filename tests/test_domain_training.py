@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from helpers import t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
+from helpers import gloo_group, t1_to_t2, tiny_run_config, torchrun_command, write_brats_folder
 from idm3d.errors import ConfigError
 from idm3d.runs.checkpoint import list_checkpoints
 from idm3d.runs.config import config_from_dict
@@ -53,16 +52,12 @@ def _steps(trainer: Trainer) -> dict:
 
 
 def _worker(rank: int, init_file: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
+    with gloo_group(init_file, rank, 2):
         trainer = Trainer(_config(2), Path(out) / "run", data=GlobalBatch())
         assert isinstance(trainer.dist, DomainContext)
         assert trainer.net is not trainer.model
         assert trainer._inputs(0)["target"].shape == (2, 1, 8, 16, 16)  # the whole batch, half the depth
         torch.save(_steps(trainer), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_depth_shards_train_as_one_process(tmp_path: Path):

@@ -131,19 +131,15 @@ def sampler() -> dict:
 
 
 def _ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
+    from helpers import gloo_group
 
-    torch.set_num_threads(2)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(init_file, rank, world, threads=2):
         net = perturbed(DDP_CONFIG)
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         x, w, t = ddp_batch()
         shard = slice(BATCH * rank, BATCH * rank + BATCH)  # as DistContext.shard cuts the global batch
         (ddp(x[shard], t[shard]) * w[shard]).sum().backward()  # DDP averages: the gradient of the sum / world
         torch.save(torch.cat([p.grad.flatten() for p in net.parameters()]), f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 DDP_CONFIG = {k: v for k, v in CONFIGS["spatial_heads2"].items() if k != "context_dim"}

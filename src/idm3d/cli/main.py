@@ -30,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say(line: str) -> None:
+    # One write, newline included: processes sharing a pipe (torchrun's ranks) then never split a line.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     # Only a real command line (not an in-process call with argv) tunes the process's allocator.
     from_command_line = argv is None
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             # which reads its huge-page switch once
             configure_from_env()
         except IDM3DError as err:
-            print(f"idm3d: error: {err}", file=sys.stderr)
+            _say(f"idm3d: error: {err}")
             return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except (IDM3DError, FileNotFoundError) as err:
         if args.debug:
             traceback.print_exc()
-        print(f"idm3d: error: {err}", file=sys.stderr)
+        _say(f"idm3d: error: {err}")
         return 2
     except KeyboardInterrupt:
         print("idm3d: interrupted", file=sys.stderr)

@@ -213,6 +213,18 @@ def _device(option: str, local_rank: int, world_size: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """torchrun's store, under a prefix of this restart (``TORCHELASTIC_RESTART_COUNT``).
+
+    torchrun keeps one store server for all restarts of a job and the workers' keys carry no round, so
+    after ``--max-restarts`` restarted a worker group, a new process could read a dead process's address
+    from the previous attempt and fail ``init_process_group`` ("Gloo connectFullMesh failed ...
+    Connection refused"). One prefix per attempt gives every attempt keys of its own.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+    return dist.PrefixStore(f"idm3d/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def setup(device: str = "auto") -> DistContext:
     """This process's :class:`DistContext`, creating the process group from torchrun's environment if needed.
 
@@ -238,11 +250,12 @@ def setup(device: str = "auto") -> DistContext:
         raise ConfigError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     rank, local = _env_int("RANK"), _env_int("LOCAL_RANK")
     dev = _device(device, local, world)
+    store = _attempt_store(rank, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl", device_id=dev)
+        dist.init_process_group(backend="nccl", device_id=dev, store=store, rank=rank, world_size=world)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", store=store, rank=rank, world_size=world)
     _OWNED = True
     return DistContext(rank, world, local, dev)
 
