@@ -31,7 +31,7 @@ from idm3d.demo.pipeline import demo_config
 from idm3d.errors import ConfigError
 from idm3d.inference.evaluation import baseline_config, evaluate_run
 from idm3d.jsonio import dumps
-from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.atomic import atomic_write_text
 from idm3d.runs.config import Config
 from idm3d.runs.load import resolve_device
 from idm3d.runs.rundir import RunDir

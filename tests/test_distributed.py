@@ -40,11 +40,15 @@ class GlobalBatch:
         return torch.randn(self.size, 1, self.edge, self.edge, self.edge, generator=g), None
 
 
-def _config(batch: int, **train):
+# A rectified-flow run with the options that draw per-sample values (logit-normal times, the size warp).
+FLOW = {"kind": "rflow", "num_train_timesteps": 50, "sample_method": "logit-normal", "use_timestep_transform": True}
+
+
+def _config(batch: int, diffusion: dict | None = None, **train):
     return config_from_dict({
         "data": {"root": None, "targets": ["t1"], "patch_size": [16, 16, 16], "batch_size": batch},
         "model": {"name": "idm", "kwargs": TINY_IDM},
-        "diffusion": {"num_train_timesteps": 50},
+        "diffusion": diffusion or {"num_train_timesteps": 50},
         "train": {"max_steps": 1, "grad_clip": None, "progress": False, "device": "cpu", "seed": 5, **train},
     })
 
@@ -73,6 +77,25 @@ def _step_worker(rank: int, world: int, init_file: str, out: str) -> None:
         except NonFiniteError as err:
             message = str(err)
         (Path(out) / f"nan{rank}.txt").write_text(f"{nan.step} {nan.skipped_total}\n{message}")
+
+
+def _flow_worker(rank: int, init_file: str, out: str) -> None:
+    with gloo_group(init_file, rank, 2):
+        trainer = Trainer(_config(4, FLOW), Path(out) / "run", data=GlobalBatch(4))
+        result = trainer.train_step(0)
+        torch.save({"grads": _grads(trainer), "loss": result.loss}, Path(out) / f"flow{rank}.pt")
+
+
+def test_two_ranks_train_a_flow_run_as_one_process_on_the_combined_batch(tmp_path: Path):
+    mp.spawn(_flow_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.set_num_threads(1)
+    single = Trainer(_config(4, FLOW), tmp_path / "single", data=GlobalBatch(4))
+    result = single.train_step(0)
+    reference = _grads(single)
+    for r in (torch.load(tmp_path / f"flow{r}.pt", weights_only=True) for r in (0, 1)):
+        # each process draws its half of the global batch's times and noise, as one process draws them
+        assert r["loss"] == pytest.approx(result.loss, rel=1e-5)
+        assert float((r["grads"] - reference).norm() / reference.norm()) <= 1e-5
 
 
 def test_two_ranks_give_the_gradient_of_one_process_on_the_combined_batch(tmp_path: Path):

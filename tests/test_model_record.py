@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import idm3d
 from helpers import TINY_IDM, train_tiny_run
 from idm3d.errors import CheckpointError
+from idm3d.runs import atomic
 from idm3d.runs import checkpoint as ckpt
 from idm3d.runs.config import ModelConfig
 from idm3d.runs.model_factory import MODEL_FORMAT, build_model, model_record
@@ -102,7 +103,7 @@ def _strip_metadata(weights: Path) -> None:
     save_file(tensors, str(weights))
     state_path = weights.with_suffix(".json")
     state = json.loads(state_path.read_text())
-    state["weights_sha256"] = ckpt._sha256(weights)
+    state["weights_sha256"] = atomic.sha256(weights)
     state_path.write_text(json.dumps(state))
 
 

@@ -16,6 +16,7 @@ import yaml
 
 from helpers import TINY_IDM, tiny_run_config, write_brats_folder
 from idm3d.cli.main import main
+from idm3d.runs import atomic
 from idm3d.runs import checkpoint as ckpt
 from idm3d.runs.config import config_from_dict
 from idm3d.runs.logs import MetricsLog, read_metrics
@@ -149,14 +150,14 @@ def _inject(monkeypatch, stage: str, nth: int, code: int) -> None:
         return patched
 
     if stage == "weights temp file":
-        real_save = ckpt.save_file
+        real_save = atomic.save_file
 
         def save_file(tensors, path, metadata=None):
             if due():
                 Path(path).write_bytes(b"\0" * 100)  # what a full disk leaves: a torn temporary file
                 raise fail(path)
             return real_save(tensors, path, metadata=metadata)
-        monkeypatch.setattr(ckpt, "save_file", save_file)
+        monkeypatch.setattr(atomic, "save_file", save_file)
     elif stage in ("weights fsync", "state JSON fsync"):
         mark = ".safetensors.tmp-" if stage.startswith("weights") else ".json.tmp-"
         monkeypatch.setattr(os, "fsync", when(lambda p: mark in p and "step-" in p, os.fsync, _fd_path))

@@ -14,7 +14,7 @@ from typing import Any
 
 from idm3d.bench.report import machine_markdown
 from idm3d.jsonio import dumps
-from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.atomic import atomic_write_text
 
 __all__ = ["build_headline", "headline_markdown", "write_headline"]
 

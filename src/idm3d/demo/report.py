@@ -15,7 +15,7 @@ import torch
 from idm3d.bench.report import machine_info, machine_markdown
 from idm3d.data.demo import DemoData
 from idm3d.jsonio import dumps
-from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.atomic import atomic_write_text
 from idm3d.runs.config import Config, config_to_dict
 from idm3d.runs.data_source import HeldoutCase
 

@@ -26,7 +26,7 @@ from idm3d.data.readers import image_format, volume_suffix
 from idm3d.errors import ConfigError, IDM3DError
 from idm3d.inference.generate import output_paths, write_sample
 from idm3d.jsonio import dumps
-from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.atomic import atomic_write_text
 from idm3d.runs.load import LoadedRun
 
 __all__ = ["MANIFEST", "OUT_FORMATS", "BatchResult", "output_suffix", "sample_folder", "sample_many"]

@@ -16,29 +16,26 @@ hash, so a tampered or truncated weights file is refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
-import os
 import re
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from idm3d.errors import CheckpointError, NonFiniteError
 from idm3d.jsonio import json_safe
+from idm3d.runs import atomic
 
 __all__ = [
     "FORMAT",
     "MODEL_METADATA_KEY",
     "TrainState",
-    "atomic_write_text",
     "check_signature",
     "check_state_fields",
     "checkpoint_paths",
@@ -57,78 +54,7 @@ __all__ = [
 FORMAT = "idm3d-checkpoint-v1"
 MODEL_METADATA_KEY = "idm3d.model"  # safetensors metadata: the model record (model.json) as a JSON string
 _NAME = re.compile(r"^step-(\d{8,})\.json$")
-TMP_MARK = ".tmp-"  # temporary files are ".<name>.tmp-<pid>"
-# Test hook: seconds to sleep between writing a temporary file and renaming it (crash-safety tests
-# kill the process inside this window).
-_PAUSE_ENV = "IDM3D_CHECKPOINT_WRITE_PAUSE"
 RNG_NOTE = "per-step generators seeded from (seed, step); no RNG state carried"
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-
-
-def _commit(tmp: Path, path: Path, checkpoint: bool = False) -> None:
-    pause = float(os.environ.get(_PAUSE_ENV, "0") or 0) if checkpoint else 0.0
-    if pause > 0:
-        time.sleep(pause)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str, *, _checkpoint: bool = False) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _commit(tmp, path, _checkpoint)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
-        raise
-
-
-def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> str:
-    tmp = _tmp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
-        # Hash what is on disk (and fsync it) rather than what we meant to write.
-        with open(tmp, "rb+") as fh:
-            digest = _hash_file(fh)
-            os.fsync(fh.fileno())
-        _commit(tmp, path, checkpoint=True)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk keeps no half file (and gets its space back)
-        raise
-    return digest
-
-
-def _hash_file(fh: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    for block in iter(lambda: fh.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return _hash_file(fh)
 
 
 def checkpoint_paths(folder: str | Path, step: int) -> tuple[Path, Path]:
@@ -164,7 +90,7 @@ def remove_stale_files(folder: str | Path) -> list[Path]:
     committed = {p.stem for _, p in list_checkpoints(folder)}
     removed = []
     for p in folder.iterdir():
-        stale_tmp = TMP_MARK in p.name
+        stale_tmp = atomic.TMP_MARK in p.name
         orphan = p.suffix == ".safetensors" and p.stem not in committed
         if p.is_file() and (stale_tmp or orphan):
             p.unlink(missing_ok=True)
@@ -226,10 +152,10 @@ def save_checkpoint(
     weights, meta = checkpoint_paths(folder, step)
     # Private, contiguous CPU copies: safetensors refuses shared storage (tied weights, views).
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
-    sha = _atomic_save_tensors(flat, weights, metadata)
+    sha = atomic.save_tensors(flat, weights, metadata)
     doc = {**state, "format": FORMAT, "step": int(step), "weights_file": weights.name, "weights_sha256": sha}
     try:
-        atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", _checkpoint=True)
+        atomic.atomic_write_text(meta, json.dumps(doc, indent=2, allow_nan=False) + "\n", checkpoint=True)
     except OSError:
         if not meta.is_file():  # not committed: the weights are an orphan, free their space now
             weights.unlink(missing_ok=True)
@@ -239,7 +165,7 @@ def save_checkpoint(
             # JSON first: once it is gone the weights are an orphan, never a half checkpoint.
             old.unlink(missing_ok=True)
             old.with_suffix(".safetensors").unlink(missing_ok=True)
-        _fsync_dir(folder)
+        atomic.fsync_dir(folder)
     return meta
 
 
@@ -365,7 +291,7 @@ def load_checkpoint(
     weights = path.with_name(state["weights_file"])
     if weights == path or not weights.is_file():
         raise CheckpointError(f"{path}: weights file {weights.name!r} is missing")
-    sha = _sha256(weights)
+    sha = atomic.sha256(weights)
     if sha != state.get("weights_sha256"):
         raise CheckpointError(
             f"{weights}: sha256 {sha[:12]}... does not match the recorded "

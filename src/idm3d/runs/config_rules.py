@@ -75,7 +75,7 @@ def check_consistency(cfg: Config) -> None:
         )
     if cfg.sample.roi_size is not None and len(cfg.sample.roi_size) != 3:
         raise ConfigError(f"sample.roi_size: expected 3 integers (D, H, W) or null, got {cfg.sample.roi_size}")
-    from idm3d.runs.model_factory import check_model_kwargs  # lazy: reads the network's signature
+    from idm3d.runs.model_kwargs import check_model_kwargs  # lazy: reads the network's signature
 
     check_model_kwargs(cfg.model.name, cfg.model.kwargs)
 

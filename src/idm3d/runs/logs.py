@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from idm3d.jsonio import dumps
-from idm3d.runs.checkpoint import atomic_write_text
+from idm3d.runs.atomic import atomic_write_text
 
 __all__ = ["MetricsLog", "memory_mb", "plot_loss_curve", "read_metrics"]
 

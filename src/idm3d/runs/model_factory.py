@@ -15,15 +15,11 @@ class path is ever imported from a file) and the full constructor arguments, def
 
 from __future__ import annotations
 
-import collections.abc
-import difflib
 import hashlib
 import importlib
 import inspect
 import json
 import math
-import types
-import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,11 +30,11 @@ from idm3d.errors import ArgumentError, ConfigError
 __all__ = [
     "MODEL_FORMAT",
     "MODEL_REGISTRY",
+    "SET_BY_TASK",
     "architecture_signature",
     "baseline_model",
     "build_model",
     "build_model_from_record",
-    "check_model_kwargs",
     "check_model_record",
     "model_channels",
     "model_class",
@@ -48,7 +44,7 @@ __all__ = [
     "size_multiple",
 ]
 
-_SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")
+SET_BY_TASK = ("spatial_dims", "in_channels", "out_channels")  # model.kwargs may not set these
 MODEL_FORMAT = "idm3d-model-v1"
 # model.name -> (module, class): the only classes a model record may name.
 MODEL_REGISTRY: dict[str, tuple[str, str]] = {
@@ -93,19 +89,19 @@ def _idm_class() -> type[nn.Module]:
 def _monai_defaults() -> dict[str, Any]:
     from idm3d.nets.baselines import monai_kwargs
 
-    return {k: v for k, v in monai_kwargs().items() if k not in _SET_BY_TASK}
+    return {k: v for k, v in monai_kwargs().items() if k not in SET_BY_TASK}
 
 
 def _resolved_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` over the model's defaults: IDMUNet's signature, or the MONAI baseline recipe."""
-    for key in _SET_BY_TASK:
+    for key in SET_BY_TASK:
         if key in kwargs:
             raise ConfigError(
                 f"model.kwargs.{key}: set by the task (data.targets/data.sources), remove it from model.kwargs"
             )
     if name == "idm":
         params = inspect.signature(_idm_class()).parameters.values()
-        defaults = {p.name: p.default for p in params if p.default is not p.empty and p.name not in _SET_BY_TASK}
+        defaults = {p.name: p.default for p in params if p.default is not p.empty and p.name not in SET_BY_TASK}
     elif name == "monai":
         return _fit_to_widths({**_monai_defaults(), **kwargs}, given=kwargs)
     else:
@@ -266,84 +262,6 @@ def build_model(model_cfg: Any, in_channels: int, out_channels: int) -> nn.Modul
     return _construct(model_class(record["name"]), record["kwargs"])
 
 
-# ------------------------------------------------------------------------ model.kwargs against the signature
-
-
-def _type_text(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return "one of " + "|".join(map(str, typing.get_args(tp)))
-    if origin in (list, tuple, collections.abc.Sequence):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        plural = {int: "integers", float: "numbers", bool: "true/false values", str: "strings"}
-        return f"a list of {plural.get(args[0], _type_text(args[0]))}" if args else "a list"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _fits(value: Any, tp: Any) -> bool:
-    """False only where ``value`` clearly contradicts the annotation ``tp`` (unknown types fit)."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is inspect.Parameter.empty:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin in (list, tuple, collections.abc.Sequence) or tp in (list, tuple, collections.abc.Sequence):
-        if not isinstance(value, (list, tuple)):
-            return False
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return not args or all(_fits(v, args[0]) for v in value)
-    return True
-
-
-def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
-    """Check ``model.kwargs`` against the network's own signature (run when a config is loaded).
-
-    Raises:
-        ConfigError: one line naming the key: one the task sets (``in_channels``...), one the network does
-            not take (with the closest argument name), or a value whose type contradicts the annotation.
-    """
-    for key in _SET_BY_TASK:
-        if key in kwargs:
-            raise ConfigError(
-                f"model.kwargs.{key}: set by the task (data.targets/data.sources), remove it from model.kwargs"
-            )
-    try:
-        cls = model_class(name)
-    except ConfigError:
-        return  # an unavailable network is reported when it is built
-    params = inspect.signature(cls).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # annotations that do not resolve: names are still checked
-        hints = {}
-    known = [p for p in params if p not in _SET_BY_TASK]
-    for key, value in kwargs.items():
-        if key not in params:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
-            raise ConfigError(f"model.kwargs.{key}: not an argument of {cls.__name__}{hint}")
-        tp = hints.get(key, inspect.Parameter.empty)
-        if not _fits(value, tp):
-            raise ConfigError(f"model.kwargs.{key}: expected {_type_text(tp)}, got {value!r}")
-
-
 def size_multiple(model: nn.Module) -> int:
     """Spatial sizes the model accepts are multiples of this (its number of 2x downsamplings)."""
     if hasattr(model, "size_multiple"):
@@ -393,7 +311,7 @@ def baseline_model(idm: Any) -> Any:
     c, levels = int(kw["channels"]), int(kw["levels"])
     growth = 8 * float(kw["down_fraction"])
     widths = tuple(round(c * growth**level) for level in range(levels))
-    recipe = {k: v for k, v in monai_kwargs(widths).items() if k not in _SET_BY_TASK}
+    recipe = {k: v for k, v in monai_kwargs(widths).items() if k not in SET_BY_TASK}
     attention = kw["attention"] != "none"
     recipe.update(
         channels=list(widths),

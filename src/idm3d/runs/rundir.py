@@ -37,7 +37,8 @@ from idm3d.data.split import Split, load_split, save_split
 from idm3d.errors import CheckpointError, ConfigError, DataError, IDM3DError
 from idm3d.jsonio import dumps
 from idm3d.runs import checkpoint as ckpt
-from idm3d.runs.checkpoint import TrainState, atomic_write_text
+from idm3d.runs.atomic import TMP_MARK, atomic_write_text
+from idm3d.runs.checkpoint import TrainState
 from idm3d.runs.config import Config, config_from_dict, config_to_dict
 from idm3d.runs.logs import MetricsLog, plot_loss_curve, read_metrics
 from idm3d.runs.tensorboard import TensorBoardLog
@@ -225,8 +226,8 @@ class RunDir:
             if err.errno not in WRITE_ERRNOS:
                 raise
             name = what or (Path(err.filename).name if err.filename else "a file")
-            if name.startswith(".") and ckpt.TMP_MARK in name:  # a temporary file: name the file it becomes
-                name = name[1:name.index(ckpt.TMP_MARK)]
+            if name.startswith(".") and TMP_MARK in name:  # a temporary file: name the file it becomes
+                name = name[1:name.index(TMP_MARK)]
             code = errno.errorcode.get(err.errno or 0, str(err.errno))
             last = self.latest_checkpoint()
             kept = f"last complete checkpoint {last.name} is intact" if last else "no checkpoint was written yet"
