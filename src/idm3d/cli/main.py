@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"idm3d: error: {err}")
         return 2
     except KeyboardInterrupt:
-        print("idm3d: interrupted", file=sys.stderr)
+        _say("idm3d: interrupted")
         return 130
 
 
