@@ -4,16 +4,21 @@ The ``make run`` task (``configs/demo.yaml``, T1 -> T2 and T2 -> T1 on the MNI t
 direction for the same CPU budget (``train.max_cpu_seconds``, so the result does not depend on the load of
 the machine): once with the demo's DDPM objective, once with rectified flow (``diffusion.kind: rflow``, every
 other setting the demo's). Each run is scored on the held-out band as ``idm3d evaluate`` scores it, at
-1, 2, 4, 8, 16, 32 network calls (DDIM for DDPM; Euler and Heun for the flow) plus today's default (DDIM,
-10 calls). One JSON line per point goes to ``docs/sampling/steps.jsonl``; ``docs/sampling/steps.png`` plots
-them. Training and scoring run in child processes, one thread each (the demo's layout on 2 cores).
+1, 2, 4, 8, 16, 32 network calls (DDIM for DDPM; Euler and Heun for the flow) plus the goal's reference
+(DDIM, 10 calls: the demo's default until 2026-12-06). One JSON line per point goes to
+``docs/sampling/steps.jsonl``; ``docs/sampling/steps.png`` plots them and ``steps.md`` tabulates them, with
+the means over rows tagged ``seed<N>`` (``--tag``, repeats with ``--set train.seed=N``).
+Training and scoring run in child processes, one thread each (the demo's layout on 2 cores).
 Run again with the same ``--out`` and the trained runs are reused.
 
 ``--objectives`` picks the runs: ``ddpm``, ``rflow`` (the demo with the flow objective) and flow variants that
 change one thing of ``rflow``: ``rflow-logit`` (MONAI's ``sample_method: logit-normal`` training
 timesteps), ``rflow-warp`` (MONAI's ``use_timestep_transform``: more time near noise for volumes larger than
 ``base_img_size_numel``), ``rflow-x0`` (the network predicts x0, ``diffusion.prediction_type: sample``, as
-the demo's DDPM runs do; its velocity is ``(x0_hat - x_t) / s``) and ``rflow-x0-warp`` (both).
+the demo's DDPM runs do; its velocity is ``(x0_hat - x_t) / s``), ``rflow-x0-warp`` (both) and
+``rflow-x0-shift``/``-shift6``/``-shift10`` (x0 with MONAI's warp at a small ``base_img_size_numel``: the
+training timesteps and the sampling grid moved towards noise by a ratio of 3-4, 5-6 and 8-10, where the demo's
+DDPM schedule spends its steps).
 ``--append`` adds the points to ``steps.jsonl`` instead of replacing it; every row records the command that
 wrote it. The table and plot are drawn from all rows of the file.
 """
@@ -22,25 +27,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.objectives import DDPM_DEMO, FLOW
+
 CALLS = (1, 2, 4, 8, 16, 32)
-DEFAULT_POINT = ("ddpm", "ddim", 10)  # today's default: DDPM-trained, DDIM with 10 calls
-OBJECTIVES = {
-    "ddpm": [],
-    # every other setting is the demo's (l1 loss, EMA, patches, mask_output); MAISI's 1000 train timesteps
-    "rflow": ["diffusion.kind=rflow", "diffusion.prediction_type=flow", "diffusion.num_train_timesteps=1000",
-              "sample.sampler=euler"],
-}
+DEFAULT_POINT = ("ddpm", "ddim", 10)  # the goal's reference: DDPM-trained, DDIM with 10 calls
+OBJECTIVES = {"ddpm": DDPM_DEMO, "rflow": FLOW}  # benchmarks.objectives: the demo's DDPM predecessor; MONAI's flow
 VARIANTS = {  # flow variants: the rflow run with one more override
     "rflow-logit": ["diffusion.sample_method=logit-normal"],
     "rflow-warp": ["diffusion.use_timestep_transform=true"],
     "rflow-x0": ["diffusion.prediction_type=sample"],  # the network predicts x0, as the demo's DDPM runs do
     "rflow-x0-warp": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true"],
+    # MONAI's warp with a small reference size: ratio (64*64*16 / 1920)^(1/3) = 3.2 on the training patches and
+    # (80*96*16 / 1920)^(1/3) = 4.0 on the held-out band, about the noise levels of the demo's DDPM schedule
+    "rflow-x0-shift": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
+                       "diffusion.base_img_size_numel=1920"],
+    # a stronger warp: ratio 4.8 on the training patches, 5.9 on the held-out band
+    "rflow-x0-shift6": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
+                        "diffusion.base_img_size_numel=600"],
+    # stronger still: ratio 8.0 on the training patches, 9.9 on the held-out band
+    "rflow-x0-shift10": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
+                         "diffusion.base_img_size_numel=128"],
 }
 for _name, _extra in VARIANTS.items():
     OBJECTIVES[_name] = [*OBJECTIVES["rflow"], *_extra]
@@ -138,37 +152,59 @@ def series(row: dict[str, Any]) -> str:
     return f"{name} / {row['sampler']}" + (" (v1)" if old else "")
 
 
+def _repeat(row: dict[str, Any]) -> bool:
+    return re.fullmatch(r"seed\d+", row.get("tag") or "") is not None
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """SSIM (brain) against network calls, one panel per direction, one line per objective/sampler."""
+    """SSIM (brain) against network calls, one column per direction.
+
+    Top: one line per run and sampler (rows not tagged ``seed<N>``). Bottom, when there are repeats: the
+    mean over the seeds per objective and sampler, the band from the lowest to the highest seed.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     directions = sorted({r["direction"] for r in rows})
-    keys = sorted({series(r) for r in rows})
-    colours = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(keys)}
-    fig, axes = plt.subplots(1, len(directions), figsize=(5 * len(directions) + 2.5, 4.2), squeeze=False)
-    for ax, d in zip(axes[0], directions):
-        for key in [k for k in keys if any(series(r) == k and r["direction"] == d for r in rows)]:
-            pts = sorted((r["calls"], r["ssim"]) for r in rows if r["direction"] == d
-                         and series(r) == key and r["calls"] != DEFAULT_POINT[2])
-            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, color=colours[key], label=key,
-                    ls="--" if key.endswith("heun") else "-")
-        ref = [r["ssim"] for r in rows if r["direction"] == d and (r["training"], r["sampler"], r["calls"])
-               == DEFAULT_POINT]
-        if ref:
-            ax.axhline(ref[0], color="grey", ls="--", lw=1, label="today's default (DDIM 10)")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("network calls")
-        ax.set_ylabel("held-out SSIM (brain)")
-        ax.set_title(d)
-        ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes[0]:  # one legend for both panels (a variant may be in one direction only)
-        handles.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
-    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
-                       bbox_to_anchor=(1.02, 1.0))
+    single, repeats = [r for r in rows if not _repeat(r)], [r for r in rows if _repeat(r)]
+    panels = [single] + ([repeats] if repeats else [])
+    fig, axes = plt.subplots(len(panels), len(directions), figsize=(5 * len(directions) + 2.5, 4.2 * len(panels)),
+                             squeeze=False)
+    for axes_row, group, averaged in zip(axes, panels, (False, True)):
+        name = (lambda r: f"{r.get('variant', r['training'])} / {r['sampler']} (mean)") if averaged else series
+        keys = sorted({name(r) for r in group})
+        colours = {k: plt.get_cmap("tab20")(i % 20) for i, k in enumerate(keys)}
+        for ax, d in zip(axes_row, directions):
+            for key in keys:
+                by_calls: dict[int, list[float]] = {}
+                for r in group:
+                    if r["direction"] == d and name(r) == key and r["calls"] != DEFAULT_POINT[2]:
+                        by_calls.setdefault(r["calls"], []).append(r["ssim"])
+                if not by_calls:
+                    continue
+                x = sorted(by_calls)
+                ax.plot(x, [statistics.fmean(by_calls[c]) for c in x], marker="o", ms=3, lw=1, color=colours[key],
+                        label=key, ls="--" if "heun" in key else "-")
+                if averaged:
+                    ax.fill_between(x, [min(by_calls[c]) for c in x], [max(by_calls[c]) for c in x],
+                                    color=colours[key], alpha=0.12)
+            ref = [r["ssim"] for r in group if r["direction"] == d
+                   and (r["training"], r["sampler"], r["calls"]) == DEFAULT_POINT]
+            if ref:
+                ax.axhline(statistics.fmean(ref), color="grey", ls="--", lw=1,
+                           label="DDPM, DDIM 10 calls" + (" (mean)" if averaged else ""))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("network calls")
+            ax.set_ylabel("held-out SSIM (brain)")
+            ax.set_title(f"{d}, " + ("repeats over seeds: mean, min-max band" if averaged else "single runs"))
+            ax.grid(alpha=0.3)
+        handles = {}
+        for ax in axes_row:  # one legend per row (a variant may be in one direction only)
+            handles.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0]))
+        axes_row[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                            bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -191,6 +227,34 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def seeds_markdown(rows: list[dict[str, Any]], calls: tuple[int, ...] = (1, 2, 3, 4, 10)) -> str:
+    """Mean held-out brain SSIM [min, max] over the repeats tagged ``seed<N>`` (``--tag``), per direction."""
+    tagged = [r for r in rows if _repeat(r)]
+    if not tagged:
+        return ""
+    out = ["", "**Repeats** (rows tagged `seed<N>`: mean SSIM [min, max] over the seeds; n seeds)", ""]
+    for d in sorted({r["direction"] for r in tagged}):
+        out += [f"*{d}*", "", "| training / sampler | n | " + " | ".join(f"{c} calls" for c in calls) + " |",
+                "|---|---|" + "---|" * len(calls)]
+        for name, sampler in sorted({(r.get("variant", r["training"]), r["sampler"]) for r in tagged}):
+            cells, seeds = [], set()
+            for c in calls:
+                hit = [r for r in tagged if r["direction"] == d and r.get("variant", r["training"]) == name
+                       and r["sampler"] == sampler and r["calls"] == c]
+                seeds |= {r["tag"] for r in hit}
+                ssim = [r["ssim"] for r in hit]
+                cells.append(f"{statistics.fmean(ssim):.3f} [{min(ssim):.3f}, {max(ssim):.3f}]" if ssim else "")
+            out.append(f"| {name} / {sampler} | {len(seeds)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_docs(rows: list[dict[str, Any]], docs: Path) -> None:
+    """``steps.png`` and ``steps.md`` (every row's table, then the repeats' means) from the rows."""
+    plot(rows, docs / "steps.png")
+    (docs / "steps.md").write_text(table_markdown(rows) + seeds_markdown(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sampling_steps", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/sampling-steps"), help="run folders (reused)")
@@ -209,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.docs / "steps.jsonl"
     if args.replot:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        plot(rows, args.docs / "steps.png")
-        (args.docs / "steps.md").write_text(table_markdown(rows))
+        write_docs(rows, args.docs)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.docs.mkdir(parents=True, exist_ok=True)
@@ -227,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['direction']} {series(r):24s} {r['calls']:3d} calls: SSIM {r['ssim']:.4f} "
               f"PSNR {r['psnr']:.2f} (sample {r['cpu_s_sample']:.1f} CPU-s)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    plot(rows, args.docs / "steps.png")
-    (args.docs / "steps.md").write_text(table_markdown(rows))
+    write_docs(rows, args.docs)
     return 0
 
 

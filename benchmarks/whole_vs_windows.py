@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.objectives import DDPM_DEMO
 from idm3d.allocator import tune_malloc
 from idm3d.bench.harness import machine_info, reset_peak_rss
 from idm3d.children import status_kib
@@ -57,7 +58,9 @@ def _ensure_run(run_dir: Path, cpu_seconds: float) -> None:
     from idm3d.demo.parallel import train_all
     from idm3d.demo.pipeline import demo_config, direction_config
 
-    cfg = direction_config(demo_config(None, ["train.progress=false"], minutes=cpu_seconds / 60.0), "t1-t2")
+    # the committed study's objective: the demo's DDPM predecessor
+    cfg = direction_config(demo_config(None, [*DDPM_DEMO, "train.progress=false"], minutes=cpu_seconds / 60.0),
+                           "t1-t2")
     print(f"training {run_dir} for {cpu_seconds:.0f} CPU-s", file=sys.stderr, flush=True)
     train_all([(cfg, run_dir)], torch.device("cpu"), jobs=1)
 
@@ -193,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.fmean(r['cpu_s'] for r in setting):.1f} CPU-s/sample", file=sys.stderr, flush=True)
     info = machine_info("cpu")
     run = {"path": args.run.as_posix(), "steps": state.step, "cpu_s": float(state.cpu_s), "threads": args.threads,
-           "train_command": f"OMP_NUM_THREADS=1 idm3d train --config src/idm3d/configs/demo.yaml --set "
-                            f"train.max_cpu_seconds={budget_text} --out {args.run.as_posix()}",
+           "train_command": "OMP_NUM_THREADS=1 idm3d train --config src/idm3d/configs/demo.yaml "
+                            + "".join(f"--set {o} " for o in DDPM_DEMO)
+                            + f"--set train.max_cpu_seconds={budget_text} --out {args.run.as_posix()}",
            "load": f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (1-minute average)",
            "machine": f"{info['cpu_model']}, {info['cpu_cores']} cores, torch {info['torch']}"}
     command = "python -m benchmarks.whole_vs_windows " + " ".join(argv if argv is not None else sys.argv[1:])

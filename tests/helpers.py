@@ -174,4 +174,7 @@ def gloo_group(init_file: str, rank: int, world: int, threads: int = 1) -> Itera
         yield
         dist.barrier()
     finally:
+        import gc
+
+        gc.collect()  # as idm3d.training.distributed.shutdown does (pytorch#179291)
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""``idm3d demo`` end to end with a tiny budget (2 steps, 8-channel nets, 2 DDIM steps) on the MNI demo data.
+"""``idm3d demo`` end to end with a tiny budget (2 steps, 8-channel nets, 2 sampler calls) on the MNI demo data.
 
 The module's demo runs both directions, as ``make run`` does (the IDMUNets, then the baselines, train in
 two spawned processes side by side on a machine with 2+ cores).

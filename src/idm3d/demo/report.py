@@ -14,6 +14,7 @@ import torch
 
 from idm3d.bench.report import machine_info, machine_markdown
 from idm3d.data.demo import DemoData
+from idm3d.inference.evaluation import sampler_text
 from idm3d.jsonio import dumps
 from idm3d.runs.atomic import atomic_write_text
 from idm3d.runs.config import Config, config_to_dict
@@ -227,7 +228,7 @@ def report_markdown(r: Mapping[str, Any]) -> str:
     )
     lines += [
         "",
-        f"Metrics: {r['metric_notes']}. Networks: {s['sampler'].upper()} with {s['steps']} steps, eta {s['eta']}, "
+        f"Metrics: {r['metric_notes']}. Networks: {sampler_text(s)}, "
         f"seed {s['seed']}, {s['weights']} weights, starting from pure noise with the {src} band as extra input "
         f"channel. The linear map is `{tgt} = {lm['slope']:.4f} * {src} {'-' if lm['offset'] < 0 else '+'} "
         f"{abs(lm['offset']):.4f}`, fitted by least squares on {lm['fit_voxels']} brain voxels of the training slabs "
@@ -270,20 +271,28 @@ def _settings_lines(r: Mapping[str, Any]) -> list[str]:
         "## Settings", "",
         f"- IDMUNet: `{json.dumps(c['model']['kwargs'])}`; MONAI DiffusionModelUNet: "
         f"`{json.dumps(b['model']['kwargs'])}`.",
-        f"- Diffusion: {d['prediction_type']} prediction, {d['num_train_timesteps']} train timesteps, "
-        f"{d['schedule']} schedule (beta {d['beta_start']:g} to {d['beta_end']:g}), {d['loss']} loss, "
-        f"clip_sample {d['clip_sample']}.",
+        f"- Diffusion: {_objective_text(d)}, {d['loss']} loss, clip_sample {d['clip_sample']}.",
         f"- Training: patches {c['data']['patch_size']} x batch {c['data']['batch_size']} (foreground probability "
         f"{c['data']['foreground_prob']}), AdamW lr {t['lr']:g} (warm-up {t['warmup_steps']} steps, weight decay "
         f"{t['weight_decay']:g}), grad clip {t['grad_clip']}, EMA decay {t['ema_decay']} (warm-up "
         f"min(decay, (1+n)/(10+n))), seed {t['seed']}; budget {budget} / "
         f"{t['max_steps'] if t['max_steps'] else 'no'} step cap (MONAI: "
         f"{budget_text(b['train'])}, the time the IDMUNet used).",
-        f"- Sampling: {sm['sampler']} {sm['steps']} steps, eta {sm['eta']}, whole band in one pass"
+        f"- Sampling: {sampler_text(sm)}, whole band in one pass"
         f"{window}.",
         "- Full configs: `idm/config.yaml`, `monai/config.yaml`; per-run scores: `idm/eval-test.md`, "
         "`monai/eval-test.md`.", "",
     ]
+
+
+def _objective_text(d: Mapping[str, Any]) -> str:
+    """The ``diffusion`` section's objective in words (older runs have no ``kind``: DDPM)."""
+    head = f"{d['prediction_type']} prediction, {d['num_train_timesteps']} train timesteps"
+    if d.get("kind", "ddpm") == "rflow":
+        warp = (f", MONAI's timestep warp (base_img_size_numel {d['base_img_size_numel']})"
+                if d.get("use_timestep_transform") else "")
+        return f"rectified flow (MONAI's RFlowScheduler), {head}, {d.get('sample_method', 'uniform')} timesteps{warp}"
+    return f"DDPM, {head}, {d['schedule']} schedule (beta {d['beta_start']:g} to {d['beta_end']:g})"
 
 
 def budget_text(train: Mapping[str, Any]) -> str:

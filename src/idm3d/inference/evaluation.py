@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,12 @@ def _fmt(entry: dict[str, float] | None, digits: int) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}"
 
 
+def sampler_text(settings: Mapping[str, Any]) -> str:
+    """``sampler``, ``steps`` and ``eta`` in words; the flow's ODE solvers have no eta."""
+    eta = "" if settings["sampler"] in ("euler", "heun") else f", eta {settings['eta']}"
+    return f"{settings['sampler']} sampler, {settings['steps']} network calls{eta}"
+
+
 def report_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
     """A markdown table, one row per (model, target modality), mean ± std over the held-out cases."""
     first = reports[0][1]
@@ -150,7 +156,7 @@ def report_markdown(reports: list[tuple[str, dict[str, Any]]]) -> str:
         f"# Evaluation on the '{first['split']}' split ({len(first['cases'])} case(s))",
         "",
         f"Task: {first['task']} ({first['mode']}); sources {first['sources'] or '-'} -> targets {first['targets']}; "
-        f"{first['sampler']} sampler, {first['steps']} steps, eta {first['eta']}, seed {first['seed']}, "
+        f"{sampler_text(first)}, seed {first['seed']}, "
         f"{first['weights']} weights. Metrics on the {first['intensity_space']}; 'brain' = inside the brain mask.",
         "",
         "| model | target | " + " | ".join(_LABELS[k] for k in METRIC_KEYS) + " | train steps | train s | "

@@ -23,6 +23,7 @@ file.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -269,6 +270,9 @@ def shutdown(clean: bool = True) -> None:
     """
     global _OWNED
     if _OWNED and dist.is_initialized():
+        # collect cycles now: a gloo work or DDP reducer still alive at interpreter exit is torn down without
+        # the GIL's owner (a rare SIGABRT, pytorch#179291)
+        gc.collect()
         try:
             if clean:
                 dist.barrier()
