@@ -40,21 +40,20 @@ from benchmarks.objectives import DDPM_DEMO, FLOW
 CALLS = (1, 2, 4, 8, 16, 32)
 DEFAULT_POINT = ("ddpm", "ddim", 10)  # the goal's reference: DDPM-trained, DDIM with 10 calls
 OBJECTIVES = {"ddpm": DDPM_DEMO, "rflow": FLOW}  # benchmarks.objectives: the demo's DDPM predecessor; MONAI's flow
-VARIANTS = {  # flow variants: the rflow run with one more override
+_X0 = ["diffusion.prediction_type=sample"]  # the network predicts x0, as the demo's DDPM runs do
+_WARP = ["diffusion.use_timestep_transform=true"]
+VARIANTS = {  # flow variants: the rflow run with more overrides
     "rflow-logit": ["diffusion.sample_method=logit-normal"],
-    "rflow-warp": ["diffusion.use_timestep_transform=true"],
-    "rflow-x0": ["diffusion.prediction_type=sample"],  # the network predicts x0, as the demo's DDPM runs do
-    "rflow-x0-warp": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true"],
+    "rflow-warp": _WARP,
+    "rflow-x0": _X0,
+    "rflow-x0-warp": [*_X0, *_WARP],
     # MONAI's warp with a small reference size: ratio (64*64*16 / 1920)^(1/3) = 3.2 on the training patches and
     # (80*96*16 / 1920)^(1/3) = 4.0 on the held-out band, about the noise levels of the demo's DDPM schedule
-    "rflow-x0-shift": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
-                       "diffusion.base_img_size_numel=1920"],
+    "rflow-x0-shift": [*_X0, *_WARP, "diffusion.base_img_size_numel=1920"],
     # a stronger warp: ratio 4.8 on the training patches, 5.9 on the held-out band
-    "rflow-x0-shift6": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
-                        "diffusion.base_img_size_numel=600"],
+    "rflow-x0-shift6": [*_X0, *_WARP, "diffusion.base_img_size_numel=600"],
     # stronger still: ratio 8.0 on the training patches, 9.9 on the held-out band
-    "rflow-x0-shift10": ["diffusion.prediction_type=sample", "diffusion.use_timestep_transform=true",
-                         "diffusion.base_img_size_numel=128"],
+    "rflow-x0-shift10": [*_X0, *_WARP, "diffusion.base_img_size_numel=128"],
 }
 for _name, _extra in VARIANTS.items():
     OBJECTIVES[_name] = [*OBJECTIVES["rflow"], *_extra]

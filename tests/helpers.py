@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -174,7 +175,5 @@ def gloo_group(init_file: str, rank: int, world: int, threads: int = 1) -> Itera
         yield
         dist.barrier()
     finally:
-        import gc
-
         gc.collect()  # as idm3d.training.distributed.shutdown does (pytorch#179291)
         dist.destroy_process_group()

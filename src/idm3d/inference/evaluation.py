@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from idm3d.diffusion.solvers import FLOW_SOLVERS
 from idm3d.errors import ConfigError
 from idm3d.metrics import evaluate_pair
 from idm3d.runs.checkpoint import TrainState
@@ -145,7 +146,7 @@ def _fmt(entry: dict[str, float] | None, digits: int) -> str:
 
 def sampler_text(settings: Mapping[str, Any]) -> str:
     """``sampler``, ``steps`` and ``eta`` in words; the flow's ODE solvers have no eta."""
-    eta = "" if settings["sampler"] in ("euler", "heun") else f", eta {settings['eta']}"
+    eta = "" if settings["sampler"] in FLOW_SOLVERS else f", eta {settings['eta']}"
     return f"{settings['sampler']} sampler, {settings['steps']} network calls{eta}"
 
 
